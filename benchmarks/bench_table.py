@@ -1,0 +1,277 @@
+"""Benchmark: hashing throughput, fused lookup, and the table's training step.
+
+    python benchmarks/bench_table.py            # full size: D=64, two 1M-row hash tables
+    python benchmarks/bench_table.py --quick    # smaller, for a smoke run
+
+Every ratio compares rows measured in this same run (the machine is shared and noisy).
+Optional rows: numba (pip install numba), FBGEMM's table-batched embedding with row-wise Adagrad
+(pip install fbgemm-gpu-cpu==1.8.0 && pip install torchrec==1.8.0 --no-deps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: see README "Performance"
+
+import numpy as np
+import torch
+from torch import nn
+
+from hashrec.config import PHOENIX_ENTITIES
+from hashrec.hashing import (
+    default_hash,
+    default_hash_torch,
+    phoenix_hash,
+    phoenix_hash_reference,
+    phoenix_hash_torch,
+)
+from hashrec.table import FusedEmbeddingTable, MultiHashEmbedding, RowWiseAdagrad
+
+
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def make_ids(
+    n: int, vocab: int, skew: bool, pad_frac: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Raw IDs: Zipf-like (a ~ 1.1, the head of a feed) or uniform, with a padding fraction."""
+    if skew:
+        ranks = rng.zipf(1.1, n) % vocab
+        ids = rng.permutation(vocab)[ranks].astype(np.int64) * 7919 + 1  # spread ids over int64
+    else:
+        ids = rng.integers(1, 2**62, n, dtype=np.int64)
+    ids[rng.random(n) < pad_frac] = 0
+    return ids
+
+
+def table_rows(table: list[tuple[str, float, str]], title: str) -> None:
+    print(f"\n## {title}\n")
+    w = max(len(r[0]) for r in table)
+    for name, val, extra in table:
+        print(f"| {name:<{w}} | {val:>10.3f} | {extra}")
+
+
+def bench_hashing(n: int, repeats: int) -> None:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 2**63 - 1, n, dtype=np.int64)
+    ph = PHOENIX_ENTITIES["post"]
+    args = (ph.scales, ph.biases, ph.modulus, 1_000_000)
+    tids = torch.from_numpy(ids)
+    rows: list[tuple[str, float]] = [
+        ("phoenix numpy (hashrec)", best_time(lambda: phoenix_hash(ids, *args), repeats)),
+        (
+            "phoenix numpy plain formula",
+            best_time(lambda: phoenix_hash_reference(ids, *args), repeats),
+        ),
+        ("phoenix torch", best_time(lambda: phoenix_hash_torch(tids, *args), repeats)),
+        ("default numpy", best_time(lambda: default_hash(ids, 2, 1_000_000), repeats)),
+        ("default torch", best_time(lambda: default_hash_torch(tids, 2, 1_000_000), repeats)),
+    ]
+    try:
+        import numba
+
+        @numba.njit(cache=False)
+        def _hash_ids_batch(arr, scales, biases, modulus, num_buckets):  # X's loop, verbatim
+            ids_ = arr.ravel()
+            out = np.empty((len(ids_), len(scales)), dtype=np.int64)
+            for i in range(len(ids_)):
+                for j in range(len(scales)):
+                    raw = (ids_[i] * scales[j] + biases[j]) % modulus
+                    out[i, j] = 0 if ids_[i] == 0 else ((raw % (num_buckets - 1)) + 1)
+            return out
+
+        s, b = np.array(ph.scales, np.int64), np.array(ph.biases, np.int64)
+        ref = _hash_ids_batch(ids, s, b, ph.modulus, 1_000_000)
+        assert np.array_equal(ref, phoenix_hash(ids, *args)), "numba loop disagrees"
+        rows.append(
+            (
+                "phoenix numba loop (X's)",
+                best_time(lambda: _hash_ids_batch(ids, s, b, ph.modulus, 1_000_000), repeats),
+            )
+        )
+    except ImportError:
+        print("(numba not installed: no numba row)")
+    base = rows[0][1]
+    out = [
+        (name, 2 * n / t / 1e6, f"M hash values/s   {base / t:5.2f}x of hashrec")
+        for name, t in rows
+    ]
+    table_rows(out, f"Hashing throughput, k = 2, {n:,} int64 IDs (M values/s)")
+
+
+class NotebookEmbedding(nn.Module):
+    """The lecture notebook's design: one nn.Embedding per hash, looked up in a Python loop."""
+
+    def __init__(self, vocab: int, dim: int, num_hashes: int, sparse: bool) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(
+            nn.Embedding(vocab, dim, padding_idx=0, sparse=sparse) for _ in range(num_hashes)
+        )
+
+    def forward(self, hashes: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t(hashes[..., j]) for j, t in enumerate(self.tables)], dim=-2)
+
+
+def fbgemm_table(vocab: int, dim: int, num_hashes: int, lr: float):
+    try:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice,
+            EmbeddingLocation,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+    except ImportError:
+        return None
+    return SplitTableBatchedEmbeddingBagsCodegen(
+        [(vocab, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * num_hashes,
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=lr,
+        eps=1e-8,
+        pooling_mode=PoolingMode.SUM,
+    )
+
+
+def fbgemm_inputs(hashes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bags of length 1, or 0 for padding (FBGEMM's fastest CPU mode), table-major."""
+    cols = hashes.T.contiguous()  # [K, n]
+    lengths = (cols != 0).to(torch.int64).reshape(-1)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    return cols.reshape(-1)[lengths.bool()], offsets
+
+
+def bench_table(n_ids: int, vocab: int, dim: int, repeats: int, skew: bool) -> None:
+    K = 2
+    rng = np.random.default_rng(1)
+    ids = make_ids(n_ids, 50 * n_ids, skew, 0.03, rng)
+    hashes = torch.from_numpy(default_hash(ids, K, vocab))  # [n, K] local, 0 = padding
+    n_rows = hashes.numel()
+    kind = "Zipf-like ids, 3% padding" if skew else "uniform ids, 3% padding"
+    torch.manual_seed(0)
+
+    fused = MultiHashEmbedding(vocab, dim, K, sparse=True, init_std=0.05)
+    table = FusedEmbeddingTable(K * vocab, dim)  # global rows, as the Phoenix loader emits them
+    notebook = NotebookEmbedding(vocab, dim, K, sparse=True)
+    with torch.no_grad():  # same weights everywhere
+        for j, t in enumerate(notebook.tables):
+            t.weight.copy_(fused.weight[j * vocab : (j + 1) * vocab])
+            t.weight[0].zero_()
+        table.weight.copy_(fused.weight)
+    fused_rows = torch.where(hashes == 0, hashes, hashes + fused.hash_offsets).reshape(-1)
+    bag = nn.EmbeddingBag.from_pretrained(fused.weight.detach().clone(), mode="sum")
+    bag_offsets = torch.arange(n_rows, dtype=torch.int64)
+    buf = torch.empty(n_rows, dim)
+    w = fused.weight.detach()
+
+    with torch.inference_mode():
+        assert torch.equal(fused(hashes), notebook(hashes))
+        assert torch.equal(table(fused_rows), fused(hashes).reshape(n_rows, dim))
+        fwd = [
+            (
+                "index_select into preallocated buffer (ceiling)",
+                best_time(lambda: torch.index_select(w, 0, fused_rows, out=buf), repeats),
+            ),
+            ("hashrec FusedEmbeddingTable (rows)", best_time(lambda: table(fused_rows), repeats)),
+            (
+                "hashrec MultiHashEmbedding (local hashes)",
+                best_time(lambda: fused(hashes), repeats),
+            ),
+            ("notebook per-hash loop", best_time(lambda: notebook(hashes), repeats)),
+            (
+                "nn.EmbeddingBag (bags of 1)",
+                best_time(lambda: bag(fused_rows, bag_offsets), repeats),
+            ),
+        ]
+    ceiling = fwd[0][1]
+    nb = fwd[3][1]
+    out = []
+    for name, t in fwd:
+        gbs = n_rows * dim * 4 / t / 1e9
+        out.append(
+            (
+                name,
+                n_rows / t / 1e6,
+                f"M rows/s  {gbs:6.2f} GB/s  {ceiling / t:5.1%} of ceiling  "
+                f"{nb / t:5.2f}x notebook",
+            )
+        )
+    table_rows(out, f"Lookup, D={dim}, {K} x {vocab:,}-row tables, {n_rows:,} rows/call, {kind}")
+
+    # Training step: forward + backward + row-wise Adagrad on the table.
+    lr = 0.01
+    grad_seed = torch.randn(n_ids, K, dim)
+    opt = RowWiseAdagrad(table.parameters(), lr=lr)
+    seed_rows = grad_seed.reshape(n_rows, dim)
+
+    def step_fused() -> None:
+        loss = (table(fused_rows) * seed_rows).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    nb_opt = torch.optim.Adagrad(notebook.parameters(), lr=lr)
+
+    def step_notebook() -> None:
+        loss = (notebook(hashes) * grad_seed).sum()
+        loss.backward()
+        nb_opt.step()
+        nb_opt.zero_grad(set_to_none=True)
+
+    steps = [
+        ("hashrec FusedEmbeddingTable + RowWiseAdagrad", best_time(step_fused, repeats)),
+        ("notebook loop + torch Adagrad (sparse)", best_time(step_notebook, repeats)),
+    ]
+    tbe = fbgemm_table(vocab, dim, K, lr)
+    if tbe is not None:
+        indices, offsets = fbgemm_inputs(hashes)
+        seed_flat = grad_seed.permute(0, 1, 2).reshape(n_ids, K * dim)
+
+        def step_fbgemm() -> None:
+            out = tbe(indices, offsets)  # [n, K*D]; backward applies the optimizer
+            (out * seed_flat).sum().backward()
+
+        steps.insert(
+            0, ("FBGEMM TBE, EXACT_ROWWISE_ADAGRAD (anchor)", best_time(step_fbgemm, repeats))
+        )
+    else:
+        print("(fbgemm-gpu-cpu not installed: no FBGEMM anchor row)")
+    anchor = steps[0][1]
+    out = [
+        (name, n_rows / t / 1e6, f"M rows/s  {t * 1e3:8.1f} ms/step  {anchor / t:5.2f}x of anchor")
+        for name, t in steps
+    ]
+    table_rows(out, f"Training step (fwd + bwd + optimizer), {kind}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    n_hash = 200_000 if args.quick else 4_000_000
+    n_ids, vocab = (50_000, 100_000) if args.quick else (500_000, 1_000_000)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}"
+    )
+    bench_hashing(n_hash, args.repeats)
+    for skew in (True, False):
+        bench_table(n_ids, vocab, 64, args.repeats, skew)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Block reducers: the k hash vectors of each entity (plus actions and surface) -> one token.
+
+Mirrors Phoenix's ``block_user_reduce`` / ``block_history_reduce`` / ``block_candidate_reduce``:
+concatenate the per-hash vectors, project with ``proj_mat_1/3/2`` back to D. Masks come from the
+first hash only (True = valid), as in Phoenix: hash 0 of a real ID is never 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "NUM_PRODUCT_SURFACES",
+    "ActionEmbedding",
+    "BlockCandidateReduce",
+    "BlockHistoryReduce",
+    "BlockUserReduce",
+    "padding_mask",
+]
+
+NUM_PRODUCT_SURFACES = 16  # Phoenix's product_surface_embedding_table vocabulary
+
+
+def padding_mask(hashes: torch.Tensor) -> torch.Tensor:
+    """hashes [..., K] -> bool [...], True where the entity is present (first hash != 0)."""
+    return hashes[..., 0] != 0
+
+
+def _proj(in_dim: int, out_dim: int) -> nn.Parameter:
+    # Fan-in scaled so the projected token has the scale of one embedding vector.
+    return nn.Parameter(torch.randn(in_dim, out_dim) / in_dim**0.5)
+
+
+class ActionEmbedding(nn.Module):
+    """Signed multi-hot actions -> one vector: ``(2a - 1) @ action_projection``, 0 if no action.
+
+    actions [..., A] (bool/int/float in [0, 1]) -> [..., D].
+    """
+
+    def __init__(self, num_actions: int, dim: int) -> None:
+        super().__init__()
+        self.num_actions = num_actions
+        self.action_projection = nn.Parameter(torch.randn(num_actions, dim) / num_actions**0.5)
+
+    def forward(self, actions: torch.Tensor) -> torch.Tensor:
+        A = actions.shape[-1]
+        if A != self.num_actions:
+            raise ValueError(f"actions has {A} actions, expected {self.num_actions}")
+        a = actions.to(self.action_projection.dtype)
+        emb = (2 * a - 1) @ self.action_projection  # [..., D]
+        return emb * (a != 0).any(dim=-1, keepdim=True)
+
+
+class BlockUserReduce(nn.Module):
+    """[B, Ku, D] user hash vectors -> user token [B, 1, D] and mask [B, 1].
+
+    >>> red = BlockUserReduce(num_hashes=2, emb_size=8)
+    >>> tok, mask = red(torch.tensor([[5, 9]]), torch.randn(1, 2, 8))
+    >>> tok.shape, mask.tolist()
+    (torch.Size([1, 1, 8]), [[True]])
+    """
+
+    def __init__(self, num_hashes: int, emb_size: int) -> None:
+        super().__init__()
+        self.num_hashes, self.emb_size = num_hashes, emb_size
+        self.proj_mat_1 = _proj(num_hashes * emb_size, emb_size)
+
+    def forward(
+        self, user_hashes: torch.Tensor, user_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, K, D = user_embeddings.shape
+        if K != self.num_hashes or D != self.emb_size:
+            raise ValueError(
+                f"user_embeddings has shape {[B, K, D]}, expected [B, {self.num_hashes}, "
+                f"{self.emb_size}]"
+            )
+        x = user_embeddings.reshape(B, 1, K * D)  # [B, 1, K*D]
+        return x.to(self.proj_mat_1.dtype) @ self.proj_mat_1, padding_mask(user_hashes).view(B, 1)
+
+
+class BlockHistoryReduce(nn.Module):
+    """History events -> tokens [B, S, D] and mask [B, S].
+
+    concat(post [Kp*D], author [Ka*D], action [D], surface [D]) @ ``proj_mat_3``. Owns the
+    signed multi-hot ``action_projection`` and the ``product_surface_embedding_table`` (pass it to
+    ``BlockCandidateReduce`` to share it, as Phoenix does).
+
+    >>> red = BlockHistoryReduce(num_item_hashes=2, num_author_hashes=2, emb_size=8)
+    >>> h = torch.tensor([[[1, 2], [0, 0]]])  # one user, S = 2, second event is padding
+    >>> tok, mask = red(h, torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8),
+    ...                 torch.zeros(1, 2, 19), torch.zeros(1, 2, dtype=torch.long))
+    >>> tok.shape, mask.tolist()
+    (torch.Size([1, 2, 8]), [[True, False]])
+    """
+
+    def __init__(
+        self,
+        num_item_hashes: int,
+        num_author_hashes: int,
+        emb_size: int,
+        num_actions: int = 19,
+        num_surfaces: int = NUM_PRODUCT_SURFACES,
+    ) -> None:
+        super().__init__()
+        self.num_item_hashes, self.num_author_hashes = num_item_hashes, num_author_hashes
+        self.emb_size = emb_size
+        self.actions = ActionEmbedding(num_actions, emb_size)
+        self.product_surface_embedding_table = nn.Embedding(num_surfaces, emb_size)
+        nn.init.normal_(self.product_surface_embedding_table.weight, std=emb_size**-0.5)
+        self.proj_mat_3 = _proj((num_item_hashes + num_author_hashes + 2) * emb_size, emb_size)
+
+    @property
+    def action_projection(self) -> nn.Parameter:
+        return self.actions.action_projection
+
+    def forward(
+        self,
+        history_post_hashes: torch.Tensor,
+        history_post_embeddings: torch.Tensor,
+        history_author_embeddings: torch.Tensor,
+        history_actions: torch.Tensor,
+        history_product_surface: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, Kp, D = history_post_embeddings.shape
+        Ka = history_author_embeddings.shape[2]
+        if (Kp, Ka, D) != (self.num_item_hashes, self.num_author_hashes, self.emb_size):
+            raise ValueError(
+                f"history embeddings have (Kp, Ka, D) = {(Kp, Ka, D)}, expected "
+                f"{(self.num_item_hashes, self.num_author_hashes, self.emb_size)}"
+            )
+        dt = self.proj_mat_3.dtype
+        x = torch.cat(
+            [
+                history_post_embeddings.reshape(B, S, Kp * D).to(dt),
+                history_author_embeddings.reshape(B, S, Ka * D).to(dt),
+                self.actions(history_actions),
+                self.product_surface_embedding_table(history_product_surface),
+            ],
+            dim=-1,
+        )  # [B, S, (Kp+Ka+2)*D]
+        return x @ self.proj_mat_3, padding_mask(history_post_hashes)
+
+
+class BlockCandidateReduce(nn.Module):
+    """Candidates -> tokens [B, C, D] and mask [B, C]: concat(post, author, surface) @ proj_mat_2.
+
+    Missing from the lecture notebook, present in Phoenix. ``product_surface_embedding_table``
+    may be shared with ``BlockHistoryReduce``.
+    """
+
+    def __init__(
+        self,
+        num_item_hashes: int,
+        num_author_hashes: int,
+        emb_size: int,
+        product_surface_embedding_table: nn.Embedding | None = None,
+        num_surfaces: int = NUM_PRODUCT_SURFACES,
+    ) -> None:
+        super().__init__()
+        self.num_item_hashes, self.num_author_hashes = num_item_hashes, num_author_hashes
+        self.emb_size = emb_size
+        if product_surface_embedding_table is None:
+            product_surface_embedding_table = nn.Embedding(num_surfaces, emb_size)
+            nn.init.normal_(product_surface_embedding_table.weight, std=emb_size**-0.5)
+        self.product_surface_embedding_table = product_surface_embedding_table
+        self.proj_mat_2 = _proj((num_item_hashes + num_author_hashes + 1) * emb_size, emb_size)
+
+    def forward(
+        self,
+        candidate_post_hashes: torch.Tensor,
+        candidate_post_embeddings: torch.Tensor,
+        candidate_author_embeddings: torch.Tensor,
+        candidate_product_surface: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, C, Kp, D = candidate_post_embeddings.shape
+        Ka = candidate_author_embeddings.shape[2]
+        if (Kp, Ka, D) != (self.num_item_hashes, self.num_author_hashes, self.emb_size):
+            raise ValueError(
+                f"candidate embeddings have (Kp, Ka, D) = {(Kp, Ka, D)}, expected "
+                f"{(self.num_item_hashes, self.num_author_hashes, self.emb_size)}"
+            )
+        dt = self.proj_mat_2.dtype
+        x = torch.cat(
+            [
+                candidate_post_embeddings.reshape(B, C, Kp * D).to(dt),
+                candidate_author_embeddings.reshape(B, C, Ka * D).to(dt),
+                self.product_surface_embedding_table(candidate_product_surface),
+            ],
+            dim=-1,
+        )  # [B, C, (Kp+Ka+1)*D]
+        return x @ self.proj_mat_2, padding_mask(candidate_post_hashes)

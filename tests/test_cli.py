@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from hashrec.cli import main
+
+
+def test_collisions_cli_writes_table_json_and_plot(tmp_path, capsys):
+    csv = tmp_path / "videos.csv"
+    csv.write_text("video_id,author_id\n" + "".join(f"{i},{1000 + i % 37}\n" for i in range(400)))
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "collisions",
+            "--csv",
+            str(csv),
+            "--column",
+            "video_id:post",
+            "--column",
+            "author_id:author",
+            "--buckets",
+            "100,1000",
+            "--hashes",
+            "1,2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| video_id | phoenix-post | 399 |" in printed  # id 0 is padding: dropped
+    assert "| author_id | phoenix-author | 37 |" in printed
+    rows = json.loads((out / "collisions.json").read_text())
+    assert len(rows) == 2 * 2 * 2 * 2
+    assert (out / "collisions.png").stat().st_size > 1000
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["collisions"], "give an ID set"),
+        (["collisions", "--csv", "missing.csv", "--column", "a"], "no such file"),
+        (["collisions", "--column", "a"], "--column needs --csv"),
+        (["collisions", "--sequential", "10", "--schemes", "md5"], "unknown scheme 'md5'"),
+    ],
+)
+def test_collisions_cli_errors(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
+
+
+def test_unknown_option_and_bad_list(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["collisions", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["collisions", "--buckets", "a,b"])
+    assert "expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    csv = tmp_path / "x.csv"
+    csv.write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match="nope"):
+        main(["collisions", "--csv", str(csv), "--column", "nope"])
+    csv.write_text("a\nx\ny\n")
+    with pytest.raises(SystemExit, match="expected integers"):
+        main(["collisions", "--csv", str(csv), "--column", "a"])
