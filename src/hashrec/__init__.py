@@ -15,11 +15,15 @@ from hashrec.blocks import (
     BlockUserReduce,
 )
 from hashrec.config import EntityHash, HashConfig
+from hashrec.ranker import ACTIONS, PhoenixRanker, RankerConfig, RankerOutput
+from hashrec.scoring import ScoringConfig, WeightedScorer
 from hashrec.table import FusedEmbeddingTable, MemoryReport, MultiHashEmbedding, RowWiseAdagrad
+from hashrec.transformer import Transformer, TransformerConfig, candidate_isolation_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACTIONS",
     "ActionEmbedding",
     "BlockCandidateReduce",
     "BlockHistoryReduce",
@@ -29,8 +33,16 @@ __all__ = [
     "HashConfig",
     "MemoryReport",
     "MultiHashEmbedding",
+    "PhoenixRanker",
+    "RankerConfig",
+    "RankerOutput",
     "RecsysBatch",
     "RecsysEmbeddings",
     "RowWiseAdagrad",
+    "ScoringConfig",
+    "Transformer",
+    "TransformerConfig",
+    "WeightedScorer",
     "__version__",
+    "candidate_isolation_mask",
 ]

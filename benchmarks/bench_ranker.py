@@ -1,0 +1,194 @@
+"""Benchmark: candidate scoring throughput of the isolated (fast) path against the full mask.
+
+    python benchmarks/bench_ranker.py             # S=128, C in 64..4096, D=128, 2 layers, B=8
+    python benchmarks/bench_ranker.py --quick     # C in 64, 256 only
+    python benchmarks/bench_ranker.py --device cuda
+
+Rows per C, all in this run: the fast path; the full-mask path with the same soft-capped
+attention (the best full-mask version that keeps the cap: SDPA has no soft-cap); SDPA with a
+boolean mask and no cap, for reference; and the "dense floor": the same layers' projections and
+feed-forward with attention replaced by nothing, the cost no attention scheme can go below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from hashrec import HashConfig, PhoenixRanker, RankerConfig, RowWiseAdagrad, TransformerConfig
+from hashrec.batch import RecsysBatch
+from hashrec.losses import ranking_loss
+from hashrec.transformer import (
+    AttentionLayout,
+    Transformer,
+    full_mask_attention,
+    isolated_attention,
+)
+
+FAST = "fast (isolated, cap 30)"
+
+
+def no_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout):
+    return q  # dense floor: projections + feed-forward only
+
+
+def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_kernels(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    dev = args.device
+    B, S, D = args.batch, args.history, args.dim
+    cfg = TransformerConfig(dim=D, num_layers=args.layers, num_q_heads=4, num_kv_heads=2)
+    tf = Transformer(cfg).to(dev)
+    tf_nocap = Transformer(TransformerConfig(**{**cfg.__dict__, "attn_logit_cap": None})).to(dev)
+    tf_nocap.load_state_dict(tf.state_dict())
+    print(
+        f"\n## Candidate scoring, S={S}, D={D}, {args.layers} layers, B={B}, "
+        f"heads 4q/2kv, device {dev}\n"
+    )
+    print(
+        "| C | path | fwd ms | cand/s fwd | fwd+bwd ms | cand/s fwd+bwd | fast speed-up "
+        "(fwd, fwd+bwd) | x dense floor (fwd, fwd+bwd) | fwd us/candidate |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    per_cand = {}
+    for C in args.candidates:
+        T = 1 + S + C
+        x = torch.randn(B, T, D, device=dev)
+        valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+        valid[:, 1 : 1 + S // 4] = False  # some history padding
+        rows = [
+            (FAST, tf, isolated_attention),
+            ("full mask (cap 30)", tf, full_mask_attention),
+            ("full mask SDPA (no cap)", tf_nocap, full_mask_attention),
+            ("dense floor (no attention)", tf, no_attention),
+        ]
+        res = {}
+        for name, model, kernel in rows:
+            if "full" in name and C > args.max_full_c:
+                continue
+
+            def fwd(model=model, kernel=kernel, x=x, valid=valid, C=C) -> None:
+                with torch.no_grad():
+                    model(x, valid, C, kernel)
+
+            def fwd_bwd(model=model, kernel=kernel, x=x, valid=valid, C=C) -> None:
+                model.zero_grad(set_to_none=True)
+                xi = x.detach().requires_grad_(True)
+                model(xi, valid, C, kernel).float().square().mean().backward()
+
+            res[name] = (timed(fwd, args.repeats, dev), timed(fwd_bwd, args.repeats, dev))
+        fast = res[FAST]
+        floor = res["dense floor (no attention)"]
+        full = res.get("full mask (cap 30)")
+        for name, (tf_, tb_) in res.items():
+            speed = f"{full[0] / tf_:.2f}x, {full[1] / tb_:.2f}x" if full and name == FAST else ""
+            over = f"{tf_ / floor[0]:.2f}, {tb_ / floor[1]:.2f}"
+            print(
+                f"| {C} | {name} | {tf_ * 1e3:.1f} | {B * C / tf_:,.0f} | {tb_ * 1e3:.1f} | "
+                f"{B * C / tb_:,.0f} | {speed} | {over} | {tf_ / (B * C) * 1e6:.2f} |"
+            )
+        per_cand[C] = fast[0] / (B * C)
+    cs = sorted(per_cand)
+    if len(cs) > 1:
+        lo = [c for c in cs if c >= 256] or cs
+        vals = [per_cand[c] for c in lo]
+        print(
+            f"\nfast path time per candidate, C={lo[0]}..{lo[-1]}: max/min = "
+            f"{max(vals) / min(vals):.2f} (flat means <= 1.5)"
+        )
+
+
+def bench_train_step(args: argparse.Namespace) -> None:
+    """Whole ranker: lookup + reducers + transformer + heads + loss, backward, both optimizers."""
+    torch.manual_seed(0)
+    dev = args.device
+    B, S, C, D = 64, args.history, 32, args.dim
+    cfg = RankerConfig(
+        hash=HashConfig.uniform(num_buckets=200_000),
+        transformer=TransformerConfig(dim=D, num_layers=args.layers, num_q_heads=4, num_kv_heads=2),
+        actions=(
+            "click",
+            "long_view",
+            "like",
+            "follow",
+            "comment",
+            "forward",
+            "hate",
+            "profile_enter",
+        ),
+        continuous_actions=(),
+    )
+    model = PhoenixRanker(cfg).to(dev)
+    dense = torch.optim.AdamW(model.dense_parameters(), lr=1e-3)
+    table = RowWiseAdagrad(model.table.parameters(), lr=0.05)
+    A = cfg.num_actions
+
+    def rows(e: str, *shape: int) -> torch.Tensor:
+        return cfg.hash.rows_torch(e, torch.randint(1, 10**9, shape)).to(dev)
+
+    batch = RecsysBatch(
+        rows("user", B),
+        rows("post", B, S),
+        rows("author", B, S),
+        (torch.rand(B, S, A) < 0.2).float().to(dev),
+        torch.zeros(B, S, dtype=torch.long, device=dev),
+        rows("post", B, C),
+        rows("author", B, C),
+        torch.zeros(B, C, dtype=torch.long, device=dev),
+    )
+    labels = (torch.rand(B, C, A) < 0.3).float().to(dev)
+
+    def step() -> None:
+        out = model(batch)
+        ranking_loss(out, labels).backward()
+        dense.step()
+        table.step()
+        dense.zero_grad(set_to_none=True)
+        table.zero_grad(set_to_none=True)
+
+    t = timed(step, args.repeats, dev)
+    print(
+        f"\n## Training step, whole ranker (B={B} requests x C={C} candidates, S={S}, D={D}, "
+        f"{args.layers} layers, {A} actions): {t * 1e3:.1f} ms/step, "
+        f"{B / t:,.0f} requests/s, {B * C / t:,.0f} candidate examples/s"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--history", type=int, default=128)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--max-full-c", type=int, default=4096, help="skip full-mask rows above this C")
+    args = p.parse_args()
+    args.candidates = [64, 256] if args.quick else [64, 256, 1024, 4096]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    bench_kernels(args)
+    bench_train_step(args)
+
+
+if __name__ == "__main__":
+    main()

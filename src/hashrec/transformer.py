@@ -1,0 +1,365 @@
+"""The Grok-style transformer of Phoenix, with candidate isolation and a fast candidate path.
+
+Layer (as Grok-1 / Phoenix): ``h = x + norm(attn(norm(x)))``, ``out = h + norm(ffn(norm(h)))``:
+RMSNorm before and after each sub-layer, rotary positions, grouped-query attention, gated GELU
+feed-forward, attention logits soft-capped at ``cap * tanh(x / cap)`` (cap = 30).
+
+Sequence = [user (1) | history (S) | candidates (C)]. Candidate isolation
+(``candidate_isolation_mask``): user + history attend to user + history; each candidate attends
+to user + history and to itself, never to another candidate; all candidates share one position.
+So the context never depends on the candidates, and a candidate's output depends only on the
+context and itself. The attention kernel is pluggable:
+
+* ``full_mask_attention``: every token against every token through the mask, O((S+C)^2);
+* ``isolated_attention`` (default): context against context, then each candidate against the
+  context plus its own key, O(S^2 + C*S). Tests assert both agree (outputs and gradients).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "AttentionLayout",
+    "DecoderLayer",
+    "RMSNorm",
+    "Transformer",
+    "TransformerConfig",
+    "candidate_isolation_mask",
+    "full_mask_attention",
+    "isolated_attention",
+]
+
+
+@dataclass
+class TransformerConfig:
+    """Transformer shape. ``head_dim`` 0 means ``dim // num_q_heads``.
+
+    >>> TransformerConfig(dim=64, num_q_heads=4, num_kv_heads=2).head_dim
+    16
+    """
+
+    dim: int = 128
+    num_layers: int = 2
+    num_q_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0
+    widening_factor: float = 4.0  # Grok: ffn width = int(wf * dim) * 2 // 3, rounded up to 8
+    attn_logit_cap: float | None = 30.0
+    rope_base: float = 10_000.0
+    causal: bool = False  # user + history attention; candidates are isolated either way
+    norm_eps: float = 1e-5
+    attention: Literal["isolated", "full"] = "isolated"
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.dim % self.num_q_heads:
+                raise ValueError(
+                    f"dim {self.dim} is not divisible by num_q_heads {self.num_q_heads}; "
+                    "set head_dim explicitly"
+                )
+            self.head_dim = self.dim // self.num_q_heads
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads {self.num_q_heads} must be a multiple of num_kv_heads "
+                f"{self.num_kv_heads} (grouped-query attention)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.attention not in ("isolated", "full"):
+            raise ValueError(f"attention must be 'isolated' or 'full', got {self.attention!r}")
+        if self.attn_logit_cap is not None and self.attn_logit_cap <= 0:
+            raise ValueError(f"attn_logit_cap must be > 0 or None, got {self.attn_logit_cap}")
+
+    @property
+    def ffn_dim(self) -> int:
+        width = int(self.widening_factor * self.dim) * 2 // 3
+        return width + (-width) % 8
+
+
+def candidate_isolation_mask(
+    valid: torch.Tensor, num_candidates: int, causal: bool = False
+) -> torch.Tensor:
+    """Who may attend to whom: bool [B, T, T], True = query (row) may attend to key (column).
+
+    ``valid`` [B, T] marks real tokens; the last ``num_candidates`` tokens are candidates.
+
+    * context (user + history) -> valid context keys (and only earlier ones if ``causal``);
+    * candidate -> valid context keys and itself; never another candidate;
+    * padding keys are never attended to; every query may attend to itself, so a padding query
+      (whose output nobody reads) still has a non-empty row.
+
+    >>> m = candidate_isolation_mask(torch.tensor([[True, True, True, True]]), num_candidates=2)
+    >>> m.int()[0].tolist()
+    [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    """
+    B, T = valid.shape
+    if not 0 <= num_candidates <= T:
+        raise ValueError(f"num_candidates must be in 0..{T}, got {num_candidates}")
+    idx = torch.arange(T, device=valid.device)
+    q, k = idx[:, None], idx[None, :]
+    ctx_len = T - num_candidates
+    ctx_k = k < ctx_len
+    ctx_rule = (q < ctx_len) & ctx_k
+    if causal:
+        ctx_rule = ctx_rule & (k <= q)
+    cand_rule = (q >= ctx_len) & (ctx_k | (k == q))
+    allowed = (ctx_rule | cand_rule)[None] & valid[:, None, :]
+    return allowed | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+
+
+@dataclass
+class AttentionLayout:
+    """What a kernel needs beyond q, k, v: candidate count, key validity, causality, soft-cap."""
+
+    valid: torch.Tensor  # [B, T] bool
+    num_candidates: int
+    causal: bool
+    cap: float | None
+
+    @property
+    def context_len(self) -> int:
+        return self.valid.shape[1] - self.num_candidates
+
+
+AttentionKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, AttentionLayout], torch.Tensor
+]
+
+
+def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Hq, T, hd] -> [B, Hkv, G, T, hd]: query heads grouped under their key/value head."""
+    B, Hq, T, hd = q.shape
+    return q.view(B, num_kv_heads, Hq // num_kv_heads, T, hd)
+
+
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, cap: float | None
+) -> torch.Tensor:
+    """Softmax attention, GQA, soft-cap: q [B,Hq,Tq,hd], k/v [B,Hkv,Tk,hd], mask [B,Tq,Tk]."""
+    B, Hq, Tq, hd = q.shape
+    Hkv = k.shape[1]
+    if cap is None:  # no soft-cap: PyTorch's fused kernel
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None], enable_gqa=Hq != Hkv
+        )
+    qg = _grouped(q, Hkv) * (1.0 / (math.sqrt(hd) * cap))  # scale folded into the small tensor
+    t = torch.tanh(qg @ k[:, :, None].transpose(-1, -2))  # [B, Hkv, G, Tq, Tk]
+    logits = (t * cap).masked_fill_(~mask[:, None, None], float("-inf"))
+    out = torch.softmax(logits, dim=-1) @ v[:, :, None]  # [B, Hkv, G, Tq, hd]
+    return out.view(B, Hq, Tq, hd)
+
+
+def full_mask_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout
+) -> torch.Tensor:
+    """Reference kernel: all T tokens against all T through ``candidate_isolation_mask``."""
+    mask = candidate_isolation_mask(layout.valid, layout.num_candidates, layout.causal)
+    return _masked_attention(q, k, v, mask, layout.cap)
+
+
+def isolated_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout
+) -> torch.Tensor:
+    """Fast kernel: the context attends within itself; candidates see the context plus themselves.
+
+    Same result as ``full_mask_attention`` at O(Tc^2 + C*Tc) instead of O((Tc+C)^2).
+    """
+    B, Hq, T, hd = q.shape
+    Hkv, Tc, C = k.shape[1], layout.context_len, layout.num_candidates
+    ctx_valid = layout.valid[:, :Tc]
+    ctx_mask = candidate_isolation_mask(ctx_valid, 0, layout.causal)
+    out_ctx = _masked_attention(q[:, :, :Tc], k[:, :, :Tc], v[:, :, :Tc], ctx_mask, layout.cap)
+    if C == 0:
+        return out_ctx
+    G = Hq // Hkv
+    # Query rows of one kv head side by side: [B*Hkv, G*C, hd]; scale folded into q (small).
+    qc = (_grouped(q[:, :, Tc:], Hkv) / math.sqrt(hd)).reshape(B * Hkv, G * C, hd)
+    kx, vx = k[:, :, :Tc].reshape(B * Hkv, Tc, hd), v[:, :, :Tc].reshape(B * Hkv, Tc, hd)
+    # each query row's own candidate key/value, [B*Hkv, G*C, hd]
+    kc = k[:, :, None, Tc:].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
+    vc = v[:, :, None, Tc:].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
+    valid = ctx_valid[:, None, None, :].expand(B, Hkv, 1, Tc).reshape(B * Hkv, 1, Tc)
+    out_c = _CandidateAttention.apply(qc, kx, vx, kc, vc, valid, layout.cap)  # [B*Hkv, G*C, hd]
+    return torch.cat([out_ctx, out_c.view(B, Hq, C, hd)], dim=2)
+
+
+class _CandidateAttention(torch.autograd.Function):
+    """Each query row attends to the shared context keys plus its own key; hand-written backward.
+
+    Shapes (N = B*Hkv, M = G*C query rows): q, kc, vc [N, M, hd]; kx, vx [N, Tc, hd]; valid
+    [N, 1, Tc]. Two tricks keep the [N, M, Tc] tensors to a few passes each way:
+    ``cap*tanh(z/cap) = 2cap*sigmoid(2z/cap) - cap`` and the ``-cap`` cancels in the softmax
+    (sigmoid is ~4x cheaper than tanh on CPU); the own key joins the context softmax through
+    its log-sum-exp, recovered from the fused softmax as ``max(l) - log(max(p))``, so nothing
+    is concatenated. The composed-autograd reference is ``full_mask_attention``; the tests hold
+    the two to 1e-5 on outputs and gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q, kx, vx, kc, vc, valid, cap):  # type: ignore[override]
+        z = torch.bmm(q, kx.transpose(1, 2))  # [N, M, Tc]
+        zs = (q * kc).sum(-1, keepdim=True)  # [N, M, 1]
+        if cap is not None:
+            s, ss = torch.sigmoid(z * (2.0 / cap)), torch.sigmoid(zs * (2.0 / cap))
+            logits, logit_self = s * (2.0 * cap), ss * (2.0 * cap)
+        else:
+            s = ss = None
+            logits, logit_self = z.clone(), zs
+        logits.masked_fill_(~valid, float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        lse = logits.amax(-1, keepdim=True) - p.amax(-1, keepdim=True).log()  # log-sum-exp
+        no_ctx = ~valid.any(-1, keepdim=True)  # no valid context key: only the own key remains
+        if bool(no_ctx.any()):
+            p = p.masked_fill(no_ctx, 0.0)
+            lse = lse.masked_fill(no_ctx, float("-inf"))
+        p_self = torch.sigmoid(logit_self - lse)  # weight of the own key, [N, M, 1]
+        p.mul_(1.0 - p_self)
+        out = torch.bmm(p, vx) + p_self * vc
+        ctx.save_for_backward(q, kx, vx, kc, vc, p, p_self, s, ss)
+        ctx.cap = cap
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        q, kx, vx, kc, vc, p, p_self, s, ss = ctx.saved_tensors
+        cap = ctx.cap
+        dp = torch.bmm(dout, vx.transpose(1, 2))  # [N, M, Tc]
+        dp_self = (dout * vc).sum(-1, keepdim=True)
+        dvx = torch.bmm(p.transpose(1, 2), dout)
+        dvc = p_self * dout
+        r = (p * dp).sum(-1, keepdim=True) + p_self * dp_self  # softmax backward
+        dz = dp.sub_(r).mul_(p)  # d logits
+        dz_self = p_self * (dp_self - r)
+        if cap is not None:  # d(2cap*sigmoid(2z/cap))/dz = 4 * s * (1 - s)
+            dz.mul_(s).mul_(torch.rsub(s, 1.0)).mul_(4.0)
+            dz_self = dz_self * ss * (1.0 - ss) * 4.0
+        dq = torch.bmm(dz, kx) + dz_self * kc
+        dkx = torch.bmm(dz.transpose(1, 2), q)
+        dkc = dz_self * q
+        return dq, dkx, dvx, dkc, dvc, None, None
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (y * self.scale).to(x.dtype)
+
+
+def rotary_tables(
+    positions: torch.Tensor, head_dim: int, base: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] -> cos, sin [T, head_dim/2]."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1, x2) = halves of the head dim; x [B, H, T, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """One Grok-style block: pre/post-norm GQA attention, pre/post-norm gated-GELU feed-forward."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        D, hd = c.dim, c.head_dim
+        self.pre_attn_norm, self.post_attn_norm = RMSNorm(D, c.norm_eps), RMSNorm(D, c.norm_eps)
+        self.pre_ffn_norm, self.post_ffn_norm = RMSNorm(D, c.norm_eps), RMSNorm(D, c.norm_eps)
+        self.q_proj = nn.Linear(D, c.num_q_heads * hd, bias=False)
+        self.k_proj = nn.Linear(D, c.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(D, c.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(c.num_q_heads * hd, D, bias=False)
+        self.gate_proj = nn.Linear(D, c.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(D, c.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(c.ffn_dim, D, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        layout: AttentionLayout,
+        kernel: AttentionKernel,
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        c = self.config
+        h = self.pre_attn_norm(x)
+        q = self.q_proj(h).view(B, T, c.num_q_heads, c.head_dim).transpose(1, 2)  # [B, Hq, T, hd]
+        k = self.k_proj(h).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        a = kernel(q, k, v, layout).transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq*hd]
+        x = x + self.post_attn_norm(self.o_proj(a))
+        h = self.pre_ffn_norm(x)
+        f = self.down_proj(F.gelu(self.gate_proj(h)) * self.up_proj(h))
+        return x + self.post_ffn_norm(f)
+
+
+KERNELS: dict[str, AttentionKernel] = {"isolated": isolated_attention, "full": full_mask_attention}
+
+
+class Transformer(nn.Module):
+    """Stack of ``DecoderLayer`` with a final RMSNorm; candidates share one rotary position.
+
+    >>> tf = Transformer(TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1))
+    >>> tf(torch.randn(2, 7, 16), torch.ones(2, 7, dtype=torch.bool), num_candidates=3).shape
+    torch.Size([2, 7, 16])
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def positions(self, T: int, num_candidates: int, device: torch.device) -> torch.Tensor:
+        """Context tokens at 0..Tc-1; every candidate at Tc: no candidate depends on its slot."""
+        Tc = T - num_candidates
+        pos = torch.arange(T, device=device)
+        return pos.clamp(max=Tc)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor,
+        num_candidates: int,
+        kernel: AttentionKernel | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, D], valid [B, T] bool -> hidden states [B, T, D] after the final norm."""
+        B, T, D = x.shape
+        if valid.shape != (B, T):
+            raise ValueError(f"valid has shape {list(valid.shape)}, expected {[B, T]}")
+        if D != self.config.dim:
+            raise ValueError(f"x has width {D}, config expects {self.config.dim}")
+        kernel = kernel or KERNELS[self.config.attention]
+        layout = AttentionLayout(
+            valid, num_candidates, self.config.causal, self.config.attn_logit_cap
+        )
+        rope = rotary_tables(
+            self.positions(T, num_candidates, x.device), self.config.head_dim, self.config.rope_base
+        )
+        for layer in self.layers:
+            x = layer(x, rope, layout, kernel)
+        return self.final_norm(x)

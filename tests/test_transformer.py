@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from hashrec.transformer import (
+    Transformer,
+    TransformerConfig,
+    candidate_isolation_mask,
+    full_mask_attention,
+    isolated_attention,
+)
+
+
+def _table(text: str) -> list[list[int]]:
+    """Rows of 'x' (may attend) and '.' (may not), one row per query token."""
+    return [
+        [1 if ch == "x" else 0 for ch in line.split("|")[1].strip().replace(" ", "")]
+        for line in text.strip().splitlines()
+    ]
+
+
+def _mask(valid, C, causal=False):
+    return candidate_isolation_mask(torch.tensor([valid]), C, causal).int()[0].tolist()
+
+
+def test_mask_user_history_candidates():
+    # tokens: u h1 h2 c1 c2 c3
+    expected = _table("""
+        u  | x x x . . .
+        h1 | x x x . . .
+        h2 | x x x . . .
+        c1 | x x x x . .
+        c2 | x x x . x .
+        c3 | x x x . . x
+    """)
+    assert _mask([1, 1, 1, 1, 1, 1], 3) == expected
+
+
+def test_mask_causal_history():
+    expected = _table("""
+        u  | x . . . .
+        h1 | x x . . .
+        h2 | x x x . .
+        c1 | x x x x .
+        c2 | x x x . x
+    """)
+    assert _mask([1, 1, 1, 1, 1], 2, causal=True) == expected
+
+
+def test_mask_padding_is_never_attended():
+    # h2 and c2 are padding: nobody attends to them; they attend to themselves only as a row filler
+    expected = _table("""
+        u  | x x . . . .
+        h1 | x x . . . .
+        h2 | x x x . . .
+        c1 | x x . x . .
+        c2 | x x . . x .
+        c3 | x x . . . x
+    """)
+    assert _mask([1, 1, 0, 1, 0, 1], 3) == expected
+
+
+def test_mask_one_candidate_no_history_all_padding():
+    assert _mask([1, 1], 1) == _table("""
+        u  | x .
+        c1 | x x
+    """)
+    assert _mask([0, 0, 0], 2) == _table("""
+        u  | x . .
+        c1 | . x .
+        c2 | . . x
+    """)
+    assert _mask([1, 1, 1], 0) == _table("""
+        u  | x x x
+        h1 | x x x
+        h2 | x x x
+    """)
+    with pytest.raises(ValueError, match="num_candidates must be in 0..3"):
+        candidate_isolation_mask(torch.ones(1, 3, dtype=torch.bool), 4)
+
+
+@pytest.mark.parametrize("cap", [30.0, None])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("S", "C"), [(6, 5), (0, 3), (4, 1)])
+def test_fast_path_matches_full_mask_outputs_and_gradients(cap, causal, S, C):
+    torch.manual_seed(0)
+    cfg = TransformerConfig(
+        dim=32, num_layers=2, num_q_heads=4, num_kv_heads=2, attn_logit_cap=cap, causal=causal
+    )
+    tf = Transformer(cfg)
+    T = 1 + S + C
+    x = torch.randn(3, T, 32)
+    valid = torch.rand(3, T) > 0.25
+    valid[:, 0] = True
+    valid[2] = False  # a request that is all padding
+    outs, grads = [], []
+    for kernel in (full_mask_attention, isolated_attention):
+        xi = x.clone().requires_grad_(True)
+        tf.zero_grad()
+        out = tf(xi, valid, C, kernel)
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        outs.append(out)
+        grads.append([xi.grad] + [p.grad.clone() for p in tf.parameters()])
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+    # Gradients: 1e-5 of each gradient's scale. This sum-loss gives gradients up to ~30, where
+    # fp32 itself is only good to ~5e-5 (the full-mask path against float64 truth), so an
+    # absolute 1e-5 would test rounding, not agreement.
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
+
+
+def test_context_never_depends_on_candidates():
+    torch.manual_seed(1)
+    tf = Transformer(TransformerConfig(dim=16, num_layers=2, num_q_heads=2, num_kv_heads=1))
+    x = torch.randn(1, 8, 16)
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    a = tf(x, valid, 3)
+    x2 = x.clone()
+    x2[:, -3:] = torch.randn(1, 3, 16)
+    b = tf(x2, valid, 3)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        TransformerConfig(dim=32, num_q_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="not divisible"):
+        TransformerConfig(dim=30, num_q_heads=4, num_kv_heads=1)
+    with pytest.raises(ValueError, match="attention must be"):
+        TransformerConfig(attention="flash")  # type: ignore[arg-type]
+    assert TransformerConfig(dim=128, widening_factor=4.0).ffn_dim % 8 == 0
+    tf = Transformer(TransformerConfig(dim=16, num_q_heads=2, num_kv_heads=1))
+    with pytest.raises(ValueError, match="valid has shape"):
+        tf(torch.randn(1, 4, 16), torch.ones(1, 5, dtype=torch.bool), 1)
