@@ -182,71 +182,109 @@ def isolated_attention(
     if C == 0:
         return out_ctx
     G = Hq // Hkv
-    # Query rows of one kv head side by side: [B*Hkv, G*C, hd]; scale folded into q (small).
-    qc = (_grouped(q[:, :, Tc:], Hkv) / math.sqrt(hd)).reshape(B * Hkv, G * C, hd)
+    # Query rows of one kv head side by side: [B*Hkv, G*C, hd]; scales folded into q (small).
+    scale = 1.0 / math.sqrt(hd) if layout.cap is None else 2.0 / (math.sqrt(hd) * layout.cap)
+    qc = (_grouped(q[:, :, Tc:], Hkv) * scale).reshape(B * Hkv, G * C, hd)
     kx, vx = k[:, :, :Tc].reshape(B * Hkv, Tc, hd), v[:, :, :Tc].reshape(B * Hkv, Tc, hd)
     # each query row's own candidate key/value, [B*Hkv, G*C, hd]
     kc = k[:, :, None, Tc:].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
     vc = v[:, :, None, Tc:].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
-    valid = ctx_valid[:, None, None, :].expand(B, Hkv, 1, Tc).reshape(B * Hkv, 1, Tc)
-    out_c = _CandidateAttention.apply(qc, kx, vx, kc, vc, valid, layout.cap)  # [B*Hkv, G*C, hd]
+    bias = torch.zeros(B, Hkv, 1, Tc, dtype=q.dtype, device=q.device)
+    bias.masked_fill_(~ctx_valid[:, None, None, :], float("-inf"))
+    bias = bias.view(B * Hkv, 1, Tc)
+    out_c = _CandidateAttention.apply(qc, kx, vx, kc, vc, bias, layout.cap)  # [B*Hkv, G*C, hd]
     return torch.cat([out_ctx, out_c.view(B, Hq, C, hd)], dim=2)
+
+
+_CHUNK_ELEMENTS = 1 << 19  # logits per chunk of (batch, kv-head) slices: ~2 MB of fp32
 
 
 class _CandidateAttention(torch.autograd.Function):
     """Each query row attends to the shared context keys plus its own key; hand-written backward.
 
-    Shapes (N = B*Hkv, M = G*C query rows): q, kc, vc [N, M, hd]; kx, vx [N, Tc, hd]; valid
-    [N, 1, Tc]. Two tricks keep the [N, M, Tc] tensors to a few passes each way:
-    ``cap*tanh(z/cap) = 2cap*sigmoid(2z/cap) - cap`` and the ``-cap`` cancels in the softmax
-    (sigmoid is ~4x cheaper than tanh on CPU); the own key joins the context softmax through
-    its log-sum-exp, recovered from the fused softmax as ``max(l) - log(max(p))``, so nothing
-    is concatenated. The composed-autograd reference is ``full_mask_attention``; the tests hold
-    the two to 1e-5 on outputs and gradients.
+    Shapes (N = B*Hkv, M = G*C query rows): q, kc, vc [N, M, hd]; kx, vx [N, Tc, hd]; bias
+    [N, 1, Tc] (0, or -inf at padding). q arrives scaled by 1/sqrt(hd), or by 2/(sqrt(hd)*cap)
+    with a soft-cap, because ``cap*tanh(z/cap) = 2cap*sigmoid(2z/cap) - cap`` and the ``-cap``
+    cancels in the softmax: sigmoid is ~4x cheaper than tanh on CPU.
+
+    The own key joins the context softmax through the context's log-sum-exp, recovered from the
+    fused softmax as ``max(l) - log(max(softmax(l)))``: the own key gets ``p_self =
+    sigmoid(l_self - lse_ctx)`` and the context ``(1 - p_self) * softmax(l)``, with nothing
+    concatenated. Forward walks over chunks of (batch, kv-head) slices whose [n, M, Tc] logits stay
+    in cache and keeps the softmax and sigmoids for backward (on CPU, exp/sigmoid cost more than
+    reading them back). The composed-autograd reference is ``full_mask_attention``; tests hold the
+    two together on outputs and gradients.
     """
 
     @staticmethod
-    def forward(ctx, q, kx, vx, kc, vc, valid, cap):  # type: ignore[override]
-        z = torch.bmm(q, kx.transpose(1, 2))  # [N, M, Tc]
-        zs = (q * kc).sum(-1, keepdim=True)  # [N, M, 1]
-        if cap is not None:
-            s, ss = torch.sigmoid(z * (2.0 / cap)), torch.sigmoid(zs * (2.0 / cap))
-            logits, logit_self = s * (2.0 * cap), ss * (2.0 * cap)
-        else:
-            s = ss = None
-            logits, logit_self = z.clone(), zs
-        logits.masked_fill_(~valid, float("-inf"))
-        p = torch.softmax(logits, dim=-1)
-        lse = logits.amax(-1, keepdim=True) - p.amax(-1, keepdim=True).log()  # log-sum-exp
-        no_ctx = ~valid.any(-1, keepdim=True)  # no valid context key: only the own key remains
-        if bool(no_ctx.any()):
-            p = p.masked_fill(no_ctx, 0.0)
-            lse = lse.masked_fill(no_ctx, float("-inf"))
-        p_self = torch.sigmoid(logit_self - lse)  # weight of the own key, [N, M, 1]
-        p.mul_(1.0 - p_self)
-        out = torch.bmm(p, vx) + p_self * vc
-        ctx.save_for_backward(q, kx, vx, kc, vc, p, p_self, s, ss)
-        ctx.cap = cap
+    def forward(ctx, q, kx, vx, kc, vc, bias, cap):  # type: ignore[override]
+        N, M, hd = q.shape
+        Tc = kx.shape[1]
+        out = torch.empty_like(q)
+        keep = any(ctx.needs_input_grad[:5])  # store for backward only when there is one
+        probs = torch.empty(N, M, Tc, dtype=q.dtype, device=q.device) if keep else None
+        sig = torch.empty_like(probs) if keep and cap is not None else None  # sigmoid(2z/cap)
+        p_self = torch.empty(N, M, 1, dtype=q.dtype, device=q.device)
+        step = max(1, _CHUNK_ELEMENTS // max(1, M * Tc))
+        for a in range(0, N, step):
+            n = slice(a, min(N, a + step))
+            zs = (q[n] * kc[n]).sum(-1, keepdim=True)
+            if cap is None:
+                logits = torch.baddbmm(bias[n], q[n], kx[n].transpose(1, 2))
+                logit_self = zs
+            else:
+                z = torch.bmm(q[n], kx[n].transpose(1, 2), out=sig[n] if keep else None)
+                s = z.sigmoid_()
+                logits = torch.add(bias[n], s, alpha=2.0 * cap)
+                logit_self = torch.sigmoid(zs) * (2.0 * cap)
+            p = torch.softmax(logits, dim=-1)
+            lse_ctx = logits.amax(-1, keepdim=True) - p.amax(-1, keepdim=True).log()
+            attended = torch.bmm(p, vx[n])  # [n, M, hd]
+            no_ctx = bias[n].amax(-1, keepdim=True) == float("-inf")  # only the own key
+            if bool(no_ctx.any()):
+                p.masked_fill_(no_ctx, 0.0)
+                lse_ctx.masked_fill_(no_ctx, float("-inf"))
+                attended.masked_fill_(no_ctx, 0.0)
+            torch.sigmoid(logit_self - lse_ctx, out=p_self[n])
+            torch.lerp(attended, vc[n], p_self[n], out=out[n])
+            if keep:
+                probs[n] = p
+        ctx.save_for_backward(q, kx, vx, kc, vc, out, probs, sig, p_self)
+        ctx.cap, ctx.step = cap, step
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        q, kx, vx, kc, vc, p, p_self, s, ss = ctx.saved_tensors
-        cap = ctx.cap
-        dp = torch.bmm(dout, vx.transpose(1, 2))  # [N, M, Tc]
-        dp_self = (dout * vc).sum(-1, keepdim=True)
-        dvx = torch.bmm(p.transpose(1, 2), dout)
+        q, kx, vx, kc, vc, out, probs, sig, p_self = ctx.saved_tensors
+        cap, step = ctx.cap, ctx.step
+        N = q.shape[0]
+        dout = dout.contiguous()
+        # softmax backward: r_i = sum_j P_ij dP_ij = dout_i . out_i (flash attention's D)
+        r = (dout * out).sum(-1, keepdim=True)
+        w = 1.0 - p_self  # the context's share; folded into the small [N, M, hd] tensors
+        dout_ctx = dout * w
         dvc = p_self * dout
-        r = (p * dp).sum(-1, keepdim=True) + p_self * dp_self  # softmax backward
-        dz = dp.sub_(r).mul_(p)  # d logits
-        dz_self = p_self * (dp_self - r)
-        if cap is not None:  # d(2cap*sigmoid(2z/cap))/dz = 4 * s * (1 - s)
-            dz.mul_(s).mul_(torch.rsub(s, 1.0)).mul_(4.0)
-            dz_self = dz_self * ss * (1.0 - ss) * 4.0
-        dq = torch.bmm(dz, kx) + dz_self * kc
-        dkx = torch.bmm(dz.transpose(1, 2), q)
-        dkc = dz_self * q
-        return dq, dkx, dvx, dkc, dvc, None, None
+        dz_self = p_self * ((dout * vc).sum(-1, keepdim=True) - r)  # d l_self
+        alpha = 1.0
+        if cap is not None:  # d(2cap*sigmoid(z'))/dz' = 2cap * s * (1 - s)
+            ss = torch.sigmoid((q * kc).sum(-1, keepdim=True))
+            dz_self = dz_self * ss * (1.0 - ss) * (2.0 * cap)
+            alpha = 2.0 * cap
+        dq, dkx, dvx = torch.empty_like(q), torch.empty_like(kx), torch.empty_like(vx)
+        for a in range(0, N, step):
+            n = slice(a, min(N, a + step))
+            p = probs[n]
+            torch.bmm(p.transpose(1, 2), dout_ctx[n], out=dvx[n])
+            dz = torch.bmm(dout_ctx[n], vx[n].transpose(1, 2))  # (1 - p_self) * dP
+            dz.sub_(r[n] * w[n]).mul_(p)  # d logits (context)
+            if cap is not None:
+                t = dz.mul_(sig[n])
+                dz = torch.addcmul(t, t, sig[n], value=-1.0)  # * s * (1 - s)
+            torch.baddbmm(dz_self[n] * kc[n], dz, kx[n], alpha=alpha, out=dq[n])
+            torch.bmm(dz.transpose(1, 2), q[n], out=dkx[n])
+        if cap is not None:
+            dkx.mul_(alpha)
+        return dq, dkx, dvx, dz_self * q, dvc, None, None
 
 
 class RMSNorm(nn.Module):
