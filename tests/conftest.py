@@ -41,3 +41,45 @@ def make_batch(
 @pytest.fixture
 def small_config() -> HashConfig:
     return HashConfig.uniform(num_buckets=97, num_hashes=2)
+
+
+SCHEMA_JSON = (
+    '{"user": "uid", "post": "item", "author": "creator", "surface": "tab", "time": "ts",'
+    ' "time_unit": "s", "actions": {"click": "clicked", "like": "liked", "hate": "hated"},'
+    ' "negative_actions": ["hate"], "continuous": {"dwell_time": ["watch_ms", 1000.0]}}'
+)
+
+
+def write_synthetic_log(path, n_users=40, n_posts=120, days=6, seed=0) -> None:
+    """A small log with learnable structure: users like some posts more than others."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    t0 = 1_650_844_800  # 2022-04-25 00:00 UTC
+    taste = rng.normal(size=(n_users + 1, 4))
+    style = rng.normal(size=(n_posts + 1, 4))
+    for u in range(1, n_users + 1):
+        n = rng.integers(10, 30)
+        times = np.sort(rng.integers(t0, t0 + days * 86400, n))
+        for t in times:
+            p = int(rng.integers(1, n_posts + 1))
+            logit = taste[u] @ style[p] - 0.5
+            click = int(rng.random() < 1 / (1 + np.exp(-logit)))
+            like = int(click and rng.random() < 0.3)
+            hate = int(not click and rng.random() < 0.02)
+            rows.append(
+                (
+                    u,
+                    p,
+                    p % 17 + 1,
+                    int(rng.integers(0, 3)),
+                    int(t),
+                    click,
+                    like,
+                    hate,
+                    int(rng.integers(0, 60_000)),
+                )
+            )
+    header = "uid,item,creator,tab,ts,clicked,liked,hated,watch_ms\n"
+    path.write_text(header + "".join(",".join(map(str, r)) + "\n" for r in rows))

@@ -50,13 +50,23 @@ class EntityHash:
                 )
             if not 1 <= self.modulus < 2**32:
                 raise ValueError(f"{self.name}: modulus must be in [1, 2^32), got {self.modulus}")
+        elif self.scheme == "identity":
+            if self.num_hashes != 1:
+                raise ValueError(
+                    f"{self.name}: the identity scheme has one hash, got {self.num_hashes}"
+                )
         elif self.scheme != "default":
             raise ValueError(
-                f"{self.name}: scheme must be 'phoenix' or 'default', got {self.scheme!r}"
+                f"{self.name}: scheme must be 'phoenix', 'default' or 'identity', "
+                f"got {self.scheme!r}"
             )
 
     def hash(self, ids: np.ndarray | list) -> np.ndarray:
         """Block-local hashes (0 = padding, else 1 .. N-1), int64 ``ids.shape + (k,)``."""
+        if self.scheme == "identity":  # dense IDs 1..N-1 own their row: no collisions
+            x = np.asarray(ids, dtype=np.int64)
+            self._check_identity(int(x.min(initial=0)), int(x.max(initial=0)))
+            return x[..., None].copy()
         if self.scheme == "phoenix":
             k = self.num_hashes
             return phoenix_hash(
@@ -64,8 +74,20 @@ class EntityHash:
             )
         return default_hash(ids, self.num_hashes, self.num_buckets, self.seed)
 
+    def _check_identity(self, lo: int, hi: int) -> None:
+        if lo < 0 or hi >= self.num_buckets:
+            raise ValueError(
+                f"{self.name}: identity scheme needs IDs in 0..{self.num_buckets - 1}, "
+                f"got {lo}..{hi}"
+            )
+
     def hash_torch(self, ids: torch.Tensor) -> torch.Tensor:
         """``hash`` for int64 tensors on any device."""
+        if self.scheme == "identity":
+            x = ids.to(torch.int64)
+            if x.numel():
+                self._check_identity(int(x.min()), int(x.max()))
+            return x[..., None].clone()
         if self.scheme == "phoenix":
             k = self.num_hashes
             return phoenix_hash_torch(
