@@ -3,9 +3,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import make_batch
 
 from hashrec import RecsysBatch, RecsysEmbeddings
+
+from conftest import make_batch
 
 
 def _replace(batch, **kw):

@@ -1,5 +1,4 @@
 import torch
-from conftest import make_batch
 
 from hashrec import (
     BlockCandidateReduce,
@@ -11,6 +10,8 @@ from hashrec import (
     RecsysEmbeddings,
 )
 from hashrec.blocks import ActionEmbedding
+
+from conftest import make_batch
 
 
 def test_user_reduce_is_flatten_then_proj_mat_1():

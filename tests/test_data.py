@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SCHEMA_JSON, write_synthetic_log
 from hashrec import HashConfig
 from hashrec.data import (
     ExampleConfig,
@@ -16,6 +15,8 @@ from hashrec.data import (
     load_log,
 )
 from hashrec.datasets import kuairand_sample_dir
+
+from conftest import SCHEMA_JSON, write_synthetic_log
 
 
 @pytest.fixture
@@ -121,7 +122,7 @@ def test_bad_inputs(tmp_path):
     path = tmp_path / "log.csv"
     write_synthetic_log(path)
     text = path.read_text().splitlines()
-    bad = text[:2] + [text[2].rsplit(",", 4)[0] + ",7,0,0,5"] + text[3:]
+    bad = [*text[:2], text[2].rsplit(",", 4)[0] + ",7,0,0,5", *text[3:]]
     path.write_text("\n".join(bad) + "\n")
     with pytest.raises(ValueError, match="action column clicked holds values other than 0/1"):
         load_log(str(path), schema)

@@ -2,11 +2,12 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import make_batch
 
 from hashrec import ACTIONS, HashConfig, PhoenixRanker, RankerConfig, RecsysBatch, TransformerConfig
 from hashrec.losses import ranking_loss
 from hashrec.transformer import full_mask_attention
+
+from conftest import make_batch
 
 
 def tiny_config(**kw) -> RankerConfig:

@@ -1,10 +1,11 @@
 import pytest
 import torch
-from conftest import make_batch
 from torch import nn
 
 from hashrec import FusedEmbeddingTable, MultiHashEmbedding, RowWiseAdagrad
 from hashrec.table import gather_rows
+
+from conftest import make_batch
 
 
 def _per_hash_tables(fused: MultiHashEmbedding) -> nn.ModuleList:

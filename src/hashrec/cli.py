@@ -173,6 +173,8 @@ def _specs(args, log):
     from hashrec.train import TrainConfig
     from hashrec.transformer import TransformerConfig
 
+    if not 0 < args.table_fraction:
+        raise SystemExit(f"error: --table-fraction must be > 0, got {args.table_fraction}")
     try:
         tf = TransformerConfig(dim=args.dim, num_layers=args.layers, num_q_heads=args.heads,
                                num_kv_heads=args.kv_heads, widening_factor=2.0)  # fmt: skip
@@ -263,6 +265,7 @@ def _split(args, train_end: int):
 
 def cmd_train(args: argparse.Namespace) -> int:
     log = _load_data(args)
+    _split(args, args.train_end).masks(log)  # fail before training if a split is empty
     _experiment(args, log, _split(args, args.train_end), Path(args.out), args.full_table,
                 resume=args.resume)  # fmt: skip
     return 0
@@ -403,7 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # bad input met past parsing: say it, no trace
+        parser.exit(2, f"hashrec {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

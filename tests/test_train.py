@@ -1,0 +1,211 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
+from hashrec.cli import main
+from hashrec.data import ExampleConfig, LogSchema, RowHashes, build_requests, load_log
+from hashrec.train import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+
+from conftest import SCHEMA_JSON, write_synthetic_log
+
+TINY = [
+    "--dim",
+    "8",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--kv-heads",
+    "1",
+    "--history-len",
+    "6",
+    "--max-candidates",
+    "4",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "2",
+]
+
+
+@pytest.fixture
+def log_file(tmp_path):
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path)
+    return path
+
+
+def _setup(log_file, tmp_path, max_steps=None):
+    log = load_log(str(log_file), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
+    cfg = RankerConfig(
+        hash=HashConfig.uniform(num_buckets=31),
+        transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1),
+        actions=log.actions,
+        continuous_actions=log.continuous_actions,
+    )
+    torch.manual_seed(0)
+    model = PhoenixRanker(cfg)
+    train = log.days(None, 20220428)
+    req = build_requests(
+        log,
+        train,
+        ExampleConfig(6, 4, negatives_per_request=1),
+        negative_pool=np.flatnonzero(train),
+    )
+    tc = TrainConfig(epochs=2, batch_size=16, max_steps=max_steps, checkpoint_every=3)
+    return log, RowHashes(log, cfg.hash), req, Trainer(model, tc, tmp_path, progress=False)
+
+
+def test_resume_continues_exactly(log_file, tmp_path):
+    log, hashes, req, straight = _setup(log_file, tmp_path / "a")
+    straight.fit(log, hashes, req)
+    total = straight.state.global_step
+    assert total > 6
+    _, _, _, first = _setup(log_file, tmp_path / "b", max_steps=5)  # killed after 5 steps
+    first.fit(log, hashes, req)
+    assert first.state.global_step == 5 and not first.state.done
+    _, _, _, second = _setup(log_file, tmp_path / "b")
+    assert second.resume()
+    second.fit(log, hashes, req)
+    assert second.state.global_step == total and second.state.done
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), second.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert straight.state.losses == second.state.losses
+
+
+def test_failed_save_keeps_the_previous_checkpoint(log_file, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    log, hashes, req, tr = _setup(log_file, run, max_steps=2)
+    tr.fit(log, hashes, req)
+    before = tr.checkpoint_path.read_bytes()
+
+    def crash(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoi")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hashrec.train.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        tr.save()
+    assert tr.checkpoint_path.read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors"]  # no debris
+    model, info = load_checkpoint(tr.checkpoint_path)
+    assert info["train_state"]["global_step"] == 2
+
+
+def test_checkpoint_roundtrip_and_corrupt_file(log_file, tmp_path):
+    _, _, _, tr = _setup(log_file, tmp_path)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tr.model)
+    model, info = load_checkpoint(path)
+    assert model.config == tr.model.config and info["train_state"] is None
+    for (n, a), b in zip(tr.model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "none.safetensors")
+
+
+def _train_cli(log_file, out, *extra):
+    return main(
+        [
+            "train",
+            "--data",
+            str(log_file),
+            "--schema",
+            SCHEMA_JSON,
+            "--train-end",
+            "2022-04-28",
+            "--eval-start",
+            "2022-04-29",
+            "--out",
+            str(out),
+            *TINY,
+            *extra,
+        ]
+    )
+
+
+def test_cli_train_resume_evaluate(log_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train_cli(log_file, out, "--full-table") == 0
+    printed = capsys.readouterr().out
+    assert "| logistic regression |" in printed and "| full table |" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    hashed = next(k for k in metrics["results"] if k.startswith("hashed"))
+    assert 0.0 <= metrics["results"][hashed]["auc"]["click"] <= 1.0
+    assert (out / "results.png").stat().st_size > 1000
+    assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 2
+    # resuming a finished run trains nothing more and gives the same numbers
+    assert _train_cli(log_file, out, "--resume") == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["results"][hashed] == metrics["results"][hashed]
+    capsys.readouterr()
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(out / "checkpoint.safetensors"),
+            "--data",
+            str(log_file),
+            "--schema",
+            SCHEMA_JSON,
+            "--eval-start",
+            "2022-04-29",
+            "--out",
+            str(tmp_path / "eval.json"),
+        ]
+    )
+    assert rc == 0
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["results"][hashed]["auc"] == pytest.approx(
+        metrics["results"][hashed]["auc"], nan_ok=True
+    )
+
+
+def test_same_seed_same_metrics(log_file, tmp_path):
+    for name in ("a", "b"):
+        assert _train_cli(log_file, tmp_path / name) == 0
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text())["results"] for n in "ab")
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "nope.csv", "--schema", SCHEMA_JSON], "no such file"),
+        (["--eval-start", "2022-04-20"], "must come after train_end"),
+        (["--eval-start", "2022-13-45x"], None),
+        (["--table-fraction", "0"], "--table-fraction must be > 0"),
+        (["--eval-start", "2023-01-01"], "no rows on the evaluation days"),
+    ],
+)
+def test_cli_bad_inputs(log_file, tmp_path, argv, message, capsys):
+    base = [
+        "train",
+        "--data",
+        str(log_file),
+        "--schema",
+        SCHEMA_JSON,
+        "--out",
+        str(tmp_path / "r"),
+        "--train-end",
+        "2022-04-28",
+        *TINY,
+    ]
+    with pytest.raises(SystemExit) as e:
+        main([*base, *argv])
+    text = str(e.value.code) + capsys.readouterr().err
+    assert e.value.code != 0
+    if message:
+        assert message in text
+    with pytest.raises(SystemExit, match="give --schema"):
+        main(["train", "--data", str(log_file), "--out", str(tmp_path / "r")])
