@@ -201,6 +201,8 @@ def test_cli_bad_inputs(log_file, tmp_path, argv, message, capsys):
         "2022-04-28",
         *TINY,
     ]
+    if "--eval-start" not in argv:
+        base += ["--eval-start", "2022-04-29"]
     with pytest.raises(SystemExit) as e:
         main([*base, *argv])
     text = str(e.value.code) + capsys.readouterr().err
