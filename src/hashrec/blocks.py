@@ -32,6 +32,18 @@ def _proj(in_dim: int, out_dim: int) -> nn.Parameter:
     return nn.Parameter(torch.randn(in_dim, out_dim) / in_dim**0.5)
 
 
+def _flat_post_author(
+    block: nn.Module, what: str, post: torch.Tensor, author: torch.Tensor, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Check (Kp, Ka, D) against the block; [B, L, K, D] -> [B, L, Kp*D] and [B, L, Ka*D]."""
+    B, L, Kp, D = post.shape
+    Ka = author.shape[2]
+    expected = (block.num_item_hashes, block.num_author_hashes, block.emb_size)
+    if (Kp, Ka, D) != expected:
+        raise ValueError(f"{what} embeddings have (Kp, Ka, D) = {(Kp, Ka, D)}, expected {expected}")
+    return [post.reshape(B, L, Kp * D).to(dtype), author.reshape(B, L, Ka * D).to(dtype)]
+
+
 class ActionEmbedding(nn.Module):
     """Signed multi-hot actions -> one vector: ``(2a - 1) @ action_projection``, 0 if no action.
 
@@ -122,18 +134,15 @@ class BlockHistoryReduce(nn.Module):
         history_actions: torch.Tensor,
         history_product_surface: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        B, S, Kp, D = history_post_embeddings.shape
-        Ka = history_author_embeddings.shape[2]
-        if (Kp, Ka, D) != (self.num_item_hashes, self.num_author_hashes, self.emb_size):
-            raise ValueError(
-                f"history embeddings have (Kp, Ka, D) = {(Kp, Ka, D)}, expected "
-                f"{(self.num_item_hashes, self.num_author_hashes, self.emb_size)}"
-            )
-        dt = self.proj_mat_3.dtype
         x = torch.cat(
             [
-                history_post_embeddings.reshape(B, S, Kp * D).to(dt),
-                history_author_embeddings.reshape(B, S, Ka * D).to(dt),
+                *_flat_post_author(
+                    self,
+                    "history",
+                    history_post_embeddings,
+                    history_author_embeddings,
+                    self.proj_mat_3.dtype,
+                ),
                 self.actions(history_actions),
                 self.product_surface_embedding_table(history_product_surface),
             ],
@@ -173,18 +182,15 @@ class BlockCandidateReduce(nn.Module):
         candidate_author_embeddings: torch.Tensor,
         candidate_product_surface: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        B, C, Kp, D = candidate_post_embeddings.shape
-        Ka = candidate_author_embeddings.shape[2]
-        if (Kp, Ka, D) != (self.num_item_hashes, self.num_author_hashes, self.emb_size):
-            raise ValueError(
-                f"candidate embeddings have (Kp, Ka, D) = {(Kp, Ka, D)}, expected "
-                f"{(self.num_item_hashes, self.num_author_hashes, self.emb_size)}"
-            )
-        dt = self.proj_mat_2.dtype
         x = torch.cat(
             [
-                candidate_post_embeddings.reshape(B, C, Kp * D).to(dt),
-                candidate_author_embeddings.reshape(B, C, Ka * D).to(dt),
+                *_flat_post_author(
+                    self,
+                    "candidate",
+                    candidate_post_embeddings,
+                    candidate_author_embeddings,
+                    self.proj_mat_2.dtype,
+                ),
                 self.product_surface_embedding_table(candidate_product_surface),
             ],
             dim=-1,
