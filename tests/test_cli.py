@@ -39,7 +39,6 @@ def test_collisions_cli_writes_table_json_and_plot(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["collisions"], "give an ID set"),
         (["collisions", "--csv", "missing.csv", "--column", "a"], "no such file"),
         (["collisions", "--column", "a"], "--column needs --csv"),
         (["collisions", "--sequential", "10", "--schemes", "md5"], "unknown scheme 'md5'"),
@@ -49,6 +48,13 @@ def test_collisions_cli_errors(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=message):
         main(argv)
+
+
+def test_collisions_defaults_to_the_shipped_sample(tmp_path, capsys):
+    rc = main(["collisions", "--buckets", "1000", "--hashes", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| video_id | phoenix-post |" in out and "| author_id | phoenix-author |" in out
 
 
 def test_unknown_option_and_bad_list(capsys):

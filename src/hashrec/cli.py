@@ -76,10 +76,12 @@ def cmd_collisions(args: argparse.Namespace) -> int:
     if args.random:
         rng = np.random.default_rng(args.seed)
         id_sets[f"random {args.random}"] = (rng.integers(1, 2**62, args.random), "post")
-    if not id_sets:
-        raise SystemExit(
-            "error: give an ID set: --csv FILE --column NAME[:ENTITY], --sequential N or --random N"
-        )
+    if not id_sets:  # default: the video and author IDs of the shipped KuaiRand sample
+        from hashrec.datasets import kuairand_sample_dir
+
+        videos = os.path.join(kuairand_sample_dir(), "video_features_basic_sample.csv.gz")
+        print(f"(no ID set given: using the KuaiRand sample's video and author IDs, {videos})")
+        id_sets.update(_read_id_columns(Path(videos), ["video_id:post", "author_id:author"]))
     rows = []
     for name, (ids, entity) in id_sets.items():
         schemes = [s if s == "default" else f"phoenix-{entity}" for s in args.schemes]
@@ -336,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the IDs with an identical k-tuple of rows and the IDs sharing at least one row, "
         "expected (independent uniform hashes) next to measured (the real hasher).",
     )
-    p.add_argument("--csv", metavar="FILE", help="CSV or Parquet file holding ID columns")
+    p.add_argument("--csv", metavar="FILE", help="CSV or Parquet file holding ID columns "
+                   "(default: the shipped KuaiRand sample's video and author IDs)")  # fmt: skip
     p.add_argument(
         "--column",
         action="append",
