@@ -196,8 +196,9 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--max-full-c", type=int, default=4096, help="skip full-mask rows above this C")
+    p.add_argument("--candidates", default="64,256,1024,4096", help="C values (comma-separated)")
     args = p.parse_args()
-    args.candidates = [64, 256] if args.quick else [64, 256, 1024, 4096]
+    args.candidates = [64, 256] if args.quick else [int(c) for c in args.candidates.split(",")]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
     bench_kernels(args)
     bench_train_step(args)

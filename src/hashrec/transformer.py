@@ -211,9 +211,9 @@ class _CandidateAttention(torch.autograd.Function):
     fused softmax as ``max(l) - log(max(softmax(l)))``: the own key gets ``p_self =
     sigmoid(l_self - lse_ctx)`` and the context ``(1 - p_self) * softmax(l)``, with nothing
     concatenated. Forward walks over chunks of (batch, kv-head) slices whose [n, M, Tc] logits stay
-    in cache and keeps the softmax and sigmoids for backward (on CPU, exp/sigmoid cost more than
-    reading them back). The composed-autograd reference is ``full_mask_attention``; tests hold the
-    two together on outputs and gradients.
+    in cache and keeps the softmax and the sigmoid derivative s(1 - s) for backward (on CPU,
+    exp/sigmoid cost more than reading them back). The composed-autograd reference is
+    ``full_mask_attention``; tests hold the two together on outputs and gradients.
     """
 
     @staticmethod
@@ -223,7 +223,8 @@ class _CandidateAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         keep = any(ctx.needs_input_grad[:5])  # store for backward only when there is one
         probs = torch.empty(N, M, Tc, dtype=q.dtype, device=q.device) if keep else None
-        sig = torch.empty_like(probs) if keep and cap is not None else None  # sigmoid(2z/cap)
+        # with a cap, backward needs d sigmoid = s * (1 - s), s = sigmoid(2z/cap): kept per element
+        dsig = torch.empty_like(probs) if keep and cap is not None else None
         p_self = torch.empty(N, M, 1, dtype=q.dtype, device=q.device)
         step = max(1, _CHUNK_ELEMENTS // max(1, M * Tc))
         for a in range(0, N, step):
@@ -233,10 +234,12 @@ class _CandidateAttention(torch.autograd.Function):
                 logits = torch.baddbmm(bias[n], q[n], kx[n].transpose(1, 2))
                 logit_self = zs
             else:
-                z = torch.bmm(q[n], kx[n].transpose(1, 2), out=sig[n] if keep else None)
+                z = torch.bmm(q[n], kx[n].transpose(1, 2), out=dsig[n] if keep else None)
                 s = z.sigmoid_()
                 logits = torch.add(bias[n], s, alpha=2.0 * cap)
                 logit_self = torch.sigmoid(zs) * (2.0 * cap)
+                if keep:
+                    s.addcmul_(s, s, value=-1.0)  # s - s^2, in place while the chunk is in cache
             p = torch.softmax(logits, dim=-1)
             lse_ctx = logits.amax(-1, keepdim=True) - p.amax(-1, keepdim=True).log()
             attended = torch.bmm(p, vx[n])  # [n, M, hd]
@@ -249,13 +252,13 @@ class _CandidateAttention(torch.autograd.Function):
             torch.lerp(attended, vc[n], p_self[n], out=out[n])
             if keep:
                 probs[n] = p
-        ctx.save_for_backward(q, kx, vx, kc, vc, out, probs, sig, p_self)
+        ctx.save_for_backward(q, kx, vx, kc, vc, out, probs, dsig, p_self)
         ctx.cap, ctx.step = cap, step
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        q, kx, vx, kc, vc, out, probs, sig, p_self = ctx.saved_tensors
+        q, kx, vx, kc, vc, out, probs, dsig, p_self = ctx.saved_tensors
         cap, step = ctx.cap, ctx.step
         N = q.shape[0]
         dout = dout.contiguous()
@@ -278,8 +281,7 @@ class _CandidateAttention(torch.autograd.Function):
             dz = torch.bmm(dout_ctx[n], vx[n].transpose(1, 2))  # (1 - p_self) * dP
             dz.sub_(r[n] * w[n]).mul_(p)  # d logits (context)
             if cap is not None:
-                t = dz.mul_(sig[n])
-                dz = torch.addcmul(t, t, sig[n], value=-1.0)  # * s * (1 - s)
+                dz.mul_(dsig[n])  # * s * (1 - s)
             torch.baddbmm(dz_self[n] * kc[n], dz, kx[n], alpha=alpha, out=dq[n])
             torch.bmm(dz.transpose(1, 2), q[n], out=dkx[n])
         if cap is not None:
