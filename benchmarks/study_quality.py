@@ -26,8 +26,8 @@ from hashrec.experiment import (
     format_results,
     hashed_config,
     run_model,
-    write_json_atomic,
 )
+from hashrec.files import write_json_atomic, write_text_atomic
 from hashrec.train import TrainConfig
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     print(table)
     write_json_atomic(out / "study.json", {"results": results, "models": info,
                                            "eval_impressions": len(rows)})  # fmt: skip
-    (out / "study.md").write_text(table + "\n")
+    write_text_atomic(out / "study.md", table + "\n")
     plot(results, info, out / "click_auc_vs_memory.png")
     print(json.dumps({k: round(v["auc"]["click"], 4) for k, v in results.items()}, indent=1))
 

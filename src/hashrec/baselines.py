@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hashrec.data import InteractionLog
+from hashrec.data import InteractionLog, sorted_lookup
 
 __all__ = ["LogisticBaseline", "popularity", "smoothed_rates"]
 
@@ -38,11 +38,11 @@ def smoothed_rates(
         ],
         axis=1,
     )
-    pos_q = np.clip(np.searchsorted(uniq, query), 0, max(len(uniq) - 1, 0))
-    found = (uniq[pos_q] == query) if len(uniq) else np.zeros(len(query), bool)
-    c = np.where(found, counts[pos_q] if len(uniq) else 0.0, 0.0)[:, None]
-    p = np.where(found[:, None], pos[pos_q] if len(uniq) else 0.0, 0.0)
-    return (p + m * prior) / (c + m)
+    at, found = sorted_lookup(uniq, query)
+    c = np.zeros(len(query))
+    p = np.zeros((len(query), labels.shape[1]))
+    c[found], p[found] = counts[at[found]], pos[at[found]]  # unseen keys: count 0 -> the prior
+    return (p + m * prior) / (c[:, None] + m)
 
 
 def popularity(log: InteractionLog, train: np.ndarray, rows: np.ndarray) -> np.ndarray:

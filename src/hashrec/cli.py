@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from hashrec import __version__
+from hashrec.files import write_json_atomic, write_text_atomic
 
 DEFAULT_BUCKETS = "1000,2000,5000,10000,20000,50000,100000,200000,1000000"
 
@@ -30,11 +31,8 @@ def _int_list(text: str) -> list[int]:
 
 def _read_id_columns(path: Path, specs: list[str]) -> dict[str, tuple[np.ndarray, str]]:
     """--column NAME[:ENTITY] -> {NAME: (ids, entity)} read from a CSV or Parquet file."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
+    from hashrec.data import read_columns
 
-    if not path.exists():
-        raise SystemExit(f"error: --csv {path}: no such file")
     parsed = []
     for spec in specs:
         col, _, entity = spec.partition(":")
@@ -42,23 +40,11 @@ def _read_id_columns(path: Path, specs: list[str]) -> dict[str, tuple[np.ndarray
         if entity not in ("user", "post", "author"):
             raise SystemExit(f"error: --column {spec}: entity must be user, post or author")
         parsed.append((col, entity))
-    cols = [c for c, _ in parsed]
     try:
-        if path.suffix == ".parquet":
-            table = pq.read_table(path, columns=cols)
-        else:
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(include_columns=cols))
-    except Exception as e:  # pyarrow raises several types for missing columns / bad files
-        raise SystemExit(f"error: reading {path}: {e}") from e
-    out = {}
-    for col, entity in parsed:
-        arr = table.column(col).to_numpy()
-        if arr.dtype.kind not in "iu":
-            raise SystemExit(
-                f"error: column {col} of {path} has dtype {arr.dtype}, expected integers"
-            )
-        out[col] = (arr.astype(np.int64), entity)
-    return out
+        table = read_columns(str(path), [c for c, _ in parsed], kinds="iu")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --csv {e}") from e
+    return {col: (table[col].astype(np.int64), entity) for col, entity in parsed}
 
 
 def cmd_collisions(args: argparse.Namespace) -> int:
@@ -82,30 +68,22 @@ def cmd_collisions(args: argparse.Namespace) -> int:
         videos = os.path.join(kuairand_sample_dir(), "video_features_basic_sample.csv.gz")
         print(f"(no ID set given: using the KuaiRand sample's video and author IDs, {videos})")
         id_sets.update(_read_id_columns(Path(videos), ["video_id:post", "author_id:author"]))
+    for s in args.schemes:
+        if s not in ("default", "phoenix"):
+            raise SystemExit(f"error: --schemes: unknown scheme {s!r}, expected default or phoenix")
     rows = []
     for name, (ids, entity) in id_sets.items():
         schemes = [s if s == "default" else f"phoenix-{entity}" for s in args.schemes]
-        for s in args.schemes:
-            if s not in ("default", "phoenix"):
-                raise SystemExit(
-                    f"error: --schemes: unknown scheme {s!r}, expected default or phoenix"
-                )
         rows += study({name: ids}, args.buckets, args.hashes, schemes, args.layout, args.seed)
     table = format_table(rows)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "collisions.json", json.dumps([r.to_dict() for r in rows], indent=2))
-    _atomic_write_text(out / "collisions.md", table + "\n")
+    write_json_atomic(out / "collisions.json", [r.to_dict() for r in rows])
+    write_text_atomic(out / "collisions.md", table + "\n")
     plot_study(rows, str(out / "collisions.png"))
     print(f"\nwrote {out / 'collisions.md'}, {out / 'collisions.json'}, {out / 'collisions.png'}")
     return 0
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- train / evaluate / demo ---------------------------------------------------------------
@@ -204,7 +182,6 @@ def _experiment(args, log, split, out: Path, with_full_table: bool, resume: bool
         format_results,
         plot_run,
         run_model,
-        write_json_atomic,
     )
 
     t0 = time.perf_counter()
@@ -250,7 +227,7 @@ def _experiment(args, log, split, out: Path, with_full_table: bool, resume: bool
         out / "metrics.json",
         {"results": results, "models": info, "eval_impressions": len(rows), "wall_s": wall},
     )
-    (out / "results.md").write_text(table + "\n")
+    write_text_atomic(out / "results.md", table + "\n")
     plot_run(results, losses, log.actions, out / "results.png")
     print(f"wrote {out}/metrics.json, results.md, results.png, checkpoint.safetensors")
     return results
@@ -289,7 +266,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         baseline_predictions,
         evaluate_predictions,
         format_results,
-        write_json_atomic,
     )
     from hashrec.train import load_checkpoint, predict
 

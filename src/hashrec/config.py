@@ -7,7 +7,7 @@ order. Hash value h (1 .. N-1) of an entity maps to row ``offset + h``; 0 stays 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -151,7 +151,7 @@ class HashConfig:
         ents = []
         for name, ent in PHOENIX_ENTITIES.items():
             if name in sizes:
-                ent = EntityHash(**{**ent.__dict__, "num_buckets": sizes[name]})
+                ent = replace(ent, num_buckets=sizes[name])
             ents.append(ent)
         return cls(entities=tuple(ents))
 
@@ -160,15 +160,20 @@ class HashConfig:
         cls, num_buckets: int, num_hashes: int = 2, scheme: Scheme = "default", seed: int = 0
     ) -> HashConfig:
         """Same k and N for user, post and author (the phoenix scheme keeps X's constants)."""
+        sizes = dict.fromkeys(("user", "post", "author"), num_buckets)
+        return cls.sized(sizes, num_hashes, scheme, seed)
+
+    @classmethod
+    def sized(
+        cls, buckets: dict[str, int], num_hashes: int = 2, scheme: Scheme = "default", seed: int = 0
+    ) -> HashConfig:
+        """k hashes per entity, N from ``buckets`` (user, post, author); the default scheme
+        seeds entity i with ``seed + i``, the phoenix scheme keeps X's constants."""
         ents = []
-        for i, name in enumerate(("user", "post", "author")):
+        for i, (name, num_buckets) in enumerate(buckets.items()):
             if scheme == "phoenix":
                 base = PHOENIX_ENTITIES[name]
-                ents.append(
-                    EntityHash(
-                        **{**base.__dict__, "num_hashes": num_hashes, "num_buckets": num_buckets}
-                    )
-                )
+                ents.append(replace(base, num_hashes=num_hashes, num_buckets=num_buckets))
             else:
                 ents.append(EntityHash(name, num_hashes, num_buckets, "default", seed=seed + i))
         return cls(entities=tuple(ents))

@@ -37,6 +37,7 @@ __all__ = [
     "load_kuairand",
     "load_log",
     "read_columns",
+    "sorted_lookup",
 ]
 
 
@@ -154,8 +155,11 @@ class InteractionLog:
         return m
 
 
-def read_columns(path: str, columns: list[str]) -> dict[str, np.ndarray]:
-    """Read ``columns`` of a CSV (optionally .gz) or Parquet file; clear errors for bad files."""
+def read_columns(path: str, columns: list[str], kinds: str = "iuf") -> dict[str, np.ndarray]:
+    """Read ``columns`` of a CSV (optionally .gz) or Parquet file; clear errors for bad files.
+
+    ``kinds``: the numpy dtype kinds accepted ("iu" for integer-only columns such as IDs).
+    """
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -186,10 +190,19 @@ def read_columns(path: str, columns: list[str]) -> dict[str, np.ndarray]:
         if col.null_count:
             raise ValueError(f"{path}: column {c} has {col.null_count} missing values")
         arr = col.to_numpy()
-        if arr.dtype.kind not in "iuf":
-            raise ValueError(f"{path}: column {c} has type {col.type}, expected numbers")
+        if arr.dtype.kind not in kinds:
+            expected = "integers" if kinds == "iu" else "numbers"
+            raise ValueError(f"{path}: column {c} has type {col.type}, expected {expected}")
         out[c] = arr
     return out
+
+
+def sorted_lookup(keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``query`` in the sorted array ``keys`` and whether each was found."""
+    if len(keys) == 0:
+        return np.zeros(len(query), dtype=np.int64), np.zeros(len(query), dtype=bool)
+    pos = np.clip(np.searchsorted(keys, query), 0, len(keys) - 1)
+    return pos, keys[pos] == query
 
 
 def _days_from_time(time_ms: np.ndarray) -> np.ndarray:
@@ -219,8 +232,7 @@ def load_log(
         keys, vals = table[schema.post].astype(np.int64), table[schema.author].astype(np.int64)
         order = np.argsort(keys)
         keys, vals = keys[order], vals[order]
-        pos = np.clip(np.searchsorted(keys, post), 0, len(keys) - 1)
-        found = keys[pos] == post
+        pos, found = sorted_lookup(keys, post)
         if not found.all():
             raise ValueError(
                 f"{authors}: no {schema.author} for {int((~found).sum())} of {len(post)} "
@@ -395,9 +407,8 @@ def collision_free_config(log: InteractionLog, reserved_rows: int = 64) -> tuple
 
 def dense_ids(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Raw IDs -> 1..len(vocab) by position in the sorted vocabulary (0 stays 0)."""
-    pos = np.searchsorted(vocab, ids)
-    pos = np.clip(pos, 0, len(vocab) - 1)
-    if not (vocab[pos] == ids)[ids != 0].all():
+    pos, found = sorted_lookup(vocab, ids)
+    if not found[ids != 0].all():
         raise ValueError("dense_ids: an ID is missing from the vocabulary")
     return np.where(ids == 0, 0, pos + 1)
 

@@ -6,17 +6,14 @@ baseline is scored on the same evaluation impressions in the same run.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hashrec.baselines import LogisticBaseline, popularity
-from hashrec.config import EntityHash, HashConfig
+from hashrec.config import HashConfig
 from hashrec.data import (
     ExampleConfig,
     InteractionLog,
@@ -40,7 +37,6 @@ __all__ = [
     "plot_run",
     "ranker_config",
     "run_model",
-    "write_json_atomic",
 ]
 
 
@@ -86,18 +82,11 @@ def hashed_config(
     log: InteractionLog, table_fraction: float, num_hashes: int, scheme: str = "default"
 ) -> HashConfig:
     """N per entity = ``table_fraction`` x distinct IDs (k hashes share that block)."""
-    ents = []
-    for i, name in enumerate(("user", "post", "author")):
-        n = len(np.unique(getattr(log, name)))
-        N = max(2, math.ceil(table_fraction * n))
-        if scheme == "phoenix":
-            from hashrec.config import PHOENIX_ENTITIES
-
-            base = PHOENIX_ENTITIES[name]
-            ents.append(EntityHash(**{**base.__dict__, "num_hashes": num_hashes, "num_buckets": N}))
-        else:
-            ents.append(EntityHash(name, num_hashes, N, "default", seed=i + 1))
-    return HashConfig(entities=tuple(ents))
+    sizes = {
+        name: max(2, math.ceil(table_fraction * len(np.unique(getattr(log, name)))))
+        for name in ("user", "post", "author")
+    }
+    return HashConfig.sized(sizes, num_hashes, scheme, seed=1)
 
 
 def collision_free_spec(
@@ -204,20 +193,6 @@ def format_results(results: dict[str, dict], actions: tuple[str, ...]) -> str:
                   f"{m['calibration'][n_action]:.2f}"]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o: object) -> object:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def plot_run(results: dict[str, dict], losses: dict[str, list[float]], actions: tuple[str, ...],

@@ -239,9 +239,8 @@ class Trainer:
                     return st
             bar.close()
             st.epoch, st.step_in_epoch = epoch + 1, 0
+            st.done = st.epoch == c.epochs  # the last epoch's checkpoint marks the run done
             self.save()
-        st.done = True
-        self.save()
         return st
 
 
