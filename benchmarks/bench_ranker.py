@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from hashrec import HashConfig, PhoenixRanker, RankerConfig, RowWiseAdagrad, TransformerConfig
-from hashrec.batch import RecsysBatch
-from hashrec.losses import ranking_loss
-from hashrec.transformer import (
+from hashrec.models.losses import ranking_loss
+from hashrec.nn.batch import RecsysBatch
+from hashrec.nn.transformer import (
     AttentionLayout,
     Transformer,
     full_mask_attention,

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from hashrec.config import PHOENIX_ENTITIES
-from hashrec.hashing import (
+from hashrec.hashing.config import PHOENIX_ENTITIES
+from hashrec.hashing.functions import (
     default_hash,
     default_hash_torch,
     phoenix_hash,
     phoenix_hash_reference,
     phoenix_hash_torch,
 )
-from hashrec.table import FusedEmbeddingTable, MultiHashEmbedding, RowWiseAdagrad
+from hashrec.nn.table import FusedEmbeddingTable, MultiHashEmbedding, RowWiseAdagrad
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -16,8 +16,8 @@ import json
 import time
 from pathlib import Path
 
-from hashrec.data import ExampleConfig, load_kuairand
-from hashrec.experiment import (
+from hashrec.data.log import ExampleConfig, load_kuairand
+from hashrec.evaluation.experiment import (
     ModelSpec,
     Split,
     baseline_predictions,
@@ -28,7 +28,7 @@ from hashrec.experiment import (
     run_model,
 )
 from hashrec.files import write_json_atomic, write_text_atomic
-from hashrec.train import TrainConfig
+from hashrec.training.trainer import TrainConfig
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from hashrec import (
     RecsysBatch,
     RecsysEmbeddings,
 )
-from hashrec.blocks import ActionEmbedding
+from hashrec.nn.blocks import ActionEmbedding
 
 from conftest import make_batch
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hashrec import EntityHash
-from hashrec.collisions import (
+from hashrec.analysis.collisions import (
     expected,
     format_table,
     lecture_pair_probability,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hashrec import HashConfig
-from hashrec.data import (
+from hashrec.data.log import (
     ExampleConfig,
     LogSchema,
     RowHashes,
@@ -56,7 +56,7 @@ def test_requests_never_leak_and_cover_every_candidate(log, window, C):
 
 
 def test_history_is_exactly_the_latest_rows():
-    from hashrec.data import InteractionLog
+    from hashrec.data.log import InteractionLog
 
     t = np.array([1, 2, 3, 4, 5, 5, 6]) * 1000
     log = InteractionLog(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hashrec.config import PHOENIX_ENTITIES
-from hashrec.hashing import (
+from hashrec.hashing.config import PHOENIX_ENTITIES
+from hashrec.hashing.functions import (
     default_hash,
     default_hash_torch,
     ids_to_int64,
@@ -176,8 +176,8 @@ def test_default_seeds_differ_and_strings_are_stable():
 
 def test_same_hashes_in_a_fresh_process():
     code = (
-        "import numpy as np; from hashrec.hashing import default_hash, phoenix_hash;"
-        "from hashrec.config import PHOENIX_ENTITIES as P; e = P['post'];"
+        "import numpy as np; from hashrec.hashing.functions import default_hash, phoenix_hash;"
+        "from hashrec.hashing.config import PHOENIX_ENTITIES as P; e = P['post'];"
         "ids = np.array([1, 2**62 + 5, -7]);"
         "print([default_hash(ids, 2, 1000, seed=3).tolist(), default_hash(['x', 'yz'], 2, 1000).tolist(),"
         " phoenix_hash(ids, e.scales, e.biases, e.modulus, 1000).tolist()])"

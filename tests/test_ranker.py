@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hashrec import ACTIONS, HashConfig, PhoenixRanker, RankerConfig, RecsysBatch, TransformerConfig
-from hashrec.losses import ranking_loss
-from hashrec.transformer import full_mask_attention
+from hashrec.models.losses import ranking_loss
+from hashrec.nn.transformer import full_mask_attention
 
 from conftest import make_batch
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hashrec import ACTIONS
-from hashrec.scoring import X_HOME_MIXER_WEIGHTS, ScoringConfig, WeightedScorer
+from hashrec.models.scoring import X_HOME_MIXER_WEIGHTS, ScoringConfig, WeightedScorer
 
 
 def test_weighted_sum_and_x_offset_rule():

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from hashrec import FusedEmbeddingTable, MultiHashEmbedding, RowWiseAdagrad
-from hashrec.table import gather_rows
+from hashrec.nn.table import gather_rows
 
 from conftest import make_batch
 

@@ -6,8 +6,8 @@ import torch
 
 from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
 from hashrec.cli import main
-from hashrec.data import ExampleConfig, LogSchema, RowHashes, build_requests, load_log
-from hashrec.train import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from hashrec.data.log import ExampleConfig, LogSchema, RowHashes, build_requests, load_log
+from hashrec.training.trainer import TrainConfig, Trainer, load_checkpoint, save_checkpoint
 
 from conftest import SCHEMA_JSON, write_synthetic_log
 
@@ -89,7 +89,7 @@ def test_failed_save_keeps_the_previous_checkpoint(log_file, tmp_path, monkeypat
             f.write(b"half a checkpoi")
         raise OSError("disk full")
 
-    monkeypatch.setattr("hashrec.train.save_file", crash)
+    monkeypatch.setattr("hashrec.training.trainer.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         tr.save()
     assert tr.checkpoint_path.read_bytes() == before

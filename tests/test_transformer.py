@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hashrec.transformer import (
+from hashrec.nn.transformer import (
     Transformer,
     TransformerConfig,
     candidate_isolation_mask,

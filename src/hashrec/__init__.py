@@ -7,18 +7,18 @@ import os as _os
 # so it only applies when hashrec is imported before torch; set THP_MEM_ALLOC_ENABLE=0 to opt out.
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from hashrec.batch import RecsysBatch, RecsysEmbeddings
-from hashrec.blocks import (
+from hashrec.hashing.config import EntityHash, HashConfig
+from hashrec.models.ranker import ACTIONS, PhoenixRanker, RankerConfig, RankerOutput
+from hashrec.models.scoring import ScoringConfig, WeightedScorer
+from hashrec.nn.batch import RecsysBatch, RecsysEmbeddings
+from hashrec.nn.blocks import (
     ActionEmbedding,
     BlockCandidateReduce,
     BlockHistoryReduce,
     BlockUserReduce,
 )
-from hashrec.config import EntityHash, HashConfig
-from hashrec.ranker import ACTIONS, PhoenixRanker, RankerConfig, RankerOutput
-from hashrec.scoring import ScoringConfig, WeightedScorer
-from hashrec.table import FusedEmbeddingTable, MemoryReport, MultiHashEmbedding, RowWiseAdagrad
-from hashrec.transformer import Transformer, TransformerConfig, candidate_isolation_mask
+from hashrec.nn.table import FusedEmbeddingTable, MemoryReport, MultiHashEmbedding, RowWiseAdagrad
+from hashrec.nn.transformer import Transformer, TransformerConfig, candidate_isolation_mask
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from hashrec.config import HashConfig
+    from hashrec.hashing.config import HashConfig
 
 __all__ = ["RecsysBatch", "RecsysEmbeddings"]
 

@@ -12,16 +12,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from hashrec.batch import RecsysBatch
-from hashrec.blocks import (
+from hashrec.hashing.config import HashConfig
+from hashrec.nn.batch import RecsysBatch
+from hashrec.nn.blocks import (
     NUM_PRODUCT_SURFACES,
     BlockCandidateReduce,
     BlockHistoryReduce,
     BlockUserReduce,
 )
-from hashrec.config import HashConfig
-from hashrec.table import FusedEmbeddingTable
-from hashrec.transformer import AttentionKernel, Transformer, TransformerConfig
+from hashrec.nn.table import FusedEmbeddingTable
+from hashrec.nn.transformer import AttentionKernel, Transformer, TransformerConfig
 
 __all__ = ["ACTIONS", "PhoenixRanker", "RankerConfig", "RankerOutput"]
 

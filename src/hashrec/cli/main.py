@@ -31,7 +31,7 @@ def _int_list(text: str) -> list[int]:
 
 def _read_id_columns(path: Path, specs: list[str]) -> dict[str, tuple[np.ndarray, str]]:
     """--column NAME[:ENTITY] -> {NAME: (ids, entity)} read from a CSV or Parquet file."""
-    from hashrec.data import read_columns
+    from hashrec.data.log import read_columns
 
     parsed = []
     for spec in specs:
@@ -48,7 +48,7 @@ def _read_id_columns(path: Path, specs: list[str]) -> dict[str, tuple[np.ndarray
 
 
 def cmd_collisions(args: argparse.Namespace) -> int:
-    from hashrec.collisions import format_table, plot_study, study
+    from hashrec.analysis.collisions import format_table, plot_study, study
 
     id_sets: dict[str, tuple[np.ndarray, str]] = {}
     if args.csv is not None:
@@ -97,7 +97,7 @@ def _date(text: str) -> int:
 
 
 def _load_data(args: argparse.Namespace):
-    from hashrec.data import LogSchema, load_kuairand, load_log
+    from hashrec.data.log import LogSchema, load_kuairand, load_log
     from hashrec.datasets import kuairand_sample_dir
 
     path = args.data or kuairand_sample_dir()
@@ -148,10 +148,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _specs(args, log):
-    from hashrec.data import ExampleConfig
-    from hashrec.experiment import ModelSpec, hashed_config
-    from hashrec.train import TrainConfig
-    from hashrec.transformer import TransformerConfig
+    from hashrec.data.log import ExampleConfig
+    from hashrec.evaluation.experiment import ModelSpec, hashed_config
+    from hashrec.nn.transformer import TransformerConfig
+    from hashrec.training.trainer import TrainConfig
 
     if not 0 < args.table_fraction:
         raise SystemExit(f"error: --table-fraction must be > 0, got {args.table_fraction}")
@@ -175,7 +175,7 @@ def _experiment(args, log, split, out: Path, with_full_table: bool, resume: bool
     import time
     from dataclasses import asdict
 
-    from hashrec.experiment import (
+    from hashrec.evaluation.experiment import (
         baseline_predictions,
         collision_free_spec,
         evaluate_predictions,
@@ -234,7 +234,7 @@ def _experiment(args, log, split, out: Path, with_full_table: bool, resume: bool
 
 
 def _split(args, train_end: int):
-    from hashrec.experiment import Split
+    from hashrec.evaluation.experiment import Split
 
     try:
         return Split(train_end=train_end, eval_start=args.eval_start, eval_end=args.eval_end)
@@ -261,13 +261,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from hashrec.data import ExampleConfig, RowHashes, build_requests
-    from hashrec.experiment import (
+    from hashrec.data.log import ExampleConfig, RowHashes, build_requests
+    from hashrec.evaluation.experiment import (
         baseline_predictions,
         evaluate_predictions,
         format_results,
     )
-    from hashrec.train import load_checkpoint, predict
+    from hashrec.training.trainer import load_checkpoint, predict
 
     try:
         model, info = load_checkpoint(args.checkpoint)

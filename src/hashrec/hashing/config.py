@@ -13,7 +13,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from hashrec.hashing import default_hash, default_hash_torch, phoenix_hash, phoenix_hash_torch
+from hashrec.hashing.functions import (
+    default_hash,
+    default_hash_torch,
+    phoenix_hash,
+    phoenix_hash_torch,
+)
 
 __all__ = ["PHOENIX_ENTITIES", "EntityHash", "HashConfig"]
 

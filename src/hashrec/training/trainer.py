@@ -23,10 +23,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hashrec.data import InteractionLog, Requests, RowHashes, batches
-from hashrec.losses import ranking_loss
-from hashrec.ranker import PhoenixRanker, RankerConfig
-from hashrec.table import RowWiseAdagrad
+from hashrec.data.log import InteractionLog, Requests, RowHashes, batches
+from hashrec.models.losses import ranking_loss
+from hashrec.models.ranker import PhoenixRanker, RankerConfig
+from hashrec.nn.table import RowWiseAdagrad
 
 __all__ = [
     "TrainConfig",

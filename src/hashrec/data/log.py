@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from hashrec.batch import RecsysBatch
-from hashrec.config import EntityHash, HashConfig
+from hashrec.hashing.config import EntityHash, HashConfig
+from hashrec.nn.batch import RecsysBatch
 
 __all__ = [
     "KUAIRAND_SCHEMA",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hashrec.ranker import RankerOutput
+from hashrec.models.ranker import RankerOutput
 
 __all__ = ["ranking_loss"]
 

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-from hashrec.baselines import LogisticBaseline, popularity
-from hashrec.config import HashConfig
-from hashrec.data import (
+from hashrec.data.log import (
     ExampleConfig,
     InteractionLog,
     RowHashes,
     build_requests,
     collision_free_config,
 )
-from hashrec.metrics import auc, calibration, gauc, ndcg_at_k
-from hashrec.ranker import PhoenixRanker, RankerConfig
-from hashrec.train import TrainConfig, Trainer, predict, set_seed
-from hashrec.transformer import TransformerConfig
+from hashrec.evaluation.baselines import LogisticBaseline, popularity
+from hashrec.evaluation.metrics import auc, calibration, gauc, ndcg_at_k
+from hashrec.hashing.config import HashConfig
+from hashrec.models.ranker import PhoenixRanker, RankerConfig
+from hashrec.nn.transformer import TransformerConfig
+from hashrec.training.trainer import TrainConfig, Trainer, predict, set_seed
 
 __all__ = [
     "ModelSpec",

@@ -1,6 +1,6 @@
 """The fused hash-embedding table, its row-wise Adagrad optimizer, and the notebook-style wrapper.
 
-One parameter ``weight [rows, D]`` holds every entity block (layout: ``hashrec.config``).
+One parameter ``weight [rows, D]`` holds every entity block (layout: ``hashrec.hashing.config``).
 A whole ``RecsysBatch`` is looked up with one gather over the concatenated indices; the backward
 pass de-duplicates the looked-up rows (one sort, then a segment sum) and hands the optimizer a
 coalesced sparse gradient with one row per touched table row, so the row-wise Adagrad step is
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hashrec.batch import RecsysBatch, RecsysEmbeddings
-from hashrec.config import HashConfig
+from hashrec.hashing.config import HashConfig
+from hashrec.nn.batch import RecsysBatch, RecsysEmbeddings
 
 __all__ = [
     "FusedEmbeddingTable",

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from hashrec.config import EntityHash
+from hashrec.hashing.config import EntityHash
 
 __all__ = [
     "CollisionStats",
@@ -163,7 +163,7 @@ class StudyRow:
 
 def entity_for(scheme: str, k: int, num_buckets: int, seed: int = 0) -> EntityHash | None:
     """The hasher of one study point; None where the scheme has no k-th hash (phoenix, k > 2)."""
-    from hashrec.config import PHOENIX_ENTITIES
+    from hashrec.hashing.config import PHOENIX_ENTITIES
 
     if scheme == "default":
         return EntityHash("ids", k, num_buckets, "default", seed=seed)

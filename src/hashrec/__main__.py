@@ -1,0 +1,7 @@
+"""``python -m hashrec``: the same as the ``hashrec`` command."""
+
+import sys
+
+from hashrec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Layer 6: collision analysis of hashed ID sets."""
