@@ -21,13 +21,9 @@ import torch
 
 from hashrec import HashConfig, PhoenixRanker, RankerConfig, RowWiseAdagrad, TransformerConfig
 from hashrec.models.losses import ranking_loss
+from hashrec.nn.attention import AttentionLayout, full_mask_attention, isolated_attention
 from hashrec.nn.batch import RecsysBatch
-from hashrec.nn.transformer import (
-    AttentionLayout,
-    Transformer,
-    full_mask_attention,
-    isolated_attention,
-)
+from hashrec.nn.transformer import Transformer
 
 FAST = "fast (isolated, cap 30)"
 

@@ -29,7 +29,8 @@ from hashrec.hashing.functions import (
     phoenix_hash_reference,
     phoenix_hash_torch,
 )
-from hashrec.nn.table import FusedEmbeddingTable, MultiHashEmbedding, RowWiseAdagrad
+from hashrec.nn.optim import RowWiseAdagrad
+from hashrec.nn.table import FusedEmbeddingTable, MultiHashEmbedding
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -16,17 +16,17 @@ import json
 import time
 from pathlib import Path
 
-from hashrec.data.log import ExampleConfig, load_kuairand
+from hashrec.data import ExampleConfig, load_kuairand
 from hashrec.evaluation.experiment import (
     ModelSpec,
     Split,
     baseline_predictions,
     collision_free_spec,
     evaluate_predictions,
-    format_results,
     hashed_config,
     run_model,
 )
+from hashrec.evaluation.report import format_results
 from hashrec.files import write_json_atomic, write_text_atomic
 from hashrec.training.trainer import TrainConfig
 
@@ -53,10 +53,10 @@ def main() -> None:
         t0 = time.perf_counter()
         r = run_model(log, split, spec, examples, train_cfg, out / spec.name.replace(" ", "_"),
                       progress=False)  # fmt: skip
-        rows, reqs = r["rows"], r["requests"]
-        preds[spec.name] = r["probs"]
-        info[spec.name] = {"table_bytes": r["memory"].table_bytes, "table_rows": r["memory"].rows,
-                           "examples_per_s": r["state"].examples_per_s,
+        rows, reqs = r.predictions.rows, r.predictions.requests
+        preds[spec.name] = r.predictions.probs
+        info[spec.name] = {"table_bytes": r.memory.table_bytes, "table_rows": r.memory.rows,
+                           "examples_per_s": r.state.examples_per_s,
                            "train_s": time.perf_counter() - t0}  # fmt: skip
         print(f"{spec.name}: {info[spec.name]}", flush=True)
     preds = {**baseline_predictions(log, split, rows), **preds}

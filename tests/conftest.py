@@ -83,3 +83,15 @@ def write_synthetic_log(path, n_users=40, n_posts=120, days=6, seed=0) -> None:
             )
     header = "uid,item,creator,tab,ts,clicked,liked,hated,watch_ms\n"
     path.write_text(header + "".join(",".join(map(str, r)) + "\n" for r in rows))
+
+
+def cli_error(argv: list[str], capsys, code: int) -> str:
+    """Run the CLI expecting it to fail with ``code``; return what it printed to stderr."""
+    from hashrec.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code, (e.value.code, err)
+    assert "Traceback" not in err
+    return err

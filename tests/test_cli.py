@@ -4,6 +4,8 @@ import pytest
 
 from hashrec.cli import main
 
+from conftest import cli_error
+
 
 def test_collisions_cli_writes_table_json_and_plot(tmp_path, capsys):
     csv = tmp_path / "videos.csv"
@@ -37,17 +39,17 @@ def test_collisions_cli_writes_table_json_and_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "message", "code"),
     [
-        (["collisions", "--csv", "missing.csv", "--column", "a"], "no such file"),
-        (["collisions", "--column", "a"], "--column needs --csv"),
-        (["collisions", "--sequential", "10", "--schemes", "md5"], "unknown scheme 'md5'"),
+        (["collisions", "--csv", "missing.csv", "--column", "a"], "no such file", 1),
+        (["collisions", "--column", "a"], "--column needs --csv", 2),
+        (["collisions", "--sequential", "10", "--schemes", "md5"], "unknown scheme 'md5'", 2),
     ],
 )
-def test_collisions_cli_errors(argv, message, tmp_path, monkeypatch):
+def test_collisions_cli_errors(argv, message, code, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=message):
-        main(argv)
+    err = cli_error(argv, capsys, code)
+    assert err.startswith("hashrec collisions: error:") and message in err
 
 
 def test_collisions_defaults_to_the_shipped_sample(tmp_path, capsys):
@@ -66,11 +68,10 @@ def test_unknown_option_and_bad_list(capsys):
     assert "expected comma-separated integers" in capsys.readouterr().err
 
 
-def test_missing_column_is_a_clear_error(tmp_path):
+def test_missing_column_is_a_clear_error(tmp_path, capsys):
     csv = tmp_path / "x.csv"
     csv.write_text("a,b\n1,2\n")
-    with pytest.raises(SystemExit, match="nope"):
-        main(["collisions", "--csv", str(csv), "--column", "nope"])
+    assert "nope" in cli_error(["collisions", "--csv", str(csv), "--column", "nope"], capsys, 1)
     csv.write_text("a\nx\ny\n")
-    with pytest.raises(SystemExit, match="expected integers"):
-        main(["collisions", "--csv", str(csv), "--column", "a"])
+    err = cli_error(["collisions", "--csv", str(csv), "--column", "a"], capsys, 1)
+    assert "expected integers" in err

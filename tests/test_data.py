@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hashrec import HashConfig
-from hashrec.data.log import (
+from hashrec.data import (
     ExampleConfig,
     LogSchema,
     RowHashes,
@@ -56,7 +56,7 @@ def test_requests_never_leak_and_cover_every_candidate(log, window, C):
 
 
 def test_history_is_exactly_the_latest_rows():
-    from hashrec.data.log import InteractionLog
+    from hashrec.data import InteractionLog
 
     t = np.array([1, 2, 3, 4, 5, 5, 6]) * 1000
     log = InteractionLog(
@@ -85,7 +85,14 @@ def test_batches_labels_masks_and_negatives(log):
         ExampleConfig(history_len=4, max_candidates=3, negatives_per_request=2),
         negative_pool=np.flatnonzero(train),
     )
-    batch, labels, mask, cont, rows = next(batches(log, RowHashes(log, cfg), r, 8))
+    lb = next(batches(log, RowHashes(log, cfg), r, 8))
+    batch, labels, mask, cont, rows = (
+        lb.batch,
+        lb.labels,
+        lb.label_mask,
+        lb.continuous,
+        lb.candidate_rows,
+    )
     assert batch.candidate_post_hashes.shape == (8, 5, 2) and labels.shape == (8, 5, 3)
     assert (labels[:, 3:] == 0).all() and (cont[:, 3:] == 0).all() and (rows[:, 3:] == -1).all()
     assert not mask[:, 3:, 2].any() and mask[:, 3:, :2].all()  # no 'hate' loss on sampled posts

@@ -5,7 +5,7 @@ import torch
 
 from hashrec import ACTIONS, HashConfig, PhoenixRanker, RankerConfig, RecsysBatch, TransformerConfig
 from hashrec.models.losses import ranking_loss
-from hashrec.nn.transformer import full_mask_attention
+from hashrec.nn.attention import full_mask_attention
 
 from conftest import make_batch
 

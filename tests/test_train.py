@@ -6,10 +6,11 @@ import torch
 
 from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
 from hashrec.cli import main
-from hashrec.data.log import ExampleConfig, LogSchema, RowHashes, build_requests, load_log
-from hashrec.training.trainer import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from hashrec.data import ExampleConfig, LogSchema, RowHashes, build_requests, load_log
+from hashrec.training.checkpoint import load_checkpoint, save_checkpoint
+from hashrec.training.trainer import TrainConfig, Trainer
 
-from conftest import SCHEMA_JSON, write_synthetic_log
+from conftest import SCHEMA_JSON, cli_error, write_synthetic_log
 
 TINY = [
     "--dim",
@@ -89,13 +90,13 @@ def test_failed_save_keeps_the_previous_checkpoint(log_file, tmp_path, monkeypat
             f.write(b"half a checkpoi")
         raise OSError("disk full")
 
-    monkeypatch.setattr("hashrec.training.trainer.save_file", crash)
+    monkeypatch.setattr("hashrec.training.checkpoint.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         tr.save()
     assert tr.checkpoint_path.read_bytes() == before
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors"]  # no debris
     model, info = load_checkpoint(tr.checkpoint_path)
-    assert info["train_state"]["global_step"] == 2
+    assert info.train_state.global_step == 2
 
 
 def test_checkpoint_roundtrip_and_corrupt_file(log_file, tmp_path):
@@ -103,7 +104,7 @@ def test_checkpoint_roundtrip_and_corrupt_file(log_file, tmp_path):
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, tr.model)
     model, info = load_checkpoint(path)
-    assert model.config == tr.model.config and info["train_state"] is None
+    assert model.config == tr.model.config and info.train_state is None
     for (n, a), b in zip(tr.model.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
     bad = tmp_path / "bad.safetensors"
@@ -209,5 +210,5 @@ def test_cli_bad_inputs(log_file, tmp_path, argv, message, capsys):
     assert e.value.code != 0
     if message:
         assert message in text
-    with pytest.raises(SystemExit, match="give --schema"):
-        main(["train", "--data", str(log_file), "--out", str(tmp_path / "r")])
+    err = cli_error(["train", "--data", str(log_file), "--out", str(tmp_path / "r")], capsys, 2)
+    assert "give --schema" in err

@@ -1,13 +1,8 @@
 import pytest
 import torch
 
-from hashrec.nn.transformer import (
-    Transformer,
-    TransformerConfig,
-    candidate_isolation_mask,
-    full_mask_attention,
-    isolated_attention,
-)
+from hashrec.nn.attention import candidate_isolation_mask, full_mask_attention, isolated_attention
+from hashrec.nn.transformer import Transformer, TransformerConfig
 
 
 def _table(text: str) -> list[list[int]]:

@@ -1,48 +1,74 @@
-"""hashrec: hash-embedding recommenders in the style of X's For You ranking system (Phoenix)."""
+"""hashrec: hash-embedding recommenders in the style of X's For You ranking system (Phoenix).
 
-import os as _os
+The public names below are importable from ``hashrec`` directly; each is loaded from its layer's
+module on first use, so ``import hashrec`` (and the ``hashrec`` command's start-up) stays cheap
+and importing the package changes no process-wide setting.
 
-# Large CPU tensors (embedding gathers, their gradients) on transparent huge pages: measured ~3x
-# faster allocation of a fresh 256 MB lookup output here. Read by torch at its first allocation,
-# so it only applies when hashrec is imported before torch; set THP_MEM_ALLOC_ENABLE=0 to opt out.
-_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+>>> import hashrec
+>>> hashrec.HashConfig.phoenix().num_rows > 0
+True
+"""
 
-from hashrec.hashing.config import EntityHash, HashConfig
-from hashrec.models.ranker import ACTIONS, PhoenixRanker, RankerConfig, RankerOutput
-from hashrec.models.scoring import ScoringConfig, WeightedScorer
-from hashrec.nn.batch import RecsysBatch, RecsysEmbeddings
-from hashrec.nn.blocks import (
-    ActionEmbedding,
-    BlockCandidateReduce,
-    BlockHistoryReduce,
-    BlockUserReduce,
-)
-from hashrec.nn.table import FusedEmbeddingTable, MemoryReport, MultiHashEmbedding, RowWiseAdagrad
-from hashrec.nn.transformer import Transformer, TransformerConfig, candidate_isolation_mask
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ACTIONS",
-    "ActionEmbedding",
-    "BlockCandidateReduce",
-    "BlockHistoryReduce",
-    "BlockUserReduce",
-    "EntityHash",
-    "FusedEmbeddingTable",
-    "HashConfig",
-    "MemoryReport",
-    "MultiHashEmbedding",
-    "PhoenixRanker",
-    "RankerConfig",
-    "RankerOutput",
-    "RecsysBatch",
-    "RecsysEmbeddings",
-    "RowWiseAdagrad",
-    "ScoringConfig",
-    "Transformer",
-    "TransformerConfig",
-    "WeightedScorer",
-    "__version__",
-    "candidate_isolation_mask",
-]
+# public name -> module that defines it (one definition; ``__all__`` is derived from it)
+_EXPORTS: dict[str, str] = {
+    "EntityHash": "hashrec.hashing.config",
+    "HashConfig": "hashrec.hashing.config",
+    "RecsysBatch": "hashrec.nn.batch",
+    "RecsysEmbeddings": "hashrec.nn.batch",
+    "FusedEmbeddingTable": "hashrec.nn.table",
+    "MemoryReport": "hashrec.nn.table",
+    "MultiHashEmbedding": "hashrec.nn.table",
+    "RowWiseAdagrad": "hashrec.nn.optim",
+    "ActionEmbedding": "hashrec.nn.blocks",
+    "BlockCandidateReduce": "hashrec.nn.blocks",
+    "BlockHistoryReduce": "hashrec.nn.blocks",
+    "BlockUserReduce": "hashrec.nn.blocks",
+    "candidate_isolation_mask": "hashrec.nn.attention",
+    "Transformer": "hashrec.nn.transformer",
+    "TransformerConfig": "hashrec.nn.transformer",
+    "ACTIONS": "hashrec.models.ranker",
+    "PhoenixRanker": "hashrec.models.ranker",
+    "RankerConfig": "hashrec.models.ranker",
+    "RankerOutput": "hashrec.models.ranker",
+    "ScoringConfig": "hashrec.models.scoring",
+    "WeightedScorer": "hashrec.models.scoring",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hashrec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from hashrec.hashing.config import EntityHash, HashConfig  # noqa: F401
+    from hashrec.models.ranker import ACTIONS, PhoenixRanker, RankerConfig, RankerOutput  # noqa: F401
+    from hashrec.models.scoring import ScoringConfig, WeightedScorer  # noqa: F401
+    from hashrec.nn.attention import candidate_isolation_mask  # noqa: F401
+    from hashrec.nn.batch import RecsysBatch, RecsysEmbeddings  # noqa: F401
+    from hashrec.nn.blocks import (  # noqa: F401
+        ActionEmbedding,
+        BlockCandidateReduce,
+        BlockHistoryReduce,
+        BlockUserReduce,
+    )
+    from hashrec.nn.optim import RowWiseAdagrad  # noqa: F401
+    from hashrec.nn.table import FusedEmbeddingTable, MemoryReport, MultiHashEmbedding  # noqa: F401
+    from hashrec.nn.transformer import Transformer, TransformerConfig  # noqa: F401

@@ -1,5 +1,5 @@
 """Layer 8: the ``hashrec`` command. It parses and prints; the work happens in the library."""
 
-from hashrec.cli.main import build_parser, main
+from hashrec.cli.dispatch import build_parser, main
 
 __all__ = ["build_parser", "main"]

@@ -1,25 +1,15 @@
 """Layer 5: interaction logs -> time-ordered requests -> hashed batches."""
 
-from hashrec.data.log import (
-    KUAIRAND_SCHEMA,
-    ExampleConfig,
-    InteractionLog,
-    LogSchema,
-    Requests,
-    RowHashes,
-    batches,
-    build_requests,
-    collision_free_config,
-    load_kuairand,
-    load_log,
-    read_columns,
-    sorted_lookup,
-)
+from hashrec.data.collate import LabelledBatch, RowHashes, batches, collision_free_config
+from hashrec.data.io import load_kuairand, load_log, read_columns, sorted_lookup
+from hashrec.data.requests import ExampleConfig, Requests, build_requests
+from hashrec.data.schema import KUAIRAND_SCHEMA, InteractionLog, LogSchema
 
 __all__ = [
     "KUAIRAND_SCHEMA",
     "ExampleConfig",
     "InteractionLog",
+    "LabelledBatch",
     "LogSchema",
     "Requests",
     "RowHashes",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hashrec.data.log import InteractionLog, sorted_lookup
+from hashrec.data import InteractionLog, sorted_lookup
 
 __all__ = ["LogisticBaseline", "popularity", "smoothed_rates"]
 

@@ -7,12 +7,14 @@ baseline is scored on the same evaluation impressions in the same run.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hashrec.data.log import (
+from hashrec.data import (
     ExampleConfig,
     InteractionLog,
     RowHashes,
@@ -21,21 +23,31 @@ from hashrec.data.log import (
 )
 from hashrec.evaluation.baselines import LogisticBaseline, popularity
 from hashrec.evaluation.metrics import auc, calibration, gauc, ndcg_at_k
+from hashrec.files import write_json_atomic, write_text_atomic
 from hashrec.hashing.config import HashConfig
 from hashrec.models.ranker import PhoenixRanker, RankerConfig
+from hashrec.nn.table import MemoryReport
 from hashrec.nn.transformer import TransformerConfig
-from hashrec.training.trainer import TrainConfig, Trainer, predict, set_seed
+from hashrec.training.trainer import (
+    Predictions,
+    TrainConfig,
+    Trainer,
+    TrainState,
+    predict,
+    set_seed,
+)
 
 __all__ = [
+    "ExperimentResult",
+    "ModelRun",
     "ModelSpec",
     "Split",
     "baseline_predictions",
     "collision_free_spec",
     "evaluate_predictions",
-    "format_results",
     "hashed_config",
-    "plot_run",
     "ranker_config",
+    "run",
     "run_model",
 ]
 
@@ -108,6 +120,17 @@ def ranker_config(log: InteractionLog, spec: ModelSpec) -> RankerConfig:
     )
 
 
+@dataclass
+class ModelRun:
+    """One trained model and its predictions on the evaluation days."""
+
+    model: PhoenixRanker
+    state: TrainState
+    predictions: Predictions
+    memory: MemoryReport
+    train_examples: int
+
+
 def run_model(
     log: InteractionLog,
     split: Split,
@@ -117,7 +140,8 @@ def run_model(
     run_dir: Path,
     resume: bool = False,
     progress: bool = True,
-) -> dict:
+    device: str | None = None,
+) -> ModelRun:
     """Train ``spec`` on the training days, predict the evaluation days."""
     train, ev = split.masks(log)
     set_seed(train_cfg.seed)
@@ -128,22 +152,19 @@ def run_model(
         log, ev, ExampleConfig(**{**asdict(examples), "negatives_per_request": 0})
     )
     model = PhoenixRanker(ranker_config(log, spec))
-    trainer = Trainer(model, train_cfg, run_dir, progress=progress)
+    trainer = Trainer(model, train_cfg, run_dir, progress=progress, device=device)
     trainer.extra = {"split": asdict(split), "examples": asdict(examples),
                      "train": asdict(train_cfg), "model": spec.name}  # fmt: skip
     if resume:
         trainer.resume()
     state = trainer.fit(log, hashes, train_req)
-    rows, reqs, probs = predict(model, log, hashes, eval_req)
-    return {
-        "model": model,
-        "state": state,
-        "rows": rows,
-        "requests": reqs,
-        "probs": probs,
-        "memory": model.table.memory_report(trainer.table),
-        "train_examples": int((train_req.candidates >= 0).sum()),
-    }
+    return ModelRun(
+        model=model,
+        state=state,
+        predictions=predict(model, log, hashes, eval_req),
+        memory=model.table.memory_report(trainer.table),
+        train_examples=int((train_req.candidates >= 0).sum()),
+    )
 
 
 def evaluate_predictions(
@@ -179,56 +200,69 @@ def baseline_predictions(
     return preds
 
 
-def format_results(results: dict[str, dict], actions: tuple[str, ...]) -> str:
-    """Markdown table: AUC per action, GAUC(long_view or first), NDCG@10 of click."""
-    shown = [a for a in ("click", "long_view", "like") if a in actions] or list(actions[:3])
-    g_action = "long_view" if "long_view" in actions else actions[0]
-    n_action = "click" if "click" in actions else actions[0]
-    head = "| model | " + " | ".join(f"AUC {a}" for a in shown)
-    head += f" | GAUC {g_action} | NDCG@10 {n_action} | calib {n_action} |"
-    lines = [head, "|" + "---|" * (len(shown) + 4)]
-    for name, m in results.items():
-        cells = [f"{m['auc'][a]:.3f}" for a in shown]
-        cells += [f"{m['gauc'][g_action]:.3f}", f"{m['ndcg'].get(n_action, float('nan')):.3f}",
-                  f"{m['calibration'][n_action]:.2f}"]  # fmt: skip
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+@dataclass
+class ExperimentResult:
+    """What ``run`` measured: metrics per model and baseline, and facts about the run."""
+
+    results: dict[str, dict]  # model or baseline name -> {"auc": {action: v}, "gauc": ...}
+    models: dict[str, dict]  # trained model name -> throughput and table size
+    table: str  # the Markdown results table
+    eval_impressions: int
+    eval_users: int
+    wall_s: float
 
 
-def plot_run(results: dict[str, dict], losses: dict[str, list[float]], actions: tuple[str, ...],
-             path: Path) -> None:  # fmt: skip
-    """PNG: training curves (left) and AUC per action, every model side by side (right)."""
-    import matplotlib
+def run(
+    log: InteractionLog,
+    split: Split,
+    spec: ModelSpec,
+    examples: ExampleConfig,
+    train_cfg: TrainConfig,
+    out: Path,
+    *,
+    with_full_table: bool = False,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> ExperimentResult:
+    """Train ``spec`` (and the collision-free table), score the baselines, evaluate all of them
+    on the same impressions; write ``metrics.json``, ``results.md`` and ``results.png`` to
+    ``out`` (the checkpoint lands there while training)."""
+    from hashrec.evaluation.report import format_results, plot_run
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for name, ls in losses.items():
-        if ls:
-            w = max(1, len(ls) // 50)
-            smooth = np.convolve(ls, np.ones(w) / w, mode="valid")
-            ax1.plot(np.arange(len(smooth)) + w, smooth, label=name)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss (moving average)")
-    ax1.set_title("Training curve")
-    ax1.grid(alpha=0.3)
-    ax1.legend()
-    names = list(results)
-    x = np.arange(len(actions))
-    width = 0.8 / max(1, len(names))
-    for i, name in enumerate(names):
-        vals = [results[name]["auc"][a] for a in actions]
-        ax2.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
-    ax2.set_xticks(x)
-    ax2.set_xticklabels(actions, rotation=30, ha="right")
-    lowest = min((v for m in results.values() for v in m["auc"].values() if v == v), default=0.5)
-    ax2.set_ylim(min(0.45, lowest - 0.05), 1.0)
-    ax2.axhline(0.5, color="gray", lw=0.8)
-    ax2.set_ylabel("AUC (evaluation days)")
-    ax2.set_title("AUC per action")
-    ax2.legend(fontsize=8)
-    ax2.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [spec] + ([collision_free_spec(log, spec.transformer)] if with_full_table else [])
+    preds, losses, info = {}, {}, {}
+    rows = reqs = None
+    for sp in specs:
+        say(f"training {sp.name} ...")
+        sub = out if sp is spec else out / "full_table"
+        r = run_model(log, split, sp, examples, train_cfg, sub, resume=resume and sp is spec,
+                      progress=progress, device=device)  # fmt: skip
+        if rows is not None and not np.array_equal(rows, r.predictions.rows):
+            raise RuntimeError("models were evaluated on different rows")
+        rows, reqs = r.predictions.rows, r.predictions.requests
+        preds[sp.name], losses[sp.name] = r.predictions.probs, r.state.losses
+        info[sp.name] = {"examples_per_s": r.state.examples_per_s,
+                         "train_examples": r.train_examples,
+                         "table_bytes": r.memory.table_bytes,
+                         "table_rows": r.memory.rows}  # fmt: skip
+    assert rows is not None and reqs is not None
+    say("scoring baselines ...")
+    preds = {**baseline_predictions(log, split, rows), **preds}
+    results = evaluate_predictions(log, rows, reqs, preds)
+    res = ExperimentResult(
+        results=results,
+        models=info,
+        table=format_results(results, log.actions),
+        eval_impressions=len(rows),
+        eval_users=len(np.unique(log.user[rows])),
+        wall_s=time.perf_counter() - t0,
+    )
+    write_json_atomic(out / "metrics.json", {"results": results, "models": info,
+                      "eval_impressions": res.eval_impressions, "wall_s": res.wall_s})  # fmt: skip
+    write_text_atomic(out / "results.md", res.table + "\n")
+    plot_run(results, losses, log.actions, out / "results.png")
+    return res

@@ -1,0 +1,111 @@
+"""``hashrec collisions``: expected vs measured hash collisions for ID sets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+
+from hashrec.cli.common import UsageError, int_list
+from hashrec.files import write_json_atomic, write_text_atomic
+
+DEFAULT_BUCKETS = "1000,2000,5000,10000,20000,50000,100000,200000,1000000"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "collisions",
+        help="expected vs measured hash collisions for an ID set",
+        description="Birthday-view collision analysis: for n IDs hashed k times into N buckets, "
+        "the IDs with an identical k-tuple of rows and the IDs sharing at least one row, "
+        "expected (independent uniform hashes) next to measured (the real hasher).",
+    )
+    p.add_argument("--csv", metavar="FILE", help="CSV or Parquet file holding ID columns "
+                   "(default: the shipped KuaiRand sample's video and author IDs)")  # fmt: skip
+    p.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="NAME[:ENTITY]",
+        help="ID column; ENTITY (user, post, author; default post) picks the Phoenix constants",
+    )
+    p.add_argument("--sequential", type=int, default=0, metavar="N", help="also IDs 1..N")
+    p.add_argument("--random", type=int, default=0, metavar="N", help="also N random int64 IDs")
+    p.add_argument(
+        "--buckets",
+        type=int_list,
+        default=int_list(DEFAULT_BUCKETS),
+        help=f"buckets N per hash (default {DEFAULT_BUCKETS})",
+    )
+    p.add_argument("--hashes", type=int_list, default=[1, 2, 3], help="k values (default 1,2,3)")
+    p.add_argument(
+        "--schemes",
+        type=lambda s: s.split(","),
+        default=["default", "phoenix"],
+        help="default and/or phoenix (phoenix has k <= 2)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("fused", "separate"),
+        default="fused",
+        help="fused: Phoenix's one block per entity type; separate: one table per hash",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the default scheme")
+    p.add_argument("--out", default="runs/collisions", help="output folder (table, JSON, PNG)")
+    p.set_defaults(func=run)
+
+
+def _read_id_columns(path: Path, specs: list[str]) -> dict[str, tuple[np.ndarray, str]]:
+    """--column NAME[:ENTITY] -> {NAME: (ids, entity)} read from a CSV or Parquet file."""
+    from hashrec.data import read_columns
+
+    parsed = []
+    for spec in specs:
+        col, _, entity = spec.partition(":")
+        entity = entity or "post"
+        if entity not in ("user", "post", "author"):
+            raise UsageError(f"--column {spec}: entity must be user, post or author")
+        parsed.append((col, entity))
+    table = read_columns(str(path), [c for c, _ in parsed], kinds="iu")
+    return {col: (table[col].astype(np.int64), entity) for col, entity in parsed}
+
+
+def run(args: argparse.Namespace) -> int:
+    from hashrec.analysis.collisions import format_table, plot_study, study
+
+    id_sets: dict[str, tuple[np.ndarray, str]] = {}
+    if args.csv is not None:
+        if not args.column:
+            raise UsageError("--csv needs at least one --column NAME[:ENTITY]")
+        id_sets.update(_read_id_columns(Path(args.csv), args.column))
+    elif args.column:
+        raise UsageError("--column needs --csv FILE")
+    if args.sequential:
+        id_sets[f"sequential 1..{args.sequential}"] = (np.arange(1, args.sequential + 1), "post")
+    if args.random:
+        rng = np.random.default_rng(args.seed)
+        id_sets[f"random {args.random}"] = (rng.integers(1, 2**62, args.random), "post")
+    if not id_sets:  # default: the video and author IDs of the shipped KuaiRand sample
+        from hashrec.datasets import kuairand_sample_dir
+
+        videos = os.path.join(kuairand_sample_dir(), "video_features_basic_sample.csv.gz")
+        print(f"(no ID set given: using the KuaiRand sample's video and author IDs, {videos})")
+        id_sets.update(_read_id_columns(Path(videos), ["video_id:post", "author_id:author"]))
+    for s in args.schemes:
+        if s not in ("default", "phoenix"):
+            raise UsageError(f"--schemes: unknown scheme {s!r}, expected default or phoenix")
+    rows = []
+    for name, (ids, entity) in id_sets.items():
+        schemes = [s if s == "default" else f"phoenix-{entity}" for s in args.schemes]
+        rows += study({name: ids}, args.buckets, args.hashes, schemes, args.layout, args.seed)
+    table = format_table(rows)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "collisions.json", [r.to_dict() for r in rows])
+    write_text_atomic(out / "collisions.md", table + "\n")
+    plot_study(rows, str(out / "collisions.png"))
+    print(f"\nwrote {out / 'collisions.md'}, {out / 'collisions.json'}, {out / 'collisions.png'}")
+    return 0

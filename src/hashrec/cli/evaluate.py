@@ -1,0 +1,57 @@
+"""``hashrec evaluate``: score a checkpoint on evaluation days against baselines."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hashrec.cli import common
+from hashrec.files import write_json_atomic
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint against baselines")
+    p.add_argument("--checkpoint", required=True)
+    common.add_data_options(p)
+    p.add_argument("--train-end", type=common.date, default=None,
+                   help="last day baselines learn from (default: the checkpoint's)")  # fmt: skip
+    p.add_argument("--out", default="runs/evaluate/metrics.json", help="metrics JSON")
+    common.add_device_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hashrec.data import ExampleConfig, RowHashes, build_requests
+    from hashrec.evaluation.experiment import baseline_predictions, evaluate_predictions
+    from hashrec.evaluation.report import format_results
+    from hashrec.training.checkpoint import load_checkpoint
+    from hashrec.training.trainer import predict, resolve_device
+
+    model, info = load_checkpoint(args.checkpoint, map_location=resolve_device(args.device))
+    log = common.load_data(args)
+    if tuple(model.config.actions) != tuple(log.actions):
+        raise ValueError(f"the checkpoint predicts {model.config.actions}, the data has "
+                         f"{log.actions}")  # fmt: skip
+    extra = info.extra
+    train_end = args.train_end or (extra.get("split") or {}).get("train_end")
+    if train_end is None:
+        raise common.UsageError("give --train-end (the checkpoint does not record it)")
+    split = common.split(args, train_end)
+    examples = ExampleConfig(**{**extra.get("examples", {}), "negatives_per_request": 0})
+    _, ev = split.masks(log)
+    if model.config.hash.entities[0].scheme == "identity":
+        raise ValueError("evaluate full-table checkpoints with the run that trained them")
+    hashes = RowHashes(log, model.config.hash)
+    pred = predict(model, log, hashes, build_requests(log, ev, examples))
+    preds = {
+        **baseline_predictions(log, split, pred.rows),
+        extra.get("model", "ranker"): pred.probs,
+    }
+    results = evaluate_predictions(log, pred.rows, pred.requests, preds)
+    print(format_results(results, log.actions))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, {"results": results, "eval_impressions": len(pred.rows),
+                            "checkpoint": str(args.checkpoint)})  # fmt: skip
+    print(f"wrote {out}")
+    return 0

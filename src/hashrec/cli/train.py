@@ -1,0 +1,52 @@
+"""``hashrec train``: train a ranker on a log, evaluate it against baselines on later days."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+from hashrec.cli import common
+from hashrec.files import write_json_atomic
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a ranker on a log and evaluate it",
+                       description="Train on days up to --train-end, evaluate on --eval-start.. "
+                       "--eval-end against baselines computed on the same split.")  # fmt: skip
+    common.add_data_options(p)
+    p.add_argument("--train-end", type=common.date, default=20220502, help="last training day")
+    p.add_argument("--out", default="runs/train", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--full-table", action="store_true",
+                   help="also train the collision-free (one row per ID) model")  # fmt: skip
+    common.add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_table: bool,
+                   resume: bool = False) -> None:  # fmt: skip
+    """Shared by ``train`` and ``demo``: resolve the configs, run, print, write config.json."""
+    from hashrec.evaluation import experiment
+
+    split = common.split(args, train_end)
+    split.masks(log)  # fail before training if a split is empty
+    spec, examples, train_cfg = common.experiment_specs(args, log)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {"command": args.command, "data": args.data or "kuairand sample",
+                "split": asdict(split), "examples": asdict(examples),
+                "train": asdict(train_cfg), "hash": spec.hash_config.to_dict(),
+                "transformer": asdict(spec.transformer), "device": args.device}  # fmt: skip
+    write_json_atomic(out / "config.json", resolved)
+    res = experiment.run(log, split, spec, examples, train_cfg, out,
+                         with_full_table=with_full_table, resume=resume,
+                         device=args.device, say=lambda m: print(m, flush=True))  # fmt: skip
+    common.print_experiment(res)
+    print(f"wrote {out}/metrics.json, results.md, results.png, checkpoint.safetensors")
+
+
+def run(args: argparse.Namespace) -> int:
+    log = common.load_data(args)
+    run_experiment(args, log, args.train_end, args.full_table, resume=args.resume)
+    return 0

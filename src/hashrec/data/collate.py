@@ -1,0 +1,121 @@
+"""Requests -> hashed ``RecsysBatch``es (hashing happens here, as in Phoenix's loader)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hashrec.data.io import sorted_lookup
+from hashrec.data.requests import Requests
+from hashrec.data.schema import InteractionLog
+from hashrec.hashing.config import EntityHash, HashConfig
+from hashrec.nn.batch import RecsysBatch
+
+__all__ = ["LabelledBatch", "RowHashes", "batches", "collision_free_config", "dense_ids"]
+
+
+def collision_free_config(log: InteractionLog, reserved_rows: int = 64) -> tuple[HashConfig, dict]:
+    """One row per distinct ID (the 'full table' baseline): identity hashing of dense IDs.
+
+    Returns the config and ``{entity: sorted raw IDs}``; ``dense_ids`` maps raw -> 1..n.
+    """
+    vocab = {
+        "user": np.unique(log.user),
+        "post": np.unique(log.post),
+        "author": np.unique(log.author),
+    }
+    ents = tuple(EntityHash(name, 1, len(v) + 1, "identity") for name, v in vocab.items())
+    return HashConfig(entities=ents, reserved_rows=reserved_rows), vocab
+
+
+def dense_ids(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Raw IDs -> 1..len(vocab) by position in the sorted vocabulary (0 stays 0)."""
+    pos, found = sorted_lookup(vocab, ids)
+    if not found[ids != 0].all():
+        raise ValueError("dense_ids: an ID is missing from the vocabulary")
+    return np.where(ids == 0, 0, pos + 1)
+
+
+class RowHashes:
+    """Fused-table rows of every log row's user, post and author, hashed once."""
+
+    def __init__(self, log: InteractionLog, config: HashConfig, vocab: dict | None = None):
+        def ids(entity: str, raw: np.ndarray) -> np.ndarray:
+            return dense_ids(vocab[entity], raw) if vocab is not None else raw
+
+        self.user = config.rows("user", ids("user", log.user))
+        self.post = config.rows("post", ids("post", log.post))
+        self.author = config.rows("author", ids("author", log.author))
+
+
+def _gather(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """table[idx] with -1 -> zeros."""
+    out = table[np.maximum(idx, 0)]
+    out[idx < 0] = 0
+    return out
+
+
+@dataclass
+class LabelledBatch:
+    """A hashed batch with its targets.
+
+    labels [B, C, A] float 0/1; label_mask [B, C, A] bool (False: no loss); continuous
+    [B, C, Ac] float; candidate_rows [B, C] int64 numpy, the log row of each candidate (-1 for
+    padding and sampled negatives).
+    """
+
+    batch: RecsysBatch
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+    continuous: torch.Tensor
+    candidate_rows: np.ndarray
+
+    def to(self, device: torch.device | str) -> LabelledBatch:
+        """Tensors moved to ``device`` (the rows stay in numpy on the host)."""
+        return LabelledBatch(self.batch.to(device), self.labels.to(device),
+                             self.label_mask.to(device), self.continuous.to(device),
+                             self.candidate_rows)  # fmt: skip
+
+
+def batches(
+    log: InteractionLog,
+    hashes: RowHashes,
+    requests: Requests,
+    batch_size: int,
+    order: np.ndarray | None = None,
+) -> Iterator[LabelledBatch]:
+    """Yield ``LabelledBatch``es of ``batch_size`` requests, in ``order`` (default: as given).
+
+    Candidates are the real impressions then the sampled negatives; on a sampled negative every
+    label is 0 and negative-feedback actions carry no loss (it was never shown, so it cannot
+    have been hated). ``candidate rows`` [B, C] maps predictions back to log rows (-1 otherwise).
+    """
+    idx_all = np.arange(len(requests)) if order is None else order
+    neg_cols = np.array([a in log.negative_actions for a in log.actions])
+    for lo in range(0, len(idx_all), batch_size):
+        r = requests.take(idx_all[lo : lo + batch_size])
+        cand = np.concatenate([r.candidates, r.negatives], axis=1)  # [B, C]
+        is_neg = np.zeros(cand.shape, dtype=bool)
+        is_neg[:, r.candidates.shape[1] :] = r.negatives >= 0
+        batch = RecsysBatch(
+            user_hashes=torch.from_numpy(hashes.user[r.user_row]),
+            history_post_hashes=torch.from_numpy(_gather(hashes.post, r.history)),
+            history_author_hashes=torch.from_numpy(_gather(hashes.author, r.history)),
+            history_actions=torch.from_numpy(_gather(log.labels, r.history)),
+            history_product_surface=torch.from_numpy(_gather(log.surface, r.history)),
+            candidate_post_hashes=torch.from_numpy(_gather(hashes.post, cand)),
+            candidate_author_hashes=torch.from_numpy(_gather(hashes.author, cand)),
+            candidate_product_surface=torch.from_numpy(_gather(log.surface, cand)),
+        )
+        labels = _gather(log.labels, cand)
+        labels[is_neg] = 0
+        label_mask = np.ones(labels.shape, dtype=bool)
+        label_mask[is_neg[..., None] & neg_cols] = False
+        cont = _gather(log.continuous, cand)
+        cont[is_neg] = 0.0
+        rows = np.where(is_neg, -1, cand)
+        yield LabelledBatch(batch, torch.from_numpy(labels).float(),
+                            torch.from_numpy(label_mask), torch.from_numpy(cont), rows)  # fmt: skip

@@ -1,0 +1,228 @@
+"""Candidate isolation: the mask and the attention kernels that apply it.
+
+``candidate_isolation_mask`` says who may attend to whom. Two kernels compute the same
+attention: ``full_mask_attention`` (every token against every token through the mask, the
+obviously correct reference) and ``isolated_attention`` (context once, then each candidate
+against the context plus its own key; the fast default). Tests assert they agree, outputs and
+gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AttentionKernel",
+    "AttentionLayout",
+    "candidate_isolation_mask",
+    "full_mask_attention",
+    "isolated_attention",
+]
+
+
+def candidate_isolation_mask(
+    valid: torch.Tensor, num_candidates: int, causal: bool = False
+) -> torch.Tensor:
+    """Who may attend to whom: bool [B, T, T], True = query (row) may attend to key (column).
+
+    ``valid`` [B, T] marks real tokens; the last ``num_candidates`` tokens are candidates.
+
+    * context (user + history) -> valid context keys (and only earlier ones if ``causal``);
+    * candidate -> valid context keys and itself; never another candidate;
+    * padding keys are never attended to; every query may attend to itself, so a padding query
+      (whose output nobody reads) still has a non-empty row.
+
+    >>> m = candidate_isolation_mask(torch.tensor([[True, True, True, True]]), num_candidates=2)
+    >>> m.int()[0].tolist()
+    [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    """
+    B, T = valid.shape
+    if not 0 <= num_candidates <= T:
+        raise ValueError(f"num_candidates must be in 0..{T}, got {num_candidates}")
+    idx = torch.arange(T, device=valid.device)
+    q, k = idx[:, None], idx[None, :]
+    ctx_len = T - num_candidates
+    ctx_k = k < ctx_len
+    ctx_rule = (q < ctx_len) & ctx_k
+    if causal:
+        ctx_rule = ctx_rule & (k <= q)
+    cand_rule = (q >= ctx_len) & (ctx_k | (k == q))
+    allowed = (ctx_rule | cand_rule)[None] & valid[:, None, :]
+    return allowed | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+
+
+@dataclass
+class AttentionLayout:
+    """What a kernel needs beyond q, k, v: candidate count, key validity, causality, soft-cap."""
+
+    valid: torch.Tensor  # [B, T] bool
+    num_candidates: int
+    causal: bool
+    cap: float | None
+
+    @property
+    def context_len(self) -> int:
+        return self.valid.shape[1] - self.num_candidates
+
+
+AttentionKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, AttentionLayout], torch.Tensor
+]
+
+
+def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Hq, T, hd] -> [B, Hkv, G, T, hd]: query heads grouped under their key/value head."""
+    B, Hq, T, hd = q.shape
+    return q.view(B, num_kv_heads, Hq // num_kv_heads, T, hd)
+
+
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, cap: float | None
+) -> torch.Tensor:
+    """Softmax attention, GQA, soft-cap: q [B,Hq,Tq,hd], k/v [B,Hkv,Tk,hd], mask [B,Tq,Tk]."""
+    B, Hq, Tq, hd = q.shape
+    Hkv = k.shape[1]
+    if cap is None:  # no soft-cap: PyTorch's fused kernel
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None], enable_gqa=Hq != Hkv
+        )
+    qg = _grouped(q, Hkv) * (1.0 / (math.sqrt(hd) * cap))  # scale folded into the small tensor
+    t = torch.tanh(qg @ k[:, :, None].transpose(-1, -2))  # [B, Hkv, G, Tq, Tk]
+    logits = (t * cap).masked_fill_(~mask[:, None, None], float("-inf"))
+    out = torch.softmax(logits, dim=-1) @ v[:, :, None]  # [B, Hkv, G, Tq, hd]
+    return out.view(B, Hq, Tq, hd)
+
+
+def full_mask_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout
+) -> torch.Tensor:
+    """Reference kernel: all T tokens against all T through ``candidate_isolation_mask``."""
+    mask = candidate_isolation_mask(layout.valid, layout.num_candidates, layout.causal)
+    return _masked_attention(q, k, v, mask, layout.cap)
+
+
+def isolated_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout
+) -> torch.Tensor:
+    """Fast kernel: the context attends within itself; candidates see the context plus themselves.
+
+    Same result as ``full_mask_attention`` at O(Tc^2 + C*Tc) instead of O((Tc+C)^2).
+    """
+    B, Hq, T, hd = q.shape
+    Hkv, Tc, C = k.shape[1], layout.context_len, layout.num_candidates
+    ctx_valid = layout.valid[:, :Tc]
+    ctx_mask = candidate_isolation_mask(ctx_valid, 0, layout.causal)
+    out_ctx = _masked_attention(q[:, :, :Tc], k[:, :, :Tc], v[:, :, :Tc], ctx_mask, layout.cap)
+    if C == 0:
+        return out_ctx
+    G = Hq // Hkv
+    # Query rows of one kv head side by side: [B*Hkv, G*C, hd]; scales folded into q (small).
+    scale = 1.0 / math.sqrt(hd) if layout.cap is None else 2.0 / (math.sqrt(hd) * layout.cap)
+    qc = (_grouped(q[:, :, Tc:], Hkv) * scale).reshape(B * Hkv, G * C, hd)
+    kx, vx = k[:, :, :Tc].reshape(B * Hkv, Tc, hd), v[:, :, :Tc].reshape(B * Hkv, Tc, hd)
+    # each query row's own candidate key/value, [B*Hkv, G*C, hd]
+    kc = k[:, :, None, Tc:].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
+    vc = v[:, :, None, Tc:].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
+    bias = torch.zeros(B, Hkv, 1, Tc, dtype=q.dtype, device=q.device)
+    bias.masked_fill_(~ctx_valid[:, None, None, :], float("-inf"))
+    bias = bias.view(B * Hkv, 1, Tc)
+    out_c = _CandidateAttention.apply(qc, kx, vx, kc, vc, bias, layout.cap)  # [B*Hkv, G*C, hd]
+    return torch.cat([out_ctx, out_c.view(B, Hq, C, hd)], dim=2)
+
+
+_CHUNK_ELEMENTS = 1 << 19  # logits per chunk of (batch, kv-head) slices: ~2 MB of fp32
+
+
+class _CandidateAttention(torch.autograd.Function):
+    """Each query row attends to the shared context keys plus its own key; hand-written backward.
+
+    Shapes (N = B*Hkv, M = G*C query rows): q, kc, vc [N, M, hd]; kx, vx [N, Tc, hd]; bias
+    [N, 1, Tc] (0, or -inf at padding). q arrives scaled by 1/sqrt(hd), or by 2/(sqrt(hd)*cap)
+    with a soft-cap, because ``cap*tanh(z/cap) = 2cap*sigmoid(2z/cap) - cap`` and the ``-cap``
+    cancels in the softmax: sigmoid is ~4x cheaper than tanh on CPU.
+
+    The own key joins the context softmax through the context's log-sum-exp, recovered from the
+    fused softmax as ``max(l) - log(max(softmax(l)))``: the own key gets ``p_self =
+    sigmoid(l_self - lse_ctx)`` and the context ``(1 - p_self) * softmax(l)``, with nothing
+    concatenated. Forward walks over chunks of (batch, kv-head) slices whose [n, M, Tc] logits stay
+    in cache and keeps the softmax and the sigmoid derivative s(1 - s) for backward (on CPU,
+    exp/sigmoid cost more than reading them back). The composed-autograd reference is
+    ``full_mask_attention``; tests hold the two together on outputs and gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q, kx, vx, kc, vc, bias, cap):  # type: ignore[override]
+        N, M, hd = q.shape
+        Tc = kx.shape[1]
+        out = torch.empty_like(q)
+        keep = any(ctx.needs_input_grad[:5])  # store for backward only when there is one
+        probs = torch.empty(N, M, Tc, dtype=q.dtype, device=q.device) if keep else None
+        # with a cap, backward needs d sigmoid = s * (1 - s), s = sigmoid(2z/cap): kept per element
+        dsig = torch.empty_like(probs) if keep and cap is not None else None
+        p_self = torch.empty(N, M, 1, dtype=q.dtype, device=q.device)
+        step = max(1, _CHUNK_ELEMENTS // max(1, M * Tc))
+        for a in range(0, N, step):
+            n = slice(a, min(N, a + step))
+            zs = (q[n] * kc[n]).sum(-1, keepdim=True)
+            if cap is None:
+                logits = torch.baddbmm(bias[n], q[n], kx[n].transpose(1, 2))
+                logit_self = zs
+            else:
+                z = torch.bmm(q[n], kx[n].transpose(1, 2), out=dsig[n] if keep else None)
+                s = z.sigmoid_()
+                logits = torch.add(bias[n], s, alpha=2.0 * cap)
+                logit_self = torch.sigmoid(zs) * (2.0 * cap)
+                if keep:
+                    s.addcmul_(s, s, value=-1.0)  # s - s^2, in place while the chunk is in cache
+            p = torch.softmax(logits, dim=-1)
+            lse_ctx = logits.amax(-1, keepdim=True) - p.amax(-1, keepdim=True).log()
+            attended = torch.bmm(p, vx[n])  # [n, M, hd]
+            no_ctx = bias[n].amax(-1, keepdim=True) == float("-inf")  # only the own key
+            if bool(no_ctx.any()):
+                p.masked_fill_(no_ctx, 0.0)
+                lse_ctx.masked_fill_(no_ctx, float("-inf"))
+                attended.masked_fill_(no_ctx, 0.0)
+            torch.sigmoid(logit_self - lse_ctx, out=p_self[n])
+            torch.lerp(attended, vc[n], p_self[n], out=out[n])
+            if keep:
+                probs[n] = p
+        ctx.save_for_backward(q, kx, vx, kc, vc, out, probs, dsig, p_self)
+        ctx.cap, ctx.step = cap, step
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        q, kx, vx, kc, vc, out, probs, dsig, p_self = ctx.saved_tensors
+        cap, step = ctx.cap, ctx.step
+        N = q.shape[0]
+        dout = dout.contiguous()
+        # softmax backward: r_i = sum_j P_ij dP_ij = dout_i . out_i (flash attention's D)
+        r = (dout * out).sum(-1, keepdim=True)
+        w = 1.0 - p_self  # the context's share; folded into the small [N, M, hd] tensors
+        dout_ctx = dout * w
+        dvc = p_self * dout
+        dz_self = p_self * ((dout * vc).sum(-1, keepdim=True) - r)  # d l_self
+        alpha = 1.0
+        if cap is not None:  # d(2cap*sigmoid(z'))/dz' = 2cap * s * (1 - s)
+            ss = torch.sigmoid((q * kc).sum(-1, keepdim=True))
+            dz_self = dz_self * ss * (1.0 - ss) * (2.0 * cap)
+            alpha = 2.0 * cap
+        dq, dkx, dvx = torch.empty_like(q), torch.empty_like(kx), torch.empty_like(vx)
+        for a in range(0, N, step):
+            n = slice(a, min(N, a + step))
+            p = probs[n]
+            torch.bmm(p.transpose(1, 2), dout_ctx[n], out=dvx[n])
+            dz = torch.bmm(dout_ctx[n], vx[n].transpose(1, 2))  # (1 - p_self) * dP
+            dz.sub_(r[n] * w[n]).mul_(p)  # d logits (context)
+            if cap is not None:
+                dz.mul_(dsig[n])  # * s * (1 - s)
+            torch.baddbmm(dz_self[n] * kc[n], dz, kx[n], alpha=alpha, out=dq[n])
+            torch.bmm(dz.transpose(1, 2), q[n], out=dkx[n])
+        if cap is not None:
+            dkx.mul_(alpha)
+        return dq, dkx, dvx, dz_self * q, dvc, None, None

@@ -1,0 +1,220 @@
+"""Checkpoints: one safetensors file holding weights, optimizer state and JSON metadata.
+
+This is the one place that writes and reads model files. Loading it imports neither the trainer
+nor tqdm, so a server or a notebook can load a model cheaply. The file is written through
+``hashrec.files.write_atomic`` (temporary file, fsync, rename): a crash or a kill mid-save leaves
+the previous checkpoint intact. Only safetensors is read: nothing is ever unpickled.
+
+Layout: tensors ``model.<name>`` (the model's state dict), ``optim.<optimizer>.<param>.<key>``
+(optimizer state), ``checkpoint.digest`` (SHA-256 of the metadata below, so an edited config is
+refused rather than silently changing results); metadata ``format``, ``model_class``,
+``model_config``, ``optimizer_groups``, ``train_state``, ``extra`` (JSON strings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from hashrec.files import write_atomic
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LOSS_HISTORY_LIMIT",
+    "CheckpointInfo",
+    "TrainState",
+    "load_checkpoint",
+    "read_checkpoint_metadata",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "hashrec-checkpoint-2"
+LOSS_HISTORY_LIMIT = 20_000  # steps of loss history kept in a checkpoint (the most recent)
+_META_KEYS = ("format", "model_class", "model_config", "optimizer_groups", "train_state", "extra")
+_DIGEST = "checkpoint.digest"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; ``losses`` keeps the most recent ``LOSS_HISTORY_LIMIT`` steps."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    examples_per_s: float = 0.0
+    done: bool = False
+
+    def record_loss(self, loss: float) -> None:
+        self.losses.append(loss)
+        if len(self.losses) > LOSS_HISTORY_LIMIT:
+            del self.losses[: len(self.losses) - LOSS_HISTORY_LIMIT]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Everything in a checkpoint besides the model: optimizer states, position, run metadata."""
+
+    optimizers: dict[str, dict[str, Any]]  # name -> torch optimizer state_dict
+    train_state: TrainState | None
+    extra: dict[str, Any]
+    model_class: str
+
+
+def _model_classes() -> dict[str, tuple[type, Any]]:
+    """Model class name -> (class, config parser). Imported here, not at module import."""
+    from hashrec.models.ranker import PhoenixRanker, RankerConfig
+
+    classes: dict[str, tuple[type, Any]] = {"PhoenixRanker": (PhoenixRanker, RankerConfig)}
+    try:
+        from hashrec.models.two_tower import TwoTowerConfig, TwoTowerRetriever
+    except ImportError:
+        pass
+    else:
+        classes["TwoTowerRetriever"] = (TwoTowerRetriever, TwoTowerConfig)
+    return classes
+
+
+def _digest(meta: dict[str, str]) -> torch.Tensor:
+    h = hashlib.sha256()
+    for k in _META_KEYS:
+        h.update(k.encode() + b"\0" + meta[k].encode() + b"\0")
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
+
+
+def _optim_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict, list]:
+    sd = opt.state_dict()
+    tensors = {
+        f"{prefix}.{idx}.{key}": value.detach().contiguous().cpu().clone()
+        for idx, st in sd["state"].items()
+        for key, value in st.items()
+        if torch.is_tensor(value)
+    }
+    return tensors, sd["param_groups"]
+
+
+def _optim_state(prefix: str, tensors: dict, groups: list) -> dict:
+    state: dict = {}
+    for name, t in tensors.items():
+        if name.startswith(prefix + "."):
+            idx, key = name[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(idx), {})[key] = t
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    state: TrainState | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Weights (+ optimizer state, training position, run metadata) into one file, atomically.
+
+    ``model`` is a registered model class with a ``config`` that has ``to_dict()``.
+    """
+    name = type(model).__name__
+    if name not in _model_classes():
+        raise ValueError(f"cannot checkpoint a {name}: expected one of {sorted(_model_classes())}")
+    tensors = {
+        f"model.{k}": v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()
+    }
+    groups = {}
+    for opt_name, opt in (optimizers or {}).items():
+        t, g = _optim_tensors(f"optim.{opt_name}", opt)
+        tensors.update(t)
+        groups[opt_name] = g
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "model_class": name,
+        "model_config": json.dumps(model.config.to_dict()),
+        "optimizer_groups": json.dumps(groups),
+        "train_state": json.dumps(asdict(state) if state else None),
+        "extra": json.dumps(extra or {}),
+    }
+    tensors[_DIGEST] = _digest(meta)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata, JSON fields decoded, without reading the weights."""
+    path = Path(path)
+    meta = _read_meta(path)
+    plain = ("format", "model_class")
+    return {k: (v if k in plain else json.loads(v)) for k, v in meta.items()}
+
+
+def _read_meta(path: Path) -> dict[str, str]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected a checkpoint file (.safetensors)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: checkpoint metadata lacks {missing}")
+    return meta
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, CheckpointInfo]:
+    """Rebuild the model from the checkpoint's own config and load its weights.
+
+    Refuses a file that is not a hashrec safetensors checkpoint, one whose metadata was edited
+    (digest mismatch), whose config does not fit its weights, or whose weights are not finite.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    try:
+        tensors = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
+    stored = tensors.pop(_DIGEST, None)
+    if stored is None or not torch.equal(stored.cpu(), _digest(meta)):
+        raise ValueError(
+            f"{path}: the metadata does not match the digest stored with the weights "
+            "(edited or corrupt checkpoint)"
+        )
+    classes = _model_classes()
+    if meta["model_class"] not in classes:
+        raise ValueError(
+            f"{path}: model_class {meta['model_class']!r}, expected one of {sorted(classes)}"
+        )
+    cls, config_cls = classes[meta["model_class"]]
+    try:
+        config = config_cls.from_dict(json.loads(meta["model_config"]))
+        model = cls(config)
+    except (TypeError, KeyError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: bad model_config ({e})") from e
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    for k, v in weights.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{path}: weight {k} holds NaN or infinite values")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit the stored config ({e})") from e
+    model.to(map_location)
+    groups = json.loads(meta["optimizer_groups"])
+    raw_state = json.loads(meta["train_state"])
+    info = CheckpointInfo(
+        optimizers={n: _optim_state(f"optim.{n}", tensors, g) for n, g in groups.items()},
+        train_state=TrainState(**raw_state) if raw_state is not None else None,
+        extra=json.loads(meta["extra"]),
+        model_class=meta["model_class"],
+    )
+    return model, info
