@@ -145,3 +145,55 @@ def test_embeddings_validation():
         match=r"history_post_embeddings has shape \[2, 3, 2, 8\], expected \[2, \?, \?, 4\]",
     ):
         RecsysEmbeddings(**{**ok, "history_post_embeddings": np.zeros((2, 3, 2, 8), np.float32)})
+
+
+def test_batch_without_candidates_is_valid_and_looks_up(small_config):
+    from hashrec import FusedEmbeddingTable
+
+    b = make_batch(small_config, B=2, S=3, C=4)
+    user_only = RecsysBatch(
+        b.user_hashes,
+        b.history_post_hashes,
+        b.history_author_hashes,
+        b.history_actions,
+        b.history_product_surface,
+    )
+    assert not user_only.has_candidates and user_only.num_candidates == 0
+    user_only.validate(small_config, num_actions=19, num_surfaces=16)
+    emb = FusedEmbeddingTable.from_config(small_config, dim=8).lookup(user_only)
+    assert emb.candidate_post_embeddings is None and emb.candidate_author_embeddings is None
+    assert emb.history_post_embeddings.shape == (2, 3, 2, 8)
+    with pytest.raises(ValueError, match=r"\['candidate_product_surface'\] are None"):
+        _replace(b, candidate_product_surface=None)
+
+
+def test_nan_history_actions_are_refused(small_config):
+    b = make_batch(small_config)
+    actions = b.history_actions.clone()
+    actions[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="history_actions holds NaN"):
+        _replace(b, history_actions=actions)
+
+
+def test_validate_reads_no_tensor_values(small_config):
+    """Checks against a config use the values recorded at construction: a batch whose tensors
+    cannot be read at all (meta device) still validates, and still fails where it should."""
+    b = make_batch(small_config).to("meta")
+    assert b.validate(small_config, num_actions=19, num_surfaces=16) is b
+    with pytest.raises(ValueError, match="expected 0..3 surfaces"):
+        b.validate(num_surfaces=4)
+
+
+def test_lookup_fields_come_from_the_one_schema(small_config):
+    from hashrec import FusedEmbeddingTable
+    from hashrec.nn.batch import BATCH_FIELDS, HASH_FIELDS
+
+    assert [f.name for f in BATCH_FIELDS] == [f.name for f in dataclasses.fields(RecsysBatch)]
+    assert {f.embedding for f in HASH_FIELDS} == {
+        f.name for f in dataclasses.fields(RecsysEmbeddings)
+    }
+    table = FusedEmbeddingTable.from_config(small_config, dim=4)
+    b = make_batch(small_config)
+    emb = table.lookup(b)
+    for f in HASH_FIELDS:  # each embedding is exactly its hash field's rows
+        torch.testing.assert_close(getattr(emb, f.embedding), table.weight[getattr(b, f.name)])

@@ -12,7 +12,7 @@ from hashrec.data.io import sorted_lookup
 from hashrec.data.requests import Requests
 from hashrec.data.schema import InteractionLog
 from hashrec.hashing.config import EntityHash, HashConfig
-from hashrec.nn.batch import RecsysBatch
+from hashrec.nn.batch import BATCH_FIELDS, RecsysBatch
 
 __all__ = ["LabelledBatch", "RowHashes", "batches", "collision_free_config", "dense_ids"]
 
@@ -46,6 +46,7 @@ class RowHashes:
         def ids(entity: str, raw: np.ndarray) -> np.ndarray:
             return dense_ids(vocab[entity], raw) if vocab is not None else raw
 
+        self.config = config
         self.user = config.rows("user", ids("user", log.user))
         self.post = config.rows("post", ids("post", log.post))
         self.author = config.rows("author", ids("author", log.author))
@@ -100,16 +101,15 @@ def batches(
         cand = np.concatenate([r.candidates, r.negatives], axis=1)  # [B, C]
         is_neg = np.zeros(cand.shape, dtype=bool)
         is_neg[:, r.candidates.shape[1] :] = r.negatives >= 0
+        rows_of = {"user": r.user_row, "history": r.history, "candidate": cand}
+        source = {"hash": lambda f: getattr(hashes, f.entity), "actions": lambda f: log.labels,
+                  "surface": lambda f: log.surface}  # fmt: skip
         batch = RecsysBatch(
-            user_hashes=torch.from_numpy(hashes.user[r.user_row]),
-            history_post_hashes=torch.from_numpy(_gather(hashes.post, r.history)),
-            history_author_hashes=torch.from_numpy(_gather(hashes.author, r.history)),
-            history_actions=torch.from_numpy(_gather(log.labels, r.history)),
-            history_product_surface=torch.from_numpy(_gather(log.surface, r.history)),
-            candidate_post_hashes=torch.from_numpy(_gather(hashes.post, cand)),
-            candidate_author_hashes=torch.from_numpy(_gather(hashes.author, cand)),
-            candidate_product_surface=torch.from_numpy(_gather(log.surface, cand)),
-        )
+            **{
+                f.name: torch.from_numpy(_gather(source[f.kind](f), rows_of[f.group]))
+                for f in BATCH_FIELDS
+            }
+        ).validate(hashes.config)  # checked here, once, not in every forward
         labels = _gather(log.labels, cand)
         labels[is_neg] = 0
         label_mask = np.ones(labels.shape, dtype=bool)

@@ -176,10 +176,22 @@ class PhoenixRanker(nn.Module):
         """Every parameter but the hash table (AdamW takes these; RowWiseAdagrad the table)."""
         return [p for n, p in self.named_parameters() if not n.startswith("table.")]
 
+    @property
+    def device(self) -> torch.device:
+        return self.table.weight.device
+
     def forward(self, batch: RecsysBatch, kernel: AttentionKernel | None = None) -> RankerOutput:
-        """Score every candidate of every request; ``kernel`` overrides the attention kernel."""
+        """Score every candidate of every request; ``kernel`` overrides the attention kernel.
+
+        The batch is checked against the config from the values it recorded when built (no
+        host sync) and moved to the model's device if it is elsewhere; outputs stay there.
+        """
         c = self.config
+        if not batch.has_candidates:
+            raise ValueError("the batch has no candidates: the ranker scores candidates")
         batch.validate(c.hash, num_actions=c.num_actions, num_surfaces=c.num_surfaces)
+        if batch.user_hashes.device != self.device:
+            batch = batch.to(self.device)
         emb = self.table.lookup(batch)
         user, user_mask = self.user_reduce(batch.user_hashes, emb.user_embeddings)
         hist, hist_mask = self.history_reduce(

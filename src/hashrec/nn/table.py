@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hashrec.hashing.config import HashConfig
-from hashrec.nn.batch import RecsysBatch, RecsysEmbeddings
+from hashrec.nn.batch import HASH_FIELDS, RecsysBatch, RecsysEmbeddings
 
 __all__ = [
     "FusedEmbeddingTable",
@@ -24,14 +24,6 @@ __all__ = [
     "MultiHashEmbedding",
     "gather_rows",
 ]
-
-_LOOKUP_FIELDS = (
-    ("user_hashes", "user_embeddings"),
-    ("history_post_hashes", "history_post_embeddings"),
-    ("candidate_post_hashes", "candidate_post_embeddings"),
-    ("history_author_hashes", "history_author_embeddings"),
-    ("candidate_author_hashes", "candidate_author_embeddings"),
-)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -163,20 +155,22 @@ class FusedEmbeddingTable(nn.Module):
         return gather_rows(self.weight, flat, self.sparse).view(*indices.shape, self.dim)
 
     def lookup(self, batch: RecsysBatch) -> RecsysEmbeddings:
-        """All hash fields of a batch in one gather -> ``RecsysEmbeddings``."""
-        parts = [getattr(batch, h) for h, _ in _LOOKUP_FIELDS]
+        """Every hash field of a batch (``HASH_FIELDS``) in one gather -> ``RecsysEmbeddings``.
+
+        Index bounds come from the values the batch recorded when it was built: no host sync.
+        """
+        present = [f for f in HASH_FIELDS if getattr(batch, f.name) is not None]
+        if batch.max_index(tuple(f.name for f in present)) >= self.num_rows:
+            for f in present:
+                self._check_indices(f.name, getattr(batch, f.name))
+        parts = [getattr(batch, f.name) for f in present]
         flat = torch.cat([p.reshape(-1).to(torch.int64) for p in parts])
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_rows):
-            for (name, _), p in zip(_LOOKUP_FIELDS, parts, strict=True):
-                self._check_indices(name, p)
         out = gather_rows(self.weight, flat, self.sparse)
         pieces = torch.split(out, [p.numel() for p in parts])
-        return RecsysEmbeddings(
-            **{
-                e: piece.view(*p.shape, self.dim)
-                for (_, e), p, piece in zip(_LOOKUP_FIELDS, parts, pieces, strict=True)
-            }
-        )
+        looked_up = {f.embedding: None for f in HASH_FIELDS}
+        for f, p, piece in zip(present, parts, pieces, strict=True):
+            looked_up[f.embedding] = piece.view(*p.shape, self.dim)
+        return RecsysEmbeddings(**looked_up)
 
     def memory_report(self, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
         """Bytes of the table and of the optimizer state held for it."""
@@ -199,16 +193,19 @@ class FusedEmbeddingTable(nn.Module):
         return f"{self.num_rows}, {self.dim}, dtype={self.weight.dtype}, sparse={self.sparse}"
 
 
-class MultiHashEmbedding(FusedEmbeddingTable):
+class MultiHashEmbedding(nn.Module):
     """The lecture notebook's ``MultiHashEmbedding(vocab_size, emb_size, num_hashes)``, fused.
 
-    Semantics are the notebook's — hash j of an ID indexes its own table j of ``vocab_size`` rows,
-    index 0 is padding — but the k tables live in one fused parameter: local index h of hash j is
-    row ``j * vocab_size + h`` (0 stays 0), and a lookup is one gather, not a loop over hashes.
+    Semantics are the notebook's -- hash j of an ID indexes its own table j of ``vocab_size``
+    rows, index 0 is padding -- but the k tables live in one ``FusedEmbeddingTable`` (``.table``):
+    local index h of hash j is row ``j * vocab_size + h`` (0 stays 0), and a lookup is one
+    gather, not a loop over hashes.
 
     >>> emb = MultiHashEmbedding(vocab_size=100, emb_size=8, num_hashes=2)
     >>> emb(torch.tensor([[3, 7], [0, 0]])).shape  # [B, K] -> [B, K, D]
     torch.Size([2, 2, 8])
+    >>> emb.table.weight.shape  # the k tables, fused
+    torch.Size([200, 8])
     """
 
     def __init__(
@@ -219,21 +216,29 @@ class MultiHashEmbedding(FusedEmbeddingTable):
         sparse: bool = False,
         init_std: float = 1.0,
     ) -> None:
+        super().__init__()
         if vocab_size < 2 or num_hashes < 1:
             raise ValueError(
                 f"need vocab_size >= 2 and num_hashes >= 1, got {vocab_size} and {num_hashes}"
             )
         # init_std=1.0 matches nn.Embedding, which the notebook uses per hash.
-        super().__init__(num_hashes * vocab_size, emb_size, sparse=sparse, init_std=init_std)
-        self.vocab_size, self.num_hashes = vocab_size, num_hashes
+        self.table = FusedEmbeddingTable(
+            num_hashes * vocab_size, emb_size, sparse=sparse, init_std=init_std
+        )
+        self.vocab_size, self.num_hashes, self.dim = vocab_size, num_hashes, emb_size
         self.register_buffer(
             "hash_offsets",
             torch.arange(num_hashes, dtype=torch.int64) * vocab_size,
             persistent=False,
         )
 
-    def forward(self, hashes: torch.Tensor) -> torch.Tensor:
-        """hashes [..., K] in 0 .. vocab_size-1 -> [..., K, D]."""
+    @property
+    def weight(self) -> nn.Parameter:
+        """The fused ``[num_hashes * vocab_size, D]`` parameter."""
+        return self.table.weight
+
+    def rows(self, hashes: torch.Tensor) -> torch.Tensor:
+        """hashes [..., K] (per-table indices) -> fused-table rows [..., K]."""
         if hashes.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"hashes has dtype {hashes.dtype}, expected torch.int32 or torch.int64"
@@ -247,5 +252,8 @@ class MultiHashEmbedding(FusedEmbeddingTable):
             bad = int(hashes.min()) if int(hashes.min()) < 0 else int(hashes.max())
             raise ValueError(f"hashes holds {bad}, expected 0..{self.vocab_size - 1}")
         h = hashes.to(torch.int64)
-        rows = torch.where(h == 0, h, h + self.hash_offsets)
-        return gather_rows(self.weight, rows.reshape(-1), self.sparse).view(*h.shape, self.dim)
+        return torch.where(h == 0, h, h + self.hash_offsets)
+
+    def forward(self, hashes: torch.Tensor) -> torch.Tensor:
+        """hashes [..., K] in 0 .. vocab_size-1 -> [..., K, D]."""
+        return self.table(self.rows(hashes))
