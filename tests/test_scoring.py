@@ -66,3 +66,10 @@ def test_bad_inputs():
         ScoringConfig(author_diversity_floor=2.0)
     with pytest.raises(ValueError, match="1-D of equal length"):
         s.rank(torch.zeros(3), torch.zeros(2))
+
+
+def test_scores_stay_on_the_inputs_device():
+    scorer = WeightedScorer(ScoringConfig.x_home_mixer(), ACTIONS[:-1], ("dwell_time",))
+    probs = torch.rand(3, 5, len(ACTIONS) - 1, device="meta")
+    s = scorer.score(probs, torch.rand(3, 5, 1, device="meta"))
+    assert s.device.type == "meta" and s.shape == (3, 5)

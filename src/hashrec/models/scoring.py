@@ -116,14 +116,14 @@ class WeightedScorer:
             raise ValueError(
                 f"probs has {probs.shape[-1]} actions, scorer expects {len(self.actions)}"
             )
-        s = probs.double() @ self.w_binary
+        s = probs.double() @ self.w_binary.to(probs.device)  # stays on the inputs' device
         if self.continuous_actions:
             if continuous is None or continuous.shape[-1] != len(self.continuous_actions):
                 got = None if continuous is None else continuous.shape[-1]
                 raise ValueError(
                     f"continuous has {got} values, scorer expects {len(self.continuous_actions)}"
                 )
-            s = s + continuous.double() @ self.w_cont
+            s = s + continuous.double() @ self.w_cont.to(continuous.device)
         return s
 
     def offset(self, combined: torch.Tensor) -> torch.Tensor:
@@ -157,7 +157,7 @@ class WeightedScorer:
                 f"{list(author_ids.shape)}"
             )
         c = self.config
-        idx = torch.arange(scores.numel())
+        idx = torch.arange(scores.numel(), device=scores.device)
         s = scores.double().clone()
         if in_network is not None:
             s = torch.where(in_network.bool(), s, s * c.out_of_network_factor)
@@ -170,9 +170,10 @@ class WeightedScorer:
         sorted_auth = authors[by_author]
         starts = torch.ones_like(sorted_auth, dtype=torch.bool)
         starts[1:] = sorted_auth[1:] != sorted_auth[:-1]
-        run_start = torch.cummax(torch.where(starts, torch.arange(len(sorted_auth)), 0), 0).values
+        positions = torch.arange(len(sorted_auth), device=scores.device)
+        run_start = torch.cummax(torch.where(starts, positions, 0), 0).values
         k = torch.empty_like(by_author)
-        k[by_author] = torch.arange(len(sorted_auth)) - run_start
+        k[by_author] = positions - run_start
         mult = (
             1 - c.author_diversity_floor
         ) * c.author_diversity_decay ** k.double() + c.author_diversity_floor
