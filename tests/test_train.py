@@ -253,3 +253,9 @@ def test_model_learns_a_planted_signal(tmp_path):
     trained = eval_auc(10_000)
     assert trained > 0.7, trained
     assert trained > eval_auc(1) + 0.05
+
+
+def test_single_process_loop_refuses_torchrun(log_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2: this training loop runs in one process"):
+        _setup(log_file, tmp_path)
