@@ -23,9 +23,11 @@ from hashrec import HashConfig, PhoenixRanker, RankerConfig, RowWiseAdagrad, Tra
 from hashrec.models.losses import ranking_loss
 from hashrec.nn.attention import AttentionLayout, full_mask_attention, isolated_attention
 from hashrec.nn.batch import RecsysBatch
+from hashrec.nn.flex import flex_attention_kernel
 from hashrec.nn.transformer import Transformer
 
 FAST = "fast (isolated, cap 30)"
+FLEX = "FlexAttention (compiled, block mask + cap score_mod)"
 
 
 def no_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout):
@@ -77,7 +79,9 @@ def bench_kernels(args: argparse.Namespace) -> None:
         "(fwd, fwd+bwd) | x dense floor (fwd, fwd+bwd) | fwd us/candidate |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    per_cand = {}
+    per_cand: dict[int, float] = {}
+    compile_s: dict[int, float] = {}
+    flex_ratio: dict[int, str] = {}
     for C in args.candidates:
         T = 1 + S + C
         x = torch.randn(B, T, D, device=dev)
@@ -89,10 +93,17 @@ def bench_kernels(args: argparse.Namespace) -> None:
             ("full mask SDPA (no cap)", tf_nocap, full_mask_attention),
             ("dense floor (no attention)", tf, no_attention),
         ]
+        if not args.no_flex:
+            rows.append((FLEX, tf, flex_attention_kernel))
         fns = {}
         for name, model, kernel in rows:
             if "full" in name and C > args.max_full_c:
                 continue
+            if name == FLEX:  # compile apart (once per shape), then time like the others
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    model(x, valid, C, kernel)
+                compile_s[C] = time.perf_counter() - t0
 
             def fwd(model=model, kernel=kernel, x=x, valid=valid, C=C) -> None:
                 with torch.no_grad():
@@ -103,19 +114,28 @@ def bench_kernels(args: argparse.Namespace) -> None:
                 xi = x.detach().requires_grad_(True)
                 model(xi, valid, C, kernel).float().square().mean().backward()
 
-            fns[name] = (fwd, fwd_bwd)
+            # FlexAttention has no backward on CPU (torch 2.13): forward only there
+            fns[name] = (fwd,) if name == FLEX and dev == "cpu" else (fwd, fwd_bwd)
         res = interleaved(fns, args.repeats, dev)
         fast = res[FAST]
         floor = res["dense floor (no attention)"]
         full = res.get("full mask (cap 30)")
-        for name, (tf_, tb_) in res.items():
+        for name, times in res.items():
+            tf_, tb_ = times[0], (times[1] if len(times) > 1 else float("nan"))
             speed = f"{full[0] / tf_:.2f}x, {full[1] / tb_:.2f}x" if full and name == FAST else ""
             over = f"{tf_ / floor[0]:.2f}, {tb_ / floor[1]:.2f}"
             print(
                 f"| {C} | {name} | {tf_ * 1e3:.1f} | {B * C / tf_:,.0f} | {tb_ * 1e3:.1f} | "
                 f"{B * C / tb_:,.0f} | {speed} | {over} | {tf_ / (B * C) * 1e6:.2f} |"
             )
+        if FLEX in res:
+            fl = res[FLEX]
+            bwd = f"{fl[1] / fast[1]:.2f}x" if len(fl) > 1 else "n/a (no CPU backward)"
+            flex_ratio[C] = f"fwd {fl[0] / fast[0]:.2f}x, fwd+bwd {bwd}"
         per_cand[C] = fast[0] / (B * C)
+    for C, ratio in flex_ratio.items():
+        print(f"\nFlexAttention at C={C}: fast path is {ratio} faster (target >= 1.5x); "
+              f"compile {compile_s[C]:.1f} s (not in the timings)")  # fmt: skip
     cs = sorted(per_cand)
     if len(cs) > 1:
         lo = [c for c in cs if c >= 256] or cs
@@ -193,6 +213,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--max-full-c", type=int, default=4096, help="skip full-mask rows above this C")
     p.add_argument("--candidates", default="64,256,1024,4096", help="C values (comma-separated)")
+    p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention rows")
     args = p.parse_args()
     args.candidates = [64, 256] if args.quick else [int(c) for c in args.candidates.split(",")]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")

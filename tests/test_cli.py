@@ -75,3 +75,16 @@ def test_missing_column_is_a_clear_error(tmp_path, capsys):
     csv.write_text("a\nx\ny\n")
     err = cli_error(["collisions", "--csv", str(csv), "--column", "a"], capsys, 1)
     assert "expected integers" in err
+
+
+def test_threads_option_sets_torch_threads_and_rejects_zero(tmp_path, capsys, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        args = ["evaluate", "--checkpoint", str(tmp_path / "none.safetensors"), "--threads"]
+        err = cli_error([*args, "1"], capsys, 1)  # threads applied, then the missing file
+        assert "no such checkpoint" in err and torch.get_num_threads() == 1
+        assert "--threads must be >= 1" in cli_error([*args, "0"], capsys, 2)
+    finally:
+        torch.set_num_threads(before)

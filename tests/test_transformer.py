@@ -126,3 +126,25 @@ def test_config_validation():
     tf = Transformer(TransformerConfig(dim=16, num_q_heads=2, num_kv_heads=1))
     with pytest.raises(ValueError, match="valid has shape"):
         tf(torch.randn(1, 4, 16), torch.ones(1, 5, dtype=torch.bool), 1)
+
+
+def test_flex_attention_kernel_matches_the_full_mask():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import warnings
+
+    from hashrec.nn.attention import AttentionLayout
+    from hashrec.nn.flex import flex_attention_kernel
+
+    torch.manual_seed(0)
+    B, Hq, Hkv, S, C, hd = 2, 4, 2, 9, 5, 8
+    T = 1 + S + C
+    q, k, v = torch.randn(B, Hq, T, hd), torch.randn(B, Hkv, T, hd), torch.randn(B, Hkv, T, hd)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, 3:6] = False  # history padding
+    valid[1, -2:] = False  # candidate padding
+    for causal, cap in ((False, 30.0), (True, 30.0), (False, None)):
+        layout = AttentionLayout(valid, C, causal, cap)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the eager reference warns that it is unfused
+            got = flex_attention_kernel(q, k, v, layout, compiled=False)
+        torch.testing.assert_close(got, full_mask_attention(q, k, v, layout), atol=1e-5, rtol=1e-5)

@@ -50,6 +50,22 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 def add_device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] when available")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: one per core). Two runs sharing a "
+                   "machine should split the cores (e.g. --threads 1 each on 2 cores): "
+                   "oversubscribed threads stall each other for seconds per step")  # fmt: skip
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's intra-op thread count from ``--threads`` (commands that have it)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from hashrec import __version__
-from hashrec.cli.common import UsageError
+from hashrec.cli.common import UsageError, apply_threads
 
 # Command modules, in the order ``hashrec --help`` lists them.
 COMMANDS = ("demo", "train", "evaluate", "collisions")
@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        apply_threads(args)
         return int(args.func(args) or 0)
     except UsageError as e:
         parser.exit(2, f"hashrec {args.command}: error: {e}\n")
