@@ -200,3 +200,28 @@ def test_same_hashes_in_a_fresh_process():
         phoenix_hash(ids, e.scales, e.biases, e.modulus, 1000).tolist(),
     ]
     assert outs[0] == outs[1] == str(here)
+
+
+EDGE_IDS = np.array(
+    [0, 1, -1, 2, -2, 2**31, 2**32 - 1, 2**32, 2**62, 2**62 + 12345, 2**63 - 1, -(2**63),
+     -(2**63) + 1, -(2**62)], dtype=np.int64
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_phoenix_fast_path_is_exact_for_every_modulus(seed):
+    """Property: the fast path equals the plain formula (and Python integers) for random and
+    edge moduli, constants, bucket counts and IDs over the whole documented range."""
+    rng = np.random.default_rng(seed)
+    moduli = [1, 2, 3, 7, 1000, 2**11 - 1, 2**16 - 1, 2**16, 2**16 + 1, 2**32 - 1]
+    moduli += rng.integers(1, 2**32, 4).tolist() + rng.integers(1, 2**12, 4).tolist()
+    ids = np.concatenate([EDGE_IDS, rng.integers(-(2**63), 2**63 - 1, 20_000, dtype=np.int64)])
+    for m in moduli:
+        k = int(rng.integers(1, 4))
+        s = rng.integers(-(2**63), 2**63 - 1, k, dtype=np.int64).tolist()
+        b = rng.integers(-(2**63), 2**63 - 1, k, dtype=np.int64).tolist()
+        n = int(rng.choice([2, 3, 97, 2**20, 2**32, int(rng.integers(2, 2**32))]))
+        fast = phoenix_hash(ids, s, b, m, n)
+        np.testing.assert_array_equal(fast, phoenix_hash_reference(ids, s, b, m, n), err_msg=m)
+        for i in EDGE_IDS.tolist():
+            assert fast[EDGE_IDS.tolist().index(i)].tolist() == _bigint_phoenix(i, s, b, m, n)
