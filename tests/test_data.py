@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -141,3 +143,130 @@ def test_bad_inputs(tmp_path):
     gib.write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match="not a readable"):
         load_log(str(gib), schema)
+
+
+# ---- hardening: every bad input refused with the column, row and value -----------------------
+
+
+def _write(path, **cols):
+    names = list(cols)
+    rows = zip(*cols.values(), strict=True)
+    path.write_text(",".join(names) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    return str(path)
+
+
+T0 = 1_650_844_800_000  # 2022-04-25 00:00 UTC in ms
+SIMPLE = LogSchema(user="u", post="p", author="a", time="t", actions=(("click", "c"),))
+
+
+def _simple(tmp_path, *, u=(1, 2, 3), p=(10, 11, 12), a=(5, 5, 6), t=None, schema=SIMPLE,
+            **extra):  # fmt: skip
+    t = t if t is not None else [T0 + i * 1000 for i in range(len(u))]
+    path = _write(tmp_path / "log.csv", u=u, p=p, a=a, t=t, c=[1] * len(u), **extra)
+    return load_log(path, schema)
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "offset", "message"),
+    [
+        ("p", ("10", "1.5", "12"), 0, "column p row 2 holds 1.5: IDs must be integers"),
+        ("p", ("10", "9223372036854775808", "12"), 0, "row 2 holds 9.223372036854776e+18"),
+        ("u", ("1", "-1", "3"), 1, "row 2 holds -1: with id_offset 1 it becomes 0, the padding"),
+        ("u", ("1", "0", "3"), 0, '"id_offset": 1'),
+        ("a", ("5", "9223372036854775807", "6"), 1, "must be at most 2^63-1"),
+        ("u", ("1", "-7", "3"), 0, "row 2 holds -7: IDs + id_offset 0 must be >= 1"),
+        ("u", ("x", "", "z"), 0, "row 2 holds '': an empty ID"),
+    ],
+)
+def test_ids_must_be_integers_in_range_after_the_offset(tmp_path, column, values, offset, message):
+    schema = LogSchema(**{**SIMPLE.__dict__, "id_offset": offset})
+    cols = {"u": (1, 2, 3), "p": (10, 11, 12), "a": (5, 5, 6), column: values}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _simple(tmp_path, schema=schema, **cols)
+
+
+def test_string_ids_hash_through_xxh64(tmp_path):
+    from hashrec.hashing.functions import ids_to_int64
+
+    log = _simple(tmp_path, u=("alice", "bob", "alice"), p=("v1", "v2", "v3"))
+    assert (log.user != 0).all() and log.user[0] == log.user[2] != log.user[1]
+    assert log.user[0] == ids_to_int64(["alice"])[0]  # same bits in every process
+    assert sorted(log.post.tolist()) == sorted(ids_to_int64(["v1", "v2", "v3"]).tolist())
+
+
+def test_dates_times_and_units_are_checked(tmp_path):
+    dated = LogSchema(**{**SIMPLE.__dict__, "date": "d"})
+    t = [T0, T0 + 1000, T0 + 2000]
+    with pytest.raises(ValueError, match="row 2 holds 20221345: not a date yyyymmdd"):
+        _simple(tmp_path, schema=dated, t=t, d=(20220425, 20221345, 20220425))
+    with pytest.raises(ValueError, match=r"row 3: d 20220430 disagrees with its time \(2022-04"):
+        _simple(tmp_path, schema=dated, t=t, d=(20220425, 20220425, 20220430))
+    ok = _simple(tmp_path, schema=dated, t=t, d=(20220425, 20220424, 20220426))  # time zones
+    assert sorted(ok.day.tolist()) == [20220424, 20220425, 20220426]
+    with pytest.raises(ValueError, match="column t row 2 holds -5: times must be finite and >= 0"):
+        _simple(tmp_path, t=(T0, -5, T0))
+    seconds = LogSchema(**{**SIMPLE.__dict__, "time_unit": "s"})
+    with pytest.raises(ValueError, match="after the year 2100; is the column in 'ms'"):
+        _simple(tmp_path, schema=seconds, t=t)
+
+
+def test_one_author_per_post(tmp_path):
+    with pytest.raises(ValueError, match="p 10 is listed with two a values"):
+        _simple(tmp_path, p=(10, 10, 12), a=(5, 6, 7))
+    path = _write(tmp_path / "log.csv", u=(1, 2), p=(10, 11), t=(T0, T0 + 1), c=(1, 0))
+    table = _write(tmp_path / "authors.csv", p=(10, 11, 11), a=(5, 6, 7))
+    with pytest.raises(ValueError, match="authors.csv: p 11 is listed with two a values"):
+        load_log(path, SIMPLE, authors=table)
+    _write(tmp_path / "authors.csv", p=(10, 11, 11), a=(5, 6, 6))  # a repeated pair is fine
+    assert load_log(path, SIMPLE, authors=table).author.tolist() == [5, 6]
+
+
+def test_row_order_is_canonical_on_user_time_ties(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 300
+    cols = {
+        "u": rng.integers(1, 6, n), "p": np.arange(1, n + 1), "a": np.arange(1, n + 1) % 7 + 1,
+        "t": T0 + rng.integers(0, 5, n) * 1000, "c": rng.integers(0, 2, n),
+    }  # fmt: skip
+    a = load_log(_write(tmp_path / "a.csv", **cols), SIMPLE)
+    perm = rng.permutation(n)
+    b = load_log(_write(tmp_path / "b.csv", **{k: v[perm] for k, v in cols.items()}), SIMPLE)
+    for field in ("user", "post", "author", "time", "labels"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    r = [build_requests(x, x.days(), ExampleConfig(3, 2)) for x in (a, b)]
+    np.testing.assert_array_equal(r[0].history, r[1].history)
+    np.testing.assert_array_equal(r[0].candidates, r[1].candidates)
+
+
+def _kuairand_folder(tmp_path, n=3000):
+    import pyarrow.csv as pacsv
+
+    src = kuairand_sample_dir()
+    table = pacsv.read_csv(f"{src}/log_standard_4_25_to_5_05_sample.csv.gz").slice(0, n)
+    folder = tmp_path / "kuairand"
+    folder.mkdir()
+    pacsv.write_csv(table.slice(0, n // 3), folder / "log_standard_4_08_to_4_21_pure.csv")
+    pacsv.write_csv(table.slice(n // 3), folder / "log_standard_4_22_to_5_08_pure.csv")
+    shutil.copy(f"{src}/video_features_basic_sample.csv.gz", folder)
+    return folder, table
+
+
+def test_kuairand_reads_every_log_file(tmp_path):
+    import pyarrow.csv as pacsv
+
+    folder, table = _kuairand_folder(tmp_path)
+    heard = []
+    log = load_kuairand(str(folder), say=heard.append)
+    assert len(log) == table.num_rows  # both files, not only the first
+    assert [h.split(": ")[1] for h in heard] == ["1,000 rows", "2,000 rows"]
+    assert sorted(log.post.tolist()) == sorted((table.column("video_id").to_numpy() + 1).tolist())
+    pacsv.write_csv(table.slice(0, 50), folder / "log_random_4_22_to_5_08_pure.csv")
+    assert len(load_kuairand(str(folder))) == table.num_rows  # the random log only when asked
+    assert len(load_kuairand(str(folder), with_random=True)) == table.num_rows + 50
+    pacsv.write_csv(table.slice(0, 50).drop_columns(["tab"]),
+                    folder / "log_standard_4_22_to_5_08_pure.csv")  # fmt: skip
+    with pytest.raises(ValueError, match=r"columns differ: \['tab'\]"):
+        load_kuairand(str(folder))
+    (folder / "log_standard_4_22_to_5_08_pure.csv.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="hold the same data twice"):
+        load_kuairand(str(folder))

@@ -8,19 +8,30 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import numpy as np
 
 from hashrec.data.schema import KUAIRAND_SCHEMA, InteractionLog, LogSchema
 
-__all__ = ["load_kuairand", "load_log", "read_columns", "sorted_lookup"]
+__all__ = [
+    "canonical_order",
+    "id_column",
+    "load_kuairand",
+    "load_log",
+    "read_columns",
+    "sorted_lookup",
+]
 
 
-def read_columns(path: str, columns: list[str], kinds: str = "iuf") -> dict[str, np.ndarray]:
+def read_columns(
+    path: str, columns: list[str], kinds: str | dict[str, str] = "iuf"
+) -> dict[str, np.ndarray]:
     """Read ``columns`` of a CSV (optionally .gz) or Parquet file; clear errors for bad files.
 
-    ``kinds``: the numpy dtype kinds accepted ("iu" for integer-only columns such as IDs).
+    ``kinds``: the numpy dtype kinds accepted ("iu" for integer-only columns, "OUS" adds
+    strings), for every column or per column name.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -51,9 +62,10 @@ def read_columns(path: str, columns: list[str], kinds: str = "iuf") -> dict[str,
         col = table.column(c)
         if col.null_count:
             raise ValueError(f"{path}: column {c} has {col.null_count} missing values")
-        arr = col.to_numpy()
-        if arr.dtype.kind not in kinds:
-            expected = "integers" if kinds == "iu" else "numbers"
+        arr = col.to_numpy(zero_copy_only=False)
+        ok = kinds if isinstance(kinds, str) else kinds[c]
+        if arr.dtype.kind not in ok:
+            expected = {"iu": "integers", "iuf": "numbers"}.get(ok, "integers or strings")
             raise ValueError(f"{path}: column {c} has type {col.type}, expected {expected}")
         out[c] = arr
     return out
@@ -67,33 +79,246 @@ def sorted_lookup(keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.n
     return pos, keys[pos] == query
 
 
+_MAX_ID = 2**63 - 1
+
+
+def _value(x: object) -> str:
+    """A cell as the user wrote it (numpy scalars as plain Python values)."""
+    return repr(x.item() if isinstance(x, np.generic) else x)
+
+
+_MAX_TIME_MS = 4_102_444_800_000  # 2100-01-01 UTC: later times mean a wrong time_unit
+_DAY_MS = 86_400_000
+
+
+def id_column(path: str, column: str, values: np.ndarray, offset: int = 0) -> np.ndarray:
+    """An ID column as int64 IDs in 1 .. 2^63-1 (0 is padding), or a clear error.
+
+    Integer IDs get ``offset`` added and must land in 1 .. 2^63-1: a float (1.5, or an integer
+    too large for int64 that the reader turned into a float), a negative ID, one that becomes 0
+    (padding) or overflows is refused, naming the column, the row and the value. String IDs are
+    hashed by xxh64 (``hashrec.hashing.functions.ids_to_int64``; never 0) and not offset.
+
+    >>> id_column("log.csv", "uid", np.array([0, 5]), offset=1).tolist()
+    [1, 6]
+    >>> id_column("log.csv", "uid", np.array([1.5, 2.0]))
+    Traceback (most recent call last):
+    ValueError: log.csv: column uid row 1 holds 1.5: IDs must be integers or strings
+    """
+    from hashrec.hashing.functions import ids_to_int64
+
+    def refuse(row: int, what: str) -> ValueError:
+        return ValueError(f"{path}: column {column} row {row + 1} holds {_value(values[row])}: "
+                          f"{what}")  # fmt: skip
+
+    kind = values.dtype.kind
+    if kind in "OUS":
+        uniq, inverse = np.unique(values.astype(str), return_inverse=True)
+        if len(uniq) and uniq[0] == "":
+            raise refuse(int(np.flatnonzero(inverse == 0)[0]), "an empty ID")
+        return ids_to_int64(uniq)[inverse]
+    if kind == "f":
+        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+        row = int(bad[0]) if len(bad) else int(np.argmax(np.abs(values)))
+        return_msg = "IDs must be integers or strings"
+        if not len(bad):  # integral floats: the reader's type for integers beyond int64
+            return_msg += " (a float column of whole numbers: some exceed the int64 range?)"
+        raise ValueError(f"{path}: column {column} row {row + 1} holds "
+                         f"{_value(values[row])}: {return_msg}")  # fmt: skip
+    if kind not in "iu":
+        raise ValueError(f"{path}: column {column} has type {values.dtype}, expected integer IDs")
+    low, high = 1 - offset, _MAX_ID - offset  # the range that lands in 1 .. 2^63-1
+    if kind == "u":
+        big = np.flatnonzero(values > np.uint64(high))
+        if len(big):
+            raise refuse(int(big[0]), f"out of range (IDs + id_offset {offset} must be at "
+                                      "most 2^63-1)")  # fmt: skip
+        values = values.astype(np.int64)
+    bad = np.flatnonzero((values < low) | (values > high))
+    if len(bad):
+        row = int(bad[0])
+        if int(values[row]) + offset == 0:
+            hint = (f"with id_offset {offset} it becomes 0, the padding ID (set \"id_offset\": "
+                    f"{offset + 1} in the schema if 0 is a real ID)")  # fmt: skip
+        elif values[row] < low:
+            hint = f"IDs + id_offset {offset} must be >= 1"
+        else:
+            hint = f"IDs + id_offset {offset} must be at most 2^63-1"
+        raise refuse(row, hint)
+    return values.astype(np.int64) + offset
+
+
+def _check_time(path: str, column: str, values: np.ndarray, unit: str) -> np.ndarray:
+    """Timestamps -> int64 milliseconds; negative, non-finite or post-2100 values refused."""
+    v = values.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(v) | (v < 0))
+    if len(bad):
+        r = int(bad[0])
+        raise ValueError(f"{path}: column {column} row {r + 1} holds {_value(values[r])}: "
+                         "times must be finite and >= 0")  # fmt: skip
+    scale = 1000 if unit == "s" else 1
+    late = np.flatnonzero(v * scale >= _MAX_TIME_MS)
+    if len(late):
+        r = int(late[0])
+        other = "ms" if unit == "s" else "s"
+        raise ValueError(
+            f"{path}: column {column} row {r + 1} holds {_value(values[r])}, which as time_unit "
+            f'{unit!r} is after the year 2100; is the column in {other!r} ("time_unit": '
+            f'"{other}")?'
+        )
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64) * scale
+    return np.round(v * scale).astype(np.int64)
+
+
 def _days_from_time(time_ms: np.ndarray) -> np.ndarray:
-    uniq, inv = np.unique(time_ms // 86_400_000, return_inverse=True)
+    uniq, inv = np.unique(time_ms // _DAY_MS, return_inverse=True)
     days = np.array(
         [int(datetime.fromtimestamp(int(d) * 86400, timezone.utc).strftime("%Y%m%d")) for d in uniq]
     )
     return days[inv].astype(np.int32)
 
 
-def load_log(
-    path: str, schema: LogSchema, authors: str | None = None, extra: tuple[str, ...] = ()
-) -> InteractionLog:
-    """Read an interaction log through ``schema``; ``authors`` is a table (post -> author)."""
-    cols = [schema.user, schema.post, schema.time, *(c for _, c in schema.actions)]
+def _check_dates(path: str, column: str, dates: np.ndarray, time_ms: np.ndarray) -> np.ndarray:
+    """yyyymmdd dates: real calendar days that agree with the timestamps.
+
+    The date drives the split and the time the history order, so they must tell the same story:
+    a row's time must fall within a day of its date's UTC day (time zones lie in -12 h .. +14 h;
+    KuaiRand's dates are Beijing days, its logging lag reaches ~2 h).
+    """
+    if dates.dtype.kind not in "iu":
+        raise ValueError(f"{path}: column {column} has type {dates.dtype}, expected yyyymmdd "
+                         "integers")  # fmt: skip
+    uniq, inv = np.unique(dates, return_inverse=True)
+    epoch_day = np.empty(len(uniq), np.int64)
+    for i, d in enumerate(uniq.tolist()):
+        try:
+            day = datetime(d // 10000, d // 100 % 100, d % 100, tzinfo=timezone.utc)
+            if not 1970 <= day.year < 2100:
+                raise ValueError
+        except ValueError:
+            r = int(np.flatnonzero(dates == d)[0])
+            raise ValueError(f"{path}: column {column} row {r + 1} holds {d}: not a date "
+                             "yyyymmdd between 1970 and 2099") from None  # fmt: skip
+        epoch_day[i] = int(day.timestamp()) // 86400
+    start = epoch_day[inv] * _DAY_MS
+    off = np.flatnonzero((time_ms < start - _DAY_MS) | (time_ms >= start + 2 * _DAY_MS))
+    if len(off):
+        r = int(off[0])
+        when = datetime.fromtimestamp(int(time_ms[r]) // 1000, timezone.utc)
+        raise ValueError(
+            f"{path}: row {r + 1}: {column} {int(dates[r])} disagrees with its time "
+            f"({when:%Y-%m-%d %H:%M} UTC), more than a day apart ({len(off):,} rows do)"
+        )
+    return dates.astype(np.int32)
+
+
+def _post_authors(path: str, posts: np.ndarray, authors: np.ndarray, post_col: str,
+                  author_col: str) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Sorted distinct posts and their one author; a post with two authors is refused."""
+    pairs = np.unique(np.stack([posts, authors], axis=1), axis=0)
+    dup = np.flatnonzero(pairs[1:, 0] == pairs[:-1, 0])
+    if len(dup):
+        post, a, b = pairs[dup[0], 0], pairs[dup[0], 1], pairs[dup[0] + 1, 1]
+        raise ValueError(
+            f"{path}: {post_col} {post} is listed with two {author_col} values ({a} and {b}; "
+            f"{len(dup):,} posts have several): a post has one author"
+        )
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _read_log_file(path: str, schema: LogSchema, authors_known: bool,
+                   extra: tuple[str, ...]) -> dict[str, np.ndarray]:  # fmt: skip
+    """One log file's columns, IDs and times checked and converted; row numbers are the file's."""
+    ids = [schema.user, schema.post] + ([] if authors_known else [schema.author])
+    cols = [*ids, schema.time, *(c for _, c in schema.actions)]
     cols += [c for _, c, _ in schema.continuous] + list(extra)
     if schema.surface:
         cols.append(schema.surface)
     if schema.date:
         cols.append(schema.date)
-    if authors is None:
-        cols.append(schema.author)
-    data = read_columns(path, list(dict.fromkeys(cols)))
-    post = data[schema.post].astype(np.int64)
+    cols = list(dict.fromkeys(cols))
+    id_set = set(ids)
+    kinds = {c: ("iufOUS" if c in id_set else "iuf") for c in cols}
+    if schema.surface:
+        kinds[schema.surface] = "iu"
+    data = read_columns(path, cols, kinds=kinds)
+    for c in ids:
+        data[c] = id_column(path, c, data[c], schema.id_offset)
+    data[schema.time] = _check_time(path, schema.time, data[schema.time], schema.time_unit)
+    if schema.date:
+        data[schema.date] = _check_dates(path, schema.date, data[schema.date], data[schema.time])
+    for c in [c for _, c, _ in schema.continuous] + list(extra):
+        bad = np.flatnonzero(~np.isfinite(data[c].astype(np.float64)))
+        if len(bad):
+            raise ValueError(f"{path}: column {c} row {int(bad[0]) + 1} holds "
+                             f"{_value(data[c][bad[0]])}: expected a finite number")  # fmt: skip
+    if schema.surface:
+        bad = np.flatnonzero(data[schema.surface] < 0)
+        if len(bad):
+            raise ValueError(f"{path}: column {schema.surface} row {int(bad[0]) + 1} holds "
+                             f"{_value(data[schema.surface][bad[0]])}: surfaces are integers "
+                             ">= 0")  # fmt: skip
+    return data
+
+
+def _column_names(path: str) -> list[str]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if path.endswith(".parquet"):
+        return list(pq.read_schema(path).names)
+    with pacsv.open_csv(path) as reader:
+        return list(reader.schema.names)
+
+
+def load_log(
+    path: str | list[str],
+    schema: LogSchema,
+    authors: str | None = None,
+    extra: tuple[str, ...] = (),
+    say: Callable[[str], None] | None = None,
+) -> InteractionLog:
+    """Read an interaction log through ``schema``; ``authors`` is a table (post -> author).
+
+    ``path`` may be several files of one log (e.g. KuaiRand's two ``log_standard_*`` files):
+    all are read, they must have the same columns, and ``say`` (if given) hears each file's row
+    count. Every ID, time, date and label is checked (see ``id_column``); rows come sorted by
+    (time, user) with ties in a canonical order, so the result never depends on the input's row
+    order.
+    """
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    if not paths:
+        raise ValueError("load_log: no log file given")
+    paths = [str(p) for p in paths]
+    if len(paths) > 1:
+        for p in paths:
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"{p}: no such file")
+        first = _column_names(paths[0])
+        for p in paths[1:]:
+            names = _column_names(p)
+            if set(names) != set(first):
+                raise ValueError(
+                    f"{p} and {paths[0]} are files of one log but their columns differ: "
+                    f"{sorted(set(names) ^ set(first))} are in only one of them"
+                )
+    parts = [_read_log_file(p, schema, authors is not None, extra) for p in paths]
+    if say is not None:
+        for p, d in zip(paths, parts, strict=True):
+            say(f"read {p}: {len(d[schema.time]):,} rows")
+    data = {c: np.concatenate([d[c] for d in parts]) for c in parts[0]}
+    where = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more)"
+    post = data[schema.post]
     if authors is not None:
-        table = read_columns(authors, [schema.post, schema.author])
-        keys, vals = table[schema.post].astype(np.int64), table[schema.author].astype(np.int64)
-        order = np.argsort(keys)
-        keys, vals = keys[order], vals[order]
+        table = read_columns(authors, [schema.post, schema.author], kinds="iufOUS")
+        keys, vals = _post_authors(
+            authors,
+            id_column(authors, schema.post, table[schema.post], schema.id_offset),
+            id_column(authors, schema.author, table[schema.author], schema.id_offset),
+            schema.post,
+            schema.author,
+        )
         pos, found = sorted_lookup(keys, post)
         if not found.all():
             raise ValueError(
@@ -102,14 +327,15 @@ def load_log(
             )
         author = vals[pos]
     else:
-        author = data[schema.author].astype(np.int64)
+        author = data[schema.author]
+        _post_authors(where, post, author, schema.post, schema.author)
     labels = np.stack([data[c] for _, c in schema.actions], axis=1)
     bad = ~np.isin(labels, (0, 1))
     if bad.any():
         col = schema.actions[int(np.nonzero(bad.any(0))[0][0])][1]
-        raise ValueError(f"{path}: action column {col} holds values other than 0/1")
-    time = data[schema.time].astype(np.int64) * (1000 if schema.time_unit == "s" else 1)
-    day = data[schema.date].astype(np.int32) if schema.date else _days_from_time(time)
+        raise ValueError(f"{where}: action column {col} holds values other than 0/1")
+    time = data[schema.time]
+    day = data[schema.date] if schema.date else _days_from_time(time)
     cont = (
         np.stack(
             [np.log1p(np.maximum(data[c], 0) / scale) for _, c, scale in schema.continuous], axis=1
@@ -118,11 +344,10 @@ def load_log(
         else np.zeros((len(post), 0), np.float32)
     )
     surface = data[schema.surface].astype(np.int64) if schema.surface else np.zeros_like(post)
-    off = schema.id_offset
     log = InteractionLog(
-        user=data[schema.user].astype(np.int64) + off,
-        post=post + off,
-        author=author + off,
+        user=data[schema.user],
+        post=post,
+        author=author,
         surface=surface,
         time=time,
         day=day,
@@ -133,25 +358,49 @@ def load_log(
         continuous_actions=tuple(a for a, _, _ in schema.continuous),
         extra={c: data[c].astype(np.float64) for c in extra},
     )
-    if surface.min() < 0:
-        raise ValueError(f"{path}: column {schema.surface} has negative values")
-    return log.take(np.lexsort((log.user, log.time)))
+    return log.take(canonical_order(log))
 
 
-def _find(folder: str, pattern: str) -> str:
-    hits = sorted(glob.glob(os.path.join(folder, pattern + ".csv")))
-    hits += sorted(glob.glob(os.path.join(folder, pattern + ".csv.gz")))
+def canonical_order(log: InteractionLog) -> np.ndarray:
+    """Row order by time, then user, then every other column: rows tied on (user, time) come
+    in one order whatever order the file listed them in (only identical rows stay tied)."""
+    keys = [*(v for _, v in sorted(log.extra.items(), reverse=True))]
+    keys += [*log.continuous.T[::-1], *log.labels.T[::-1]]
+    keys += [log.day, log.surface, log.author, log.post, log.user, log.time]
+    return np.lexsort(keys)
+
+
+def _find(folder: str, pattern: str) -> list[str]:
+    """Every file matching ``pattern`` .csv / .csv.gz / .parquet; one stem in two forms refused."""
+    hits = []
+    for ext in (".csv", ".csv.gz", ".parquet"):
+        hits += sorted(glob.glob(os.path.join(folder, pattern + ext)))
     if not hits:
         raise FileNotFoundError(f"{folder}: no file matching {pattern}.csv[.gz] (KuaiRand layout)")
-    return hits[0]
+    stems: dict[str, str] = {}
+    for h in hits:
+        stem = os.path.basename(h).split(".")[0]
+        if stem in stems:
+            first = os.path.basename(stems[stem])
+            raise ValueError(
+                f"{folder}: {first} and {os.path.basename(h)} hold the same data twice; keep one"
+            )
+        stems[stem] = h
+    return sorted(hits)
 
 
-def load_kuairand(folder: str) -> InteractionLog:
-    """KuaiRand-Pure: ``log_standard_*.csv[.gz]`` joined with ``video_features_basic*`` for
-    authors. Keeps ``duration_ms`` for the baselines. License: CC BY-SA 4.0 (Gao et al. 2022)."""
-    return load_log(
-        _find(folder, "log_standard_*"),
-        KUAIRAND_SCHEMA,
-        authors=_find(folder, "video_features_basic*"),
-        extra=("duration_ms",),
-    )
+def load_kuairand(
+    folder: str, with_random: bool = False, say: Callable[[str], None] | None = None
+) -> InteractionLog:
+    """KuaiRand: every ``log_standard_*`` file (the official KuaiRand-Pure download ships two,
+    4_08_to_4_21 and 4_22_to_5_08), plus ``log_random_*`` (randomly exposed videos) only when
+    ``with_random``; joined with ``video_features_basic*`` for authors. Keeps ``duration_ms``
+    for the baselines. ``say`` hears each file's row count. License: CC BY-SA 4.0 (Gao et al.
+    2022)."""
+    logs = _find(folder, "log_standard_*")
+    if with_random:
+        logs += _find(folder, "log_random_*")
+    videos = _find(folder, "video_features_basic*")
+    if len(videos) > 1:
+        raise ValueError(f"{folder}: several video feature tables {videos}: keep one")
+    return load_log(logs, KUAIRAND_SCHEMA, authors=videos[0], extra=("duration_ms",), say=say)

@@ -33,10 +33,30 @@ class LogSchema:
     id_offset: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("user", "post", "author", "time", "time_unit"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"schema field {name!r} must be a column name (a non-empty "
+                                 f"string), got {getattr(self, name)!r}")  # fmt: skip
+        for name in ("surface", "date"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"schema field {name!r} must be a column name or null, got "
+                                 f"{getattr(self, name)!r}")  # fmt: skip
         if self.time_unit not in ("ms", "s"):
             raise ValueError(f"time_unit must be 'ms' or 's', got {self.time_unit!r}")
+        if not isinstance(self.id_offset, int) or isinstance(self.id_offset, bool):
+            raise ValueError(f"id_offset must be an integer, got {self.id_offset!r}")
+        if not 0 <= self.id_offset < 2**62:
+            raise ValueError(f"id_offset must be in [0, 2^62), got {self.id_offset}")
         if not self.actions:
             raise ValueError("a log schema needs at least one action column")
+        for pair in self.actions:
+            if len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+                raise ValueError(f"actions: expected action name -> column name, got {pair!r}")
+        for triple in self.continuous:
+            ok = len(triple) == 3 and all(isinstance(x, str) for x in triple[:2])
+            if not ok or not isinstance(triple[2], int | float) or not triple[2] > 0:
+                raise ValueError(f"continuous: expected action -> [column, scale > 0], got "
+                                 f"{triple!r}")  # fmt: skip
         names = [a for a, _ in self.actions]
         unknown = set(self.negative_actions) - set(names)
         if unknown:
@@ -44,16 +64,28 @@ class LogSchema:
 
     @classmethod
     def from_dict(cls, d: dict) -> LogSchema:
+        """A schema from its JSON form (``actions``/``continuous`` may be objects).
+
+        >>> LogSchema.from_dict({"post": "item", "actions": {"click": "clicked"}}).actions
+        (('click', 'clicked'),)
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a schema is a JSON object (column mapping), got {type(d).__name__}")
         d = dict(d)
-        if isinstance(d.get("actions"), dict):
-            d["actions"] = tuple(d["actions"].items())
-        if isinstance(d.get("continuous"), dict):
-            d["continuous"] = tuple((k, *v) for k, v in d["continuous"].items())
-        for key in ("actions", "continuous"):
-            if key in d:
-                d[key] = tuple(tuple(x) for x in d[key])
-        if "negative_actions" in d:
-            d["negative_actions"] = tuple(d["negative_actions"])
+        try:
+            if isinstance(d.get("actions"), dict):
+                d["actions"] = tuple(d["actions"].items())
+            if isinstance(d.get("continuous"), dict):
+                d["continuous"] = tuple((k, *v) for k, v in d["continuous"].items())
+            for key in ("actions", "continuous"):
+                if key in d:
+                    d[key] = tuple(tuple(x) for x in d[key])
+            if "negative_actions" in d:
+                if isinstance(d["negative_actions"], str):
+                    raise TypeError("a list of action names")
+                d["negative_actions"] = tuple(d["negative_actions"])
+        except TypeError as e:
+            raise ValueError(f"schema: bad actions/continuous/negative_actions ({e})") from e
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown schema fields {sorted(unknown)}")
