@@ -186,7 +186,7 @@ def test_same_seed_same_metrics(log_file, tmp_path):
         (["--data", "nope.csv", "--schema", SCHEMA_JSON], "no such file"),
         (["--eval-start", "2022-04-20"], "must come after train_end"),
         (["--eval-start", "2022-13-45x"], None),
-        (["--table-fraction", "0"], "--table-fraction must be > 0"),
+        (["--table-fraction", "0"], "argument --table-fraction: expected a finite number > 0"),
         (["--eval-start", "2023-01-01"], "no rows on the evaluation days"),
     ],
 )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hashrec.cli.common import UsageError, int_list
+from hashrec.cli.common import UsageError, int_list, out_folder, whole
 from hashrec.files import write_json_atomic, write_text_atomic
 
 DEFAULT_BUCKETS = "1000,2000,5000,10000,20000,50000,100000,200000,1000000"
@@ -31,8 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="NAME[:ENTITY]",
         help="ID column; ENTITY (user, post, author; default post) picks the Phoenix constants",
     )
-    p.add_argument("--sequential", type=int, default=0, metavar="N", help="also IDs 1..N")
-    p.add_argument("--random", type=int, default=0, metavar="N", help="also N random int64 IDs")
+    p.add_argument("--sequential", type=whole(0), default=0, metavar="N", help="also IDs 1..N")
+    p.add_argument(
+        "--random", type=whole(0), default=0, metavar="N", help="also N random int64 IDs"
+    )
     p.add_argument(
         "--buckets",
         type=int_list,
@@ -52,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="fused",
         help="fused: Phoenix's one block per entity type; separate: one table per hash",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the default scheme")
+    p.add_argument("--seed", type=whole(0), default=0, help="seed of the default scheme")
     p.add_argument("--out", default="runs/collisions", help="output folder (table, JSON, PNG)")
     p.set_defaults(func=run)
 
@@ -75,6 +77,19 @@ def _read_id_columns(path: Path, specs: list[str]) -> dict[str, tuple[np.ndarray
 def run(args: argparse.Namespace) -> int:
     from hashrec.analysis.collisions import format_table, plot_study, study
 
+    out = out_folder(args.out)
+    if min(args.buckets) < 2:
+        raise UsageError(f"--buckets: every N must be >= 2, got {min(args.buckets)}")
+    if min(args.hashes) < 1:
+        raise UsageError(f"--hashes: every k must be >= 1, got {min(args.hashes)}")
+    for s in args.schemes:
+        if s not in ("default", "phoenix"):
+            raise UsageError(f"--schemes: unknown scheme {s!r}, expected default or phoenix")
+    if args.schemes == ["phoenix"] and min(args.hashes) > 2:
+        raise UsageError(
+            f"--hashes {','.join(map(str, args.hashes))} with --schemes phoenix: Phoenix has "
+            "2 hashes per entity, so nothing would be measured"
+        )
     id_sets: dict[str, tuple[np.ndarray, str]] = {}
     if args.csv is not None:
         if not args.column:
@@ -93,16 +108,12 @@ def run(args: argparse.Namespace) -> int:
         videos = os.path.join(kuairand_sample_dir(), "video_features_basic_sample.csv.gz")
         print(f"(no ID set given: using the KuaiRand sample's video and author IDs, {videos})")
         id_sets.update(_read_id_columns(Path(videos), ["video_id:post", "author_id:author"]))
-    for s in args.schemes:
-        if s not in ("default", "phoenix"):
-            raise UsageError(f"--schemes: unknown scheme {s!r}, expected default or phoenix")
     rows = []
     for name, (ids, entity) in id_sets.items():
         schemes = [s if s == "default" else f"phoenix-{entity}" for s in args.schemes]
         rows += study({name: ids}, args.buckets, args.hashes, schemes, args.layout, args.seed)
     table = format_table(rows)
     print(table)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "collisions.json", [r.to_dict() for r in rows])
     write_text_atomic(out / "collisions.md", table + "\n")

@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["UsageError", "add_data_options", "add_model_options", "date", "int_list"]
+if TYPE_CHECKING:
+    from hashrec.data import LogSchema
+
+__all__ = [
+    "UsageError",
+    "add_data_options",
+    "add_model_options",
+    "date",
+    "int_list",
+    "number",
+    "out_file",
+    "out_folder",
+    "whole",
+]
 
 
 class UsageError(Exception):
@@ -32,10 +47,72 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def whole(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+
+    return parse
+
+
+def number(
+    low: float = -math.inf, high: float = math.inf, low_open: bool = True
+) -> Callable[[str], float]:
+    """An argparse type: a finite float in (low, high] (``low_open``) or [low, high]."""
+    bound = f"{'>' if low_open else '>='} {low:g}" if low > -math.inf else ""
+    bound += (" and " if bound and high < math.inf else "") + (
+        f"<= {high:g}" if high < math.inf else ""
+    )
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
+        return v
+
+    return parse
+
+
+def out_folder(path: str | Path, option: str = "--out") -> Path:
+    """A run folder to write into: refused if it names an existing file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{option} {p} is a file, expected a folder")
+    return p
+
+
+def out_file(path: str | Path, option: str = "--out") -> Path:
+    """A file to write: refused if it names an existing folder, or its folder is a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{option} {p} is a folder, expected a file path (e.g. {p}/metrics.json)")
+    for parent in p.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{option} {p}: {parent} is a file, not a folder")
+    return p
+
+
 def date(text: str) -> int:
     digits = text.replace("-", "")
     if len(digits) != 8 or not digits.isdigit():
         raise argparse.ArgumentTypeError(f"expected a date like 2022-05-03, got {text!r}")
+    from datetime import datetime
+
+    try:
+        datetime.strptime(digits, "%Y%m%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a calendar date") from None
     return int(digits)
 
 
@@ -44,6 +121,11 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                    "(default: the KuaiRand sample shipped with hashrec)")  # fmt: skip
     p.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
     p.add_argument("--authors", help="table mapping post -> author, if the log lacks authors")
+    p.add_argument(
+        "--with-random-log",
+        action="store_true",
+        help="KuaiRand folder: also read log_random_* (randomly exposed videos)",
+    )
     p.add_argument("--eval-start", type=date, default=20220503, help="first evaluation day")
     p.add_argument("--eval-end", type=date, default=None, help="last evaluation day")
 
@@ -70,43 +152,78 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--dim", type=int, default=32, help="embedding / transformer width D")
-    g.add_argument("--layers", type=int, default=2)
-    g.add_argument("--heads", type=int, default=2, help="query heads")
-    g.add_argument("--kv-heads", type=int, default=1, help="key/value heads (GQA)")
-    g.add_argument("--num-hashes", type=int, default=2, help="hashes k per entity")
-    g.add_argument("--table-fraction", type=float, default=0.25,
+    pos, nonneg = whole(1), whole(0)
+    g.add_argument("--dim", type=pos, default=32, help="embedding / transformer width D")
+    g.add_argument("--layers", type=pos, default=2)
+    g.add_argument("--heads", type=pos, default=2, help="query heads")
+    g.add_argument("--kv-heads", type=pos, default=1, help="key/value heads (GQA)")
+    g.add_argument("--num-hashes", type=pos, default=2, help="hashes k per entity")
+    g.add_argument("--table-fraction", type=number(0, 1e6), default=0.25,
                    help="rows per entity block as a fraction of its distinct IDs")  # fmt: skip
     g.add_argument("--scheme", choices=("default", "phoenix"), default="default")
-    g.add_argument("--history-len", type=int, default=32)
-    g.add_argument("--max-candidates", type=int, default=16)
-    g.add_argument("--slate-window", type=float, default=3600.0, help="seconds")
-    g.add_argument("--negatives", type=int, default=0, help="sampled negatives per request")
+    g.add_argument("--history-len", type=nonneg, default=32)
+    g.add_argument("--max-candidates", type=pos, default=16)
+    g.add_argument("--slate-window", type=number(0), default=3600.0, help="seconds (> 0)")
+    g.add_argument("--negatives", type=nonneg, default=0, help="sampled negatives per request")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=2)
-    t.add_argument("--batch-size", type=int, default=128, help="requests per step")
-    t.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (dense)")
-    t.add_argument("--table-lr", type=float, default=0.05, help="row-wise Adagrad (table)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=pos, default=2)
+    t.add_argument("--batch-size", type=pos, default=128, help="requests per step")
+    t.add_argument("--lr", type=number(0, 10), default=2e-3, help="AdamW learning rate (dense)")
+    t.add_argument("--table-lr", type=number(0, 100), default=0.05,
+                   help="row-wise Adagrad (table)")  # fmt: skip
+    t.add_argument("--seed", type=nonneg, default=0)
     add_device_option(p)
+
+
+def parse_schema(text: str) -> LogSchema:
+    """--schema: a JSON object, or the path of a file holding one."""
+    from hashrec.data import LogSchema
+
+    if text.lstrip().startswith(("{", "[")) or text.strip() in ("null", "true", "false"):
+        where, body = "--schema", text
+    elif os.path.isfile(text):
+        where, body = f"--schema {text}", Path(text).read_text()
+    elif os.path.exists(text):
+        raise UsageError(f"--schema {text} is a folder, expected a JSON file or a JSON object")
+    else:
+        raise FileNotFoundError(f"--schema {text}: no such file (give a JSON file or object)")
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: expected a JSON object mapping columns, got "
+                         f"{type(obj).__name__} {body.strip()[:40]}")  # fmt: skip
+    try:
+        return LogSchema.from_dict(obj)
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}") from None
 
 
 def load_data(args: argparse.Namespace):
     """The log named by --data/--schema/--authors (default: the shipped KuaiRand sample)."""
-    from hashrec.data import LogSchema, load_kuairand, load_log
+    from hashrec.data import load_kuairand, load_log
     from hashrec.datasets import kuairand_sample_dir
 
     path = args.data or kuairand_sample_dir()
+
+    def say(message: str) -> None:
+        print(message, flush=True)
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--data {path}: no such file or folder")
     if os.path.isdir(path):
-        return load_kuairand(path)
+        if args.schema:
+            raise UsageError(f"--data {path} is a KuaiRand folder; --schema is for a log file")
+        return load_kuairand(path, with_random=getattr(args, "with_random_log", False), say=say)
+    if getattr(args, "with_random_log", False):
+        raise UsageError("--with-random-log reads a KuaiRand folder; --data is a file")
     if not args.schema:
         raise UsageError(
             f"--data {path} is a file: give --schema (JSON file or string) mapping its "
             "columns, or a KuaiRand folder"
         )
-    text = Path(args.schema).read_text() if os.path.exists(args.schema) else args.schema
-    schema = LogSchema.from_dict(json.loads(text))
-    return load_log(path, schema, authors=args.authors)
+    return load_log(path, parse_schema(args.schema), authors=args.authors, say=say)
 
 
 def experiment_specs(args: argparse.Namespace, log) -> tuple[Any, Any, Any]:
@@ -116,8 +233,8 @@ def experiment_specs(args: argparse.Namespace, log) -> tuple[Any, Any, Any]:
     from hashrec.nn.transformer import TransformerConfig
     from hashrec.training.trainer import TrainConfig
 
-    if not 0 < args.table_fraction:
-        raise UsageError(f"--table-fraction must be > 0, got {args.table_fraction}")
+    if not 0 < args.table_fraction < math.inf:
+        raise UsageError(f"--table-fraction must be a finite number > 0, got {args.table_fraction}")
     try:
         tf = TransformerConfig(dim=args.dim, num_layers=args.layers, num_q_heads=args.heads,
                                num_kv_heads=args.kv_heads, widening_factor=2.0)  # fmt: skip

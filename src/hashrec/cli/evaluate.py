@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from hashrec.cli import common
 from hashrec.files import write_json_atomic
@@ -27,15 +26,22 @@ def run(args: argparse.Namespace) -> int:
     from hashrec.training.checkpoint import load_checkpoint
     from hashrec.training.trainer import predict, resolve_device
 
+    out = common.out_file(args.out)
     model, info = load_checkpoint(args.checkpoint, map_location=resolve_device(args.device))
     log = common.load_data(args)
     if tuple(model.config.actions) != tuple(log.actions):
         raise ValueError(f"the checkpoint predicts {model.config.actions}, the data has "
                          f"{log.actions}")  # fmt: skip
     extra = info.extra
-    train_end = args.train_end or (extra.get("split") or {}).get("train_end")
+    trained_to = (extra.get("split") or {}).get("train_end")
+    train_end = args.train_end or trained_to
     if train_end is None:
         raise common.UsageError("give --train-end (the checkpoint does not record it)")
+    if trained_to is not None and train_end < trained_to:
+        raise common.UsageError(
+            f"--train-end {train_end} is before the checkpoint's last training day {trained_to}: "
+            "the model would be scored on days it trained on"
+        )
     split = common.split(args, train_end)
     examples = ExampleConfig(**{**extra.get("examples", {}), "negatives_per_request": 0})
     _, ev = split.masks(log)
@@ -49,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
     }
     results = evaluate_predictions(log, pred.rows, pred.requests, preds)
     print(format_results(results, log.actions))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, {"results": results, "eval_impressions": len(pred.rows),
                             "checkpoint": str(args.checkpoint)})  # fmt: skip

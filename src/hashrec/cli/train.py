@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from pathlib import Path
 
 from hashrec.cli import common
 from hashrec.files import write_json_atomic
@@ -26,22 +25,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_table: bool,
                    resume: bool = False) -> None:  # fmt: skip
-    """Shared by ``train`` and ``demo``: resolve the configs, run, print, write config.json."""
+    """Shared by ``train`` and ``demo``: resolve and check everything, then (holding the run
+    folder's lock) decide on resuming, write config.json, run, print."""
     from hashrec.evaluation import experiment
+    from hashrec.training.runlock import RunLock
 
     split = common.split(args, train_end)
     split.masks(log)  # fail before training if a split is empty
     spec, examples, train_cfg = common.experiment_specs(args, log)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = {"command": args.command, "data": args.data or "kuairand sample",
-                "split": asdict(split), "examples": asdict(examples),
-                "train": asdict(train_cfg), "hash": spec.hash_config.to_dict(),
-                "transformer": asdict(spec.transformer), "device": args.device}  # fmt: skip
-    write_json_atomic(out / "config.json", resolved)
-    res = experiment.run(log, split, spec, examples, train_cfg, out,
-                         with_full_table=with_full_table, resume=resume,
-                         device=args.device, say=lambda m: print(m, flush=True))  # fmt: skip
+    experiment.ranker_config(log, spec)  # a log the model cannot take fails before any write
+    out = common.out_folder(args.out)
+    with RunLock(out, say=print):
+        checkpoint = out / "checkpoint.safetensors"
+        if resume and not experiment.check_resume(
+            checkpoint, log, split, spec, examples, train_cfg
+        ):
+            print(f"note: --resume: {out} holds no checkpoint yet; training from the start")
+        resolved = {"command": args.command, "data": args.data or "kuairand sample",
+                    "split": asdict(split), "examples": asdict(examples),
+                    "train": asdict(train_cfg), "hash": spec.hash_config.to_dict(),
+                    "transformer": asdict(spec.transformer), "device": args.device}  # fmt: skip
+        write_json_atomic(out / "config.json", resolved)
+        res = experiment.run(log, split, spec, examples, train_cfg, out,
+                             with_full_table=with_full_table, resume=resume,
+                             device=args.device, say=lambda m: print(m, flush=True))  # fmt: skip
     common.print_experiment(res)
     print(f"wrote {out}/metrics.json, results.md, results.png, checkpoint.safetensors")
 

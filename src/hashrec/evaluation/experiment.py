@@ -6,6 +6,7 @@ baseline is scored on the same evaluation impressions in the same run.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from hashrec.hashing.config import HashConfig
 from hashrec.models.ranker import PhoenixRanker, RankerConfig
 from hashrec.nn.table import MemoryReport
 from hashrec.nn.transformer import TransformerConfig
+from hashrec.training.checkpoint import read_checkpoint_metadata
+from hashrec.training.resume import check_resumable
 from hashrec.training.trainer import (
     Predictions,
     TrainConfig,
@@ -43,12 +46,15 @@ __all__ = [
     "ModelSpec",
     "Split",
     "baseline_predictions",
+    "check_resume",
     "collision_free_spec",
+    "data_fingerprint",
     "evaluate_predictions",
     "hashed_config",
     "ranker_config",
     "run",
     "run_model",
+    "run_record",
 ]
 
 
@@ -112,12 +118,59 @@ def collision_free_spec(
 
 
 def ranker_config(log: InteractionLog, spec: ModelSpec) -> RankerConfig:
-    return RankerConfig(
+    """The ranker for ``log``; refuses a log the model cannot take (e.g. a surface >= 16)
+    here, before anything is trained or written."""
+    cfg = RankerConfig(
         hash=spec.hash_config,
         transformer=spec.transformer,
         actions=log.actions,
         continuous_actions=log.continuous_actions,
     )
+    if len(log) and int(log.surface.max()) >= cfg.num_surfaces:
+        row = int(np.argmax(log.surface))
+        raise ValueError(
+            f"the log's surface column holds {int(log.surface[row])} (user {int(log.user[row])}, "
+            f"day {int(log.day[row])}): the ranker has {cfg.num_surfaces} product surfaces, "
+            f"0..{cfg.num_surfaces - 1}"
+        )
+    return cfg
+
+
+def data_fingerprint(log: InteractionLog, rows: np.ndarray) -> str:
+    """SHA-256 of the log's ``rows`` (a mask or indices): IDs, surfaces, times, labels."""
+    h = hashlib.sha256()
+    for a in (log.user, log.post, log.author, log.surface, log.time, log.day, log.labels,
+              log.continuous):  # fmt: skip
+        h.update(np.ascontiguousarray(a[rows]).tobytes())
+    return h.hexdigest()
+
+
+def run_record(log: InteractionLog, split: Split, spec: ModelSpec, examples: ExampleConfig) -> dict:
+    """What a run's checkpoint records besides the model and training settings (compared on
+    resume): split, example settings, model name, fingerprint of the training rows."""
+    train, _ = split.masks(log)
+    return {"split": asdict(split), "examples": asdict(examples), "model": spec.name,
+            "data": data_fingerprint(log, train)}  # fmt: skip
+
+
+def check_resume(
+    checkpoint: Path,
+    log: InteractionLog,
+    split: Split,
+    spec: ModelSpec,
+    examples: ExampleConfig,
+    train_cfg: TrainConfig,
+) -> bool:
+    """Before anything is written: False if there is no ``checkpoint``; ValueError if resuming
+    it would change training (``hashrec.training.resume``); True if it can be resumed."""
+    if not checkpoint.exists():
+        return False
+    meta = read_checkpoint_metadata(checkpoint)
+    saved = {"model_config": meta["model_config"], **meta["extra"]}
+    current = {"model_config": ranker_config(log, spec).to_dict(), "train": asdict(train_cfg),
+               **run_record(log, split, spec, examples)}  # fmt: skip
+    check_resumable(checkpoint, saved, current, meta["train_state"], train_cfg.epochs)
+    return True
 
 
 @dataclass
@@ -153,8 +206,7 @@ def run_model(
     )
     model = PhoenixRanker(ranker_config(log, spec))
     trainer = Trainer(model, train_cfg, run_dir, progress=progress, device=device)
-    trainer.extra = {"split": asdict(split), "examples": asdict(examples),
-                     "train": asdict(train_cfg), "model": spec.name}  # fmt: skip
+    trainer.extra = run_record(log, split, spec, examples)
     if resume:
         trainer.resume()
     state = trainer.fit(log, hashes, train_req)

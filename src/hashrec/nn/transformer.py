@@ -60,6 +60,11 @@ class TransformerConfig:
     attention: Literal["isolated", "full"] = "isolated"
 
     def __post_init__(self) -> None:
+        for name in ("dim", "num_layers", "num_q_heads", "num_kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim < 0:
+            raise ValueError(f"head_dim must be >= 0 (0: dim // num_q_heads), got {self.head_dim}")
         if self.head_dim == 0:
             if self.dim % self.num_q_heads:
                 raise ValueError(
@@ -74,8 +79,6 @@ class TransformerConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
-        if self.num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
         if self.attention not in ("isolated", "full"):
             raise ValueError(f"attention must be 'isolated' or 'full', got {self.attention!r}")
         if self.attn_logit_cap is not None and self.attn_logit_cap <= 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,10 @@ from hashrec.models.losses import ranking_loss
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.nn.optim import RowWiseAdagrad
 from hashrec.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from hashrec.training.resume import check_resumable
 
 __all__ = [
+    "NonFiniteError",
     "Predictions",
     "TrainConfig",
     "TrainState",
@@ -56,8 +58,18 @@ class TrainConfig:
             raise ValueError(
                 f"need epochs >= 1 and batch_size >= 1, got {self.epochs}, {self.batch_size}"
             )
-        if self.lr <= 0 or self.table_lr <= 0:
-            raise ValueError(f"learning rates must be > 0, got {self.lr}, {self.table_lr}")
+        for name in ("lr", "table_lr", "weight_decay", "continuous_weight"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0 or (v == 0 and name.endswith("lr")):
+                raise ValueError(f"{name} must be a finite number {'>' if 'lr' in name else '>='}"
+                                 f" 0, got {v}")  # fmt: skip
+        if self.seed < 0 or self.checkpoint_every < 1:
+            raise ValueError(f"need seed >= 0 and checkpoint_every >= 1, got {self.seed}, "
+                             f"{self.checkpoint_every}")  # fmt: skip
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinite loss or weight; the last good checkpoint is kept."""
 
 
 def set_seed(seed: int) -> None:
@@ -104,31 +116,60 @@ class Trainer:
         )
         self.table = RowWiseAdagrad(model.table.parameters(), lr=config.table_lr)
         self.state = TrainState()
-        self.extra: dict = {}
+        self.extra: dict = {}  # what the run records beside the training settings (split, data)
+        self._saved_step: int | None = None
 
     @property
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoint.safetensors"
 
+    def record(self) -> dict:
+        """What the checkpoint records about this run: training settings and ``extra``."""
+        return {"train": asdict(self.config), **self.extra}
+
+    def _stop(self, what: str) -> NonFiniteError:
+        kept = (
+            f"the last good checkpoint (step {self._saved_step}) is kept in {self.checkpoint_path}"
+            if self._saved_step is not None
+            else "no checkpoint was written"
+        )
+        return NonFiniteError(f"training stopped at step {self.state.global_step + 1}: {what}; "
+                              f"{kept}. Try a lower --lr / --table-lr")  # fmt: skip
+
     def save(self) -> None:
+        """Checkpoint the run; refuses (``NonFiniteError``) weights that are not finite."""
+        for name, p in self.model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise self._stop(f"weight {name} holds NaN or infinite values")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         optimizers = {"dense": self.dense, "table": self.table}
-        save_checkpoint(self.checkpoint_path, self.model, optimizers, self.state, self.extra)
+        save_checkpoint(self.checkpoint_path, self.model, optimizers, self.state, self.record())
+        self._saved_step = self.state.global_step
 
     def resume(self) -> bool:
-        """Load model, optimizers and position from the run's checkpoint; False if none."""
+        """Load model, optimizers and position from the run's checkpoint; False if none.
+
+        Refuses a checkpoint whose recorded run differs in a setting that changes training
+        (``hashrec.training.resume`` lists the ones that may change).
+        """
         if not self.checkpoint_path.exists():
             return False
         model, info = load_checkpoint(self.checkpoint_path, map_location=self.device)
-        if model.config != self.model.config:
-            raise ValueError(f"{self.checkpoint_path}: its model config differs from this run's")
         if info.train_state is None or set(info.optimizers) != {"dense", "table"}:
             raise ValueError(f"{self.checkpoint_path}: not a training checkpoint (no run state)")
+        check_resumable(
+            self.checkpoint_path,
+            {"model_config": model.config.to_dict(), **info.extra},
+            {"model_config": self.model.config.to_dict(), **self.record()},
+            asdict(info.train_state),
+            self.config.epochs,
+        )
         self.model.load_state_dict(model.state_dict())
         self.dense.load_state_dict(info.optimizers["dense"])
         self.table.load_state_dict(info.optimizers["table"])
         self.state = info.train_state
-        self.extra = info.extra
+        self.state.done = self.state.epoch >= self.config.epochs
+        self._saved_step = self.state.global_step
         return True
 
     def fit(self, log: InteractionLog, hashes: RowHashes, requests: Requests) -> TrainState:
@@ -148,13 +189,17 @@ class Trainer:
                 loss = ranking_loss(
                     out, lb.labels, lb.label_mask, lb.continuous, c.continuous_weight
                 )
+                value = loss.item()
+                if not math.isfinite(value):  # stop before the step spoils the weights
+                    bar.close()
+                    raise self._stop(f"the loss is {value} (epoch {epoch + 1})")
                 loss.backward()
                 self.dense.step()
                 self.table.step()
                 self.dense.zero_grad(set_to_none=True)
                 self.table.zero_grad(set_to_none=True)
                 seen += int(out.candidate_mask.sum())
-                st.record_loss(loss.item())
+                st.record_loss(value)
                 st.global_step += 1
                 st.step_in_epoch = start + i + 1
                 st.examples_per_s = seen / (time.perf_counter() - t0)

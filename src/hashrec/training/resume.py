@@ -1,0 +1,87 @@
+"""Which settings may change when a run resumes from its checkpoint, and which may not.
+
+A checkpoint records the run that wrote it: the model config, and in ``extra`` the split, the
+example settings, the training settings and a fingerprint of the training rows. Resuming with any
+difference that changes what the model learns would silently make a run that is neither the old
+one nor the new one (a different batch size skips or repeats requests: the position is counted in
+steps; a different learning rate would be ignored by the restored optimizer state). So every
+difference is refused except these, which do not change the steps already taken:
+
+* ``train.epochs``: more epochs continue a finished run (each epoch's order is seeded by
+  (seed, epoch)); fewer than the checkpoint has started are refused;
+* ``train.max_steps``, ``train.checkpoint_every``: when to stop and save;
+* ``split.eval_start``, ``split.eval_end``: the evaluation days;
+* ``model``: the display name.
+
+The device may change too (it is not part of the record).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["MAY_CHANGE", "check_resumable", "resume_conflicts"]
+
+MAY_CHANGE = frozenset(
+    {"train.epochs", "train.max_steps", "train.checkpoint_every", "split.eval_start",
+     "split.eval_end", "model"}
+)  # fmt: skip
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, list | tuple):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out or {prefix: []}
+    return {prefix: obj}
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Every setting that differs between a checkpoint's record and this run, except
+    ``MAY_CHANGE``, as ``"key: <saved> in the checkpoint, <current> now"``.
+
+    A key absent from the checkpoint (written by an older version) is not compared.
+
+    >>> saved = {"train": {"lr": 0.002, "epochs": 2}}
+    >>> resume_conflicts(saved, {"train": {"lr": 0.01, "epochs": 3}})
+    ['train.lr: 0.002 in the checkpoint, 0.01 now']
+    """
+    old, new = _flatten(saved), _flatten(current)
+    top = {k.split(".")[0].split("[")[0] for k in old}
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in MAY_CHANGE or key.split(".")[0].split("[")[0] not in top:
+            continue
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if a != b:
+            out.append(f"{key}: {a} in the checkpoint, {b} now")
+    return out
+
+
+def check_resumable(
+    path: object,
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    saved_state: dict[str, Any] | None,
+    epochs: int,
+) -> None:
+    """Raise ValueError naming every conflicting setting between ``saved`` (the checkpoint at
+    ``path``) and ``current``, or epochs fewer than the checkpoint has already started."""
+    conflicts = resume_conflicts(saved, current)
+    if saved_state is not None:
+        started = saved_state["epoch"] + (1 if saved_state["step_in_epoch"] else 0)
+        if epochs < started:
+            conflicts.append(f"train.epochs: {epochs} now, but the checkpoint has started "
+                             f"epoch {started}")  # fmt: skip
+    if conflicts:
+        raise ValueError(
+            f"{path}: cannot resume with settings that change training: "
+            + "; ".join(conflicts)
+            + ". Resume with the checkpoint's settings, or start a new run in another --out"
+        )
