@@ -270,3 +270,9 @@ def test_kuairand_reads_every_log_file(tmp_path):
     (folder / "log_standard_4_22_to_5_08_pure.csv.gz").write_bytes(b"")
     with pytest.raises(ValueError, match="hold the same data twice"):
         load_kuairand(str(folder))
+
+
+@pytest.mark.parametrize("window", [-5.0, float("nan"), float("inf")])
+def test_slate_window_must_be_finite_and_non_negative(window):
+    with pytest.raises(ValueError, match="slate_window_s must be a finite number >= 0"):
+        ExampleConfig(slate_window_s=window)

@@ -213,8 +213,9 @@ def load_data(args: argparse.Namespace):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data {path}: no such file or folder")
     if os.path.isdir(path):
-        if args.schema:
-            raise UsageError(f"--data {path} is a KuaiRand folder; --schema is for a log file")
+        for given, flag in ((args.schema, "--schema"), (args.authors, "--authors")):
+            if given:
+                raise UsageError(f"--data {path} is a KuaiRand folder; {flag} is for a log file")
         return load_kuairand(path, with_random=getattr(args, "with_random_log", False), say=say)
     if getattr(args, "with_random_log", False):
         raise UsageError("--with-random-log reads a KuaiRand folder; --data is a file")

@@ -32,6 +32,9 @@ class ExampleConfig:
                 f"need history_len >= 0, max_candidates >= 1, negatives_per_request >= 0; got "
                 f"{self.history_len}, {self.max_candidates}, {self.negatives_per_request}"
             )
+        if not 0 <= self.slate_window_s < float("inf"):  # also refuses NaN
+            raise ValueError(f"slate_window_s must be a finite number >= 0, got "
+                             f"{self.slate_window_s}")  # fmt: skip
 
 
 @dataclass
