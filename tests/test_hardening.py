@@ -284,3 +284,19 @@ def test_edited_checkpoint_metadata_is_refused(log_file, tmp_path, edit, rediges
     edited = _edit(tr.checkpoint_path, tmp_path, edit, redigest)
     with pytest.raises(ValueError, match=re.escape(message)):
         ckpt.load_checkpoint(edited)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lr", float("nan"), "lr must be a finite number > 0, got nan"),
+        ("table_lr", float("inf"), "table_lr must be a finite number > 0, got inf"),
+        ("weight_decay", -0.1, "weight_decay must be a finite number >= 0"),
+        ("seed", -1, "need seed >= 0"),
+    ],
+)
+def test_train_config_refuses_bad_values(field, value, message):
+    from hashrec.training.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**{field: value})

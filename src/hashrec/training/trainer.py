@@ -134,7 +134,7 @@ class Trainer:
             else "no checkpoint was written"
         )
         return NonFiniteError(f"training stopped at step {self.state.global_step + 1}: {what}; "
-                              f"{kept}. Try a lower --lr / --table-lr")  # fmt: skip
+                              f"{kept}. Lower learning rates may help")  # fmt: skip
 
     def save(self) -> None:
         """Checkpoint the run; refuses (``NonFiniteError``) weights that are not finite."""
