@@ -1,0 +1,2 @@
+"""Layer 7: serving. ``rank.py`` scores raw requests (no web framework needed); ``app.py``,
+``schemas.py`` and ``batcher.py`` are the HTTP service (the ``serve`` extra: FastAPI, uvicorn)."""

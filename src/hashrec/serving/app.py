@@ -1,0 +1,304 @@
+"""The HTTP service: ``create_app(ranker, ...)`` builds a FastAPI app (no state at import).
+
+Routes: ``POST /rank`` (raw request -> per-action probabilities and weighted score per candidate,
+in candidate order), ``POST /recommend`` (only when a recommender is given), ``GET /healthz``,
+``GET /metrics`` (Prometheus text: request counts by route and status, latency histogram, batch
+sizes) and FastAPI's ``/openapi.json`` and ``/docs``.
+
+Bad input never reaches the model: bodies over ``max_body_bytes`` get 413 before they are read
+in full; malformed JSON, wrong types, out-of-range or non-integer numbers (NaN, 1e400, -1, 2^64),
+unknown fields and oversized lists get 422 from the strict pydantic models; a full queue gets
+429. Concurrent ``/rank`` requests are micro-batched (``batcher.py``). Shutdown (uvicorn's, on
+SIGINT/SIGTERM) stops accepting, lets in-flight requests finish, then stops the batcher.
+
+(No ``from __future__ import annotations``: FastAPI reads the endpoint annotations, which name
+classes built per app.)
+"""
+
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hashrec.serving.batcher import BatchConfig, MicroBatcher, QueueFull
+from hashrec.serving.rank import RankQuery, RankResult, RequestRanker
+from hashrec.serving.schemas import Limits, build_schemas
+
+__all__ = ["ServeConfig", "create_app"]
+
+# Latency histogram bucket bounds in seconds (Prometheus convention: cumulative, plus +Inf).
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and batching of one app.
+
+    >>> ServeConfig(limits=Limits(max_candidates=100)).limits.max_candidates
+    100
+    """
+
+    limits: Limits = field(default_factory=Limits)
+    batching: BatchConfig = field(default_factory=BatchConfig)
+
+
+class _Metrics:
+    """Request counts and latencies by route and status, rendered as Prometheus text."""
+
+    def __init__(self, routes: tuple[str, ...]) -> None:
+        self.routes = routes
+        self.counts: dict[tuple[str, int], int] = {}
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+        self.in_flight = 0
+
+    def route(self, path: str) -> str:
+        return path if path in self.routes else "other"  # bounded label set
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.counts[(route, status)] = self.counts.get((route, status), 0) + 1
+        b = self.buckets.setdefault(route, [0] * (len(LATENCY_BUCKETS) + 1))
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                b[i] += 1
+        b[-1] += 1
+        self.sums[route] = self.sums.get(route, 0.0) + seconds
+
+    def render(self, batcher: MicroBatcher) -> str:
+        lines = [
+            "# HELP hashrec_requests_total HTTP requests by route and status.",
+            "# TYPE hashrec_requests_total counter",
+        ]
+        for (route, status), n in sorted(self.counts.items()):
+            lines.append(f'hashrec_requests_total{{route="{route}",status="{status}"}} {n}')
+        lines += [
+            "# HELP hashrec_request_seconds HTTP request latency (first byte in to last byte out).",
+            "# TYPE hashrec_request_seconds histogram",
+        ]
+        for route, b in sorted(self.buckets.items()):
+            for bound, n in zip((*LATENCY_BUCKETS, math.inf), b, strict=True):
+                le = "+Inf" if bound == math.inf else repr(bound)
+                lines.append(f'hashrec_request_seconds_bucket{{route="{route}",le="{le}"}} {n}')
+            lines.append(f'hashrec_request_seconds_sum{{route="{route}"}} {self.sums[route]:.6f}')
+            lines.append(f'hashrec_request_seconds_count{{route="{route}"}} {b[-1]}')
+        lines += [
+            "# TYPE hashrec_requests_in_flight gauge",
+            f"hashrec_requests_in_flight {self.in_flight}",
+            "# TYPE hashrec_model_batches_total counter",
+            f"hashrec_model_batches_total {batcher.batches}",
+            "# TYPE hashrec_model_batch_items_total counter",
+            f"hashrec_model_batch_items_total {batcher.items}",
+            "# TYPE hashrec_queue_waiting gauge",
+            f"hashrec_queue_waiting {batcher.waiting}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class _BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+class _Guard:
+    """Outermost ASGI layer: body-size limit, in-flight count, per-route metrics."""
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: _Metrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # if the app dies before answering
+        started = False
+
+        async def send_status(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        self.metrics.in_flight += 1
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.limit):
+                await _plain(send_status, 413, f"request body larger than {self.limit} bytes")
+                return
+            seen = 0
+
+            async def limited() -> Message:
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > self.limit:  # chunked bodies: count as they come
+                        raise _BodyTooLarge(self.limit)
+                return message
+
+            try:
+                await self.app(scope, limited, send_status)
+            except _BodyTooLarge:
+                if not started:
+                    await _plain(send_status, 413, f"request body larger than {self.limit} bytes")
+        finally:
+            self.metrics.in_flight -= 1
+            self.metrics.observe(
+                self.metrics.route(scope["path"]), status, time.perf_counter() - start
+            )
+
+
+async def _plain(send: Callable[[Message], Awaitable[None]], status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _floats(a: np.ndarray) -> list[float]:
+    return [float(x) for x in a.tolist()]
+
+
+def create_app(
+    ranker: RequestRanker,
+    config: ServeConfig | None = None,
+    recommend: Callable[[Any], Any] | None = None,
+) -> FastAPI:
+    """A FastAPI app serving ``ranker`` under ``config``'s limits and batching.
+
+    ``recommend`` (optional) answers ``POST /recommend``; without it the route does not exist
+    (404). Run it with uvicorn, e.g. ``uvicorn.run(create_app(ranker), port=8000)``.
+    """
+    config = config or ServeConfig()
+    limits = config.limits
+    max_history = ranker.history_len if limits.max_history is None else limits.max_history
+    if max_history > ranker.history_len:
+        raise ValueError(
+            f"max_history {max_history} exceeds the ranker's history_len {ranker.history_len}"
+        )
+    mcfg = ranker.model.config
+    schemas = build_schemas(
+        limits, max_history, mcfg.actions, mcfg.continuous_actions, mcfg.num_surfaces
+    )
+    RankRequest, RankResponse, Health = schemas.RankRequest, schemas.RankResponse, schemas.Health
+    action_index = {a: i for i, a in enumerate(mcfg.actions)}
+    batcher: MicroBatcher[RankQuery, RankResult] = MicroBatcher(
+        ranker.rank, lambda q: q.num_candidates, config.batching
+    )
+    routes = ("/rank", "/healthz", "/metrics", "/openapi.json", "/docs")
+    metrics = _Metrics((*routes, "/recommend") if recommend is not None else routes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()  # uvicorn has let in-flight requests finish by now
+
+    app = FastAPI(
+        title="hashrec",
+        summary="Phoenix-style ranking of raw requests (hashrec serve).",
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.batcher, app.state.metrics, app.state.ranker = batcher, metrics, ranker
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the offending input, which may be NaN or Infinity (not
+        # JSON: it would fail with a 500) or megabytes long: report where and what, not the input.
+        detail = [
+            {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")),
+             "type": str(e.get("type", ""))}  # fmt: skip
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    def to_query(req: Any) -> RankQuery:
+        S, A = len(req.history), len(mcfg.actions)
+        acts = np.zeros((S, A), np.float32)
+        for i, ev in enumerate(req.history):
+            for a in ev.actions:
+                acts[i, action_index[a]] = 1.0
+        return RankQuery(
+            user_id=req.user_id,
+            candidate_post_ids=[c.post_id for c in req.candidates],
+            candidate_author_ids=[c.author_id for c in req.candidates],
+            candidate_surfaces=[c.surface for c in req.candidates],
+            history_post_ids=[e.post_id for e in req.history],
+            history_author_ids=[e.author_id for e in req.history],
+            history_actions=acts,
+            history_surfaces=[e.surface for e in req.history],
+        )
+
+    async def score(query: RankQuery) -> RankResult:
+        try:
+            return await batcher.submit(query)
+        except QueueFull as e:
+            raise HTTPException(429, f"server busy: {e}") from None
+        except ValueError as e:  # a request the model cannot take: the client's to fix
+            raise HTTPException(422, str(e)) from None
+
+    @app.post(
+        "/rank",
+        response_model=RankResponse,
+        responses={413: {"description": "body too large"}, 429: {"description": "busy"}},
+        summary="Score candidates for a user: per-action probabilities and the weighted score",
+    )
+    async def rank(request: RankRequest) -> Response:  # type: ignore[valid-type]
+        query = to_query(request)
+        res = await score(query)
+        cont_names = mcfg.continuous_actions
+        out = {
+            "candidates": [
+                {
+                    "post_id": int(pid),
+                    "score": float(s),
+                    "probabilities": dict(zip(mcfg.actions, _floats(p), strict=True)),
+                    "continuous": dict(zip(cont_names, _floats(c), strict=True)),
+                }
+                for pid, s, p, c in zip(
+                    query.candidate_post_ids, res.scores, res.probs, res.continuous, strict=True
+                )
+            ]
+        }
+        # serialised here (not through the response model) to keep /rank fast
+        return Response(json.dumps(out, allow_nan=False), media_type="application/json")
+
+    if recommend is not None:
+
+        @app.post("/recommend", summary="Top-K posts for a user: retrieve -> rank -> score")
+        async def recommend_route(request: Request) -> Any:
+            return await recommend(request)
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Any:
+        return {
+            "status": "ok",
+            "actions": list(mcfg.actions),
+            "continuous_actions": list(mcfg.continuous_actions),
+            "max_history": max_history,
+            "max_candidates": limits.max_candidates,
+            "recommend": recommend is not None,
+        }
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_route() -> str:
+        return metrics.render(batcher)
+
+    return _wrap(app, limits.max_body_bytes, metrics)
+
+
+def _wrap(app: FastAPI, limit: int, metrics: _Metrics) -> FastAPI:
+    app.add_middleware(_Guard, limit=limit, metrics=metrics)
+    return app

@@ -1,0 +1,238 @@
+"""Ranking one raw request: raw IDs -> hashed ``RecsysBatch`` -> ``PhoenixRanker`` -> scores.
+
+This is the library-level path behind ``POST /rank`` (the HTTP layer only validates and
+batches): a ``RankQuery`` holds one request's raw IDs (unhashed user, post and author IDs as the
+model was trained on), its history events with their actions and surfaces, and its candidates.
+``RequestRanker`` hashes them with the model's own ``HashConfig``, runs the ranker in eval mode
+and applies the ``WeightedScorer``.
+
+Layout, as in training (``hashrec.data.requests``): the history is oldest -> newest and left-padded
+to ``history_len`` events, so an event's position relative to the candidates does not depend on
+how many events a request carries or on the other requests of a batch; candidates are
+right-padded to the longest slate of the batch. Candidates never see each other (candidate
+isolation), so a candidate's scores do not depend on the batch it was scored in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hashrec.models.ranker import PhoenixRanker
+from hashrec.models.scoring import ScoringConfig, WeightedScorer
+from hashrec.nn.batch import RecsysBatch
+
+__all__ = ["RankQuery", "RankResult", "RequestRanker", "to_batch"]
+
+
+def _ids(name: str, value: Sequence[int] | np.ndarray, length: int | None = None) -> np.ndarray:
+    a = np.asarray(value)
+    if a.dtype == object or not (a.size == 0 or np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+    a = a.astype(np.int64).reshape(-1) if a.size else np.zeros(0, np.int64)
+    if length is not None and len(a) != length:
+        raise ValueError(f"{name} has {len(a)} entries, expected {length}")
+    return a
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    """One raw ranking request (IDs unhashed; 0 is not an ID, it means padding).
+
+    Shapes: history_* [S] and history_actions [S, A] (multi-hot over the model's actions;
+    [S, 0] or None: no action set), oldest -> newest; candidate_* [C]. Surfaces index the
+    product-surface table (default 0).
+
+    >>> q = RankQuery(7, candidate_post_ids=[11, 12], candidate_author_ids=[3, 3])
+    >>> q.history_len, q.num_candidates, q.candidate_surfaces.tolist()
+    (0, 2, [0, 0])
+    """
+
+    user_id: int
+    candidate_post_ids: np.ndarray
+    candidate_author_ids: np.ndarray
+    candidate_surfaces: np.ndarray | None = None
+    history_post_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    history_author_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    history_actions: np.ndarray | None = None
+    history_surfaces: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__  # frozen: normalise once, here
+        put(self, "user_id", int(self.user_id))
+        put(self, "candidate_post_ids", _ids("candidate_post_ids", self.candidate_post_ids))
+        C = len(self.candidate_post_ids)
+        put(self, "candidate_author_ids", _ids("candidate_author_ids", self.candidate_author_ids, C))
+        surf = np.zeros(C, np.int64) if self.candidate_surfaces is None else self.candidate_surfaces
+        put(self, "candidate_surfaces", _ids("candidate_surfaces", surf, C))
+        put(self, "history_post_ids", _ids("history_post_ids", self.history_post_ids))
+        S = len(self.history_post_ids)
+        put(self, "history_author_ids", _ids("history_author_ids", self.history_author_ids, S))
+        surf = np.zeros(S, np.int64) if self.history_surfaces is None else self.history_surfaces
+        put(self, "history_surfaces", _ids("history_surfaces", surf, S))
+        acts = np.zeros((S, 0), np.float32) if self.history_actions is None else self.history_actions
+        acts = np.asarray(acts, dtype=np.float32)
+        if acts.ndim != 2 or acts.shape[0] != S:
+            raise ValueError(f"history_actions has shape {list(acts.shape)}, expected [{S}, A]")
+        put(self, "history_actions", acts)
+        if C == 0:
+            raise ValueError("candidate_post_ids is empty, expected at least one candidate")
+        for name in ("candidate_post_ids", "candidate_author_ids", "history_post_ids",
+                     "history_author_ids"):  # fmt: skip
+            a = getattr(self, name)
+            if a.size and int(a.min()) <= 0:
+                raise ValueError(f"{name} holds {int(a.min())}, expected IDs >= 1")
+        if self.user_id <= 0:
+            raise ValueError(f"user_id is {self.user_id}, expected an ID >= 1")
+
+    @property
+    def history_len(self) -> int:
+        return len(self.history_post_ids)
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.candidate_post_ids)
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """One request's predictions in candidate order.
+
+    probs [C, A] (sigmoid of the binary heads), continuous [C, Ac], scores [C] (the weighted
+    score, float64).
+    """
+
+    probs: np.ndarray
+    continuous: np.ndarray
+    scores: np.ndarray
+
+
+def to_batch(
+    queries: Sequence[RankQuery],
+    model: PhoenixRanker,
+    history_len: int,
+) -> RecsysBatch:
+    """Hash raw queries into one ``RecsysBatch`` with the model's ``HashConfig``.
+
+    History is left-padded to ``history_len`` (a longer history is an error, not truncated);
+    candidates are right-padded to the batch's largest C. Raises ``ValueError`` naming the field
+    on a query the model cannot take (action count, surface range, history length).
+    """
+    cfg = model.config
+    A, B = cfg.num_actions, len(queries)
+    if B == 0:
+        raise ValueError("to_batch needs at least one query")
+    S = history_len
+    C = max(q.num_candidates for q in queries)
+    user = np.zeros(B, np.int64)
+    hp, ha, hs = (np.zeros((B, S), np.int64) for _ in range(3))
+    acts = np.zeros((B, S, A), np.float32)
+    cp, ca, cs = (np.zeros((B, C), np.int64) for _ in range(3))
+    for i, q in enumerate(queries):
+        n = q.history_len
+        if n > S:
+            raise ValueError(f"history has {n} events, at most {S} are allowed")
+        if n and q.history_actions.shape[1] not in (0, A):  # 0 columns: no action set
+            raise ValueError(
+                f"history_actions has {q.history_actions.shape[1]} actions, the model has {A}"
+            )
+        user[i] = q.user_id
+        if n:
+            hp[i, S - n :], ha[i, S - n :] = q.history_post_ids, q.history_author_ids
+            hs[i, S - n :] = q.history_surfaces
+            if q.history_actions.shape[1]:
+                acts[i, S - n :] = q.history_actions
+        c = q.num_candidates
+        cp[i, :c], ca[i, :c], cs[i, :c] = (
+            q.candidate_post_ids,
+            q.candidate_author_ids,
+            q.candidate_surfaces,
+        )
+    h = cfg.hash
+    for name, s in (("history_surfaces", hs), ("candidate_surfaces", cs)):
+        if s.size and (int(s.min()) < 0 or int(s.max()) >= cfg.num_surfaces):
+            bad = int(s.min()) if int(s.min()) < 0 else int(s.max())
+            raise ValueError(f"{name} holds {bad}, expected 0..{cfg.num_surfaces - 1}")
+    if ((acts != 0) & (acts != 1)).any():
+        raise ValueError("history_actions must be multi-hot (0 or 1)")
+    batch = RecsysBatch(
+        user_hashes=torch.from_numpy(h.rows("user", user)),
+        history_post_hashes=torch.from_numpy(h.rows("post", hp)),
+        history_author_hashes=torch.from_numpy(h.rows("author", ha)),
+        history_actions=torch.from_numpy(acts),
+        history_product_surface=torch.from_numpy(hs),
+        candidate_post_hashes=torch.from_numpy(h.rows("post", cp)),
+        candidate_author_hashes=torch.from_numpy(h.rows("author", ca)),
+        candidate_product_surface=torch.from_numpy(cs),
+    )
+    return batch.validate(h, num_actions=A, num_surfaces=cfg.num_surfaces)
+
+
+class RequestRanker:
+    """Scores raw ranking requests with a ``PhoenixRanker`` and a ``WeightedScorer``.
+
+    The model is put in eval mode; scoring runs under ``torch.inference_mode``. Not thread-safe
+    by itself: one thread (the server's model worker) calls ``rank`` at a time.
+
+    >>> import torch
+    >>> from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
+    >>> cfg = RankerConfig(hash=HashConfig.uniform(num_buckets=101),
+    ...     transformer=TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1),
+    ...     actions=("click", "report"), continuous_actions=())
+    >>> ranker = RequestRanker(PhoenixRanker(cfg), history_len=4,
+    ...     scoring=ScoringConfig(weights={"click": 1.0, "report": -10.0}))
+    >>> q = RankQuery(7, [11, 12, 13], [3, 3, 4], history_post_ids=[9],
+    ...               history_author_ids=[2], history_actions=[[1, 0]])
+    >>> [r.scores.shape for r in ranker.rank([q, q])]
+    [(3,), (3,)]
+    """
+
+    def __init__(
+        self,
+        model: PhoenixRanker,
+        history_len: int = 32,
+        scoring: ScoringConfig | None = None,
+    ) -> None:
+        if not isinstance(model, PhoenixRanker):
+            raise ValueError(f"model must be a PhoenixRanker, got {type(model).__name__}")
+        if history_len < 0:
+            raise ValueError(f"history_len must be >= 0, got {history_len}")
+        if any(e.scheme == "identity" for e in model.config.hash.entities):
+            raise ValueError(
+                "the model hashes dense IDs (identity scheme, a full-table baseline): it cannot "
+                "take raw IDs; serve a hashed model"
+            )
+        self.model = model.eval()
+        self.history_len = history_len
+        cfg = model.config
+        self.scorer = WeightedScorer(
+            scoring or ScoringConfig(), cfg.actions, cfg.continuous_actions
+        )
+        self.device = next(model.parameters()).device
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        return self.model.config.actions
+
+    @property
+    def continuous_actions(self) -> tuple[str, ...]:
+        return self.model.config.continuous_actions
+
+    def rank(self, queries: Sequence[RankQuery]) -> list[RankResult]:
+        """Score a batch of queries in one forward pass; one ``RankResult`` per query."""
+        batch = to_batch(queries, self.model, self.history_len).to(self.device)
+        with torch.inference_mode():
+            out = self.model(batch)
+            probs = out.probs.float()
+            scores = self.scorer.score(probs, out.continuous.float())  # [B, C]
+        probs_np = probs.cpu().numpy()
+        cont_np = out.continuous.float().cpu().numpy()
+        scores_np = scores.cpu().numpy()
+        results = []
+        for i, q in enumerate(queries):
+            c = q.num_candidates
+            results.append(RankResult(probs_np[i, :c], cont_np[i, :c], scores_np[i, :c]))
+        return results

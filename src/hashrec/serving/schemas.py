@@ -1,0 +1,132 @@
+"""Request and response models of the HTTP service, built from the model and the limits.
+
+The models are made per app (``build_schemas``) so the limits and the model's own action names
+and surface count land in the validation and in the OpenAPI schema: a client reads every bound
+from ``/openapi.json``. Validation is strict: integers must be JSON integers (no strings, floats,
+booleans, NaN), unknown fields are refused, IDs lie in ``1 .. max_id``.
+
+(No ``from __future__ import annotations`` here: pydantic resolves the annotations of these
+function-local classes at class creation.)
+"""
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["Limits", "Schemas", "build_schemas"]
+
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one request; all configurable (``hashrec serve --max-...``).
+
+    ``max_history`` None means the ranker's own history length (the one it was trained with).
+
+    >>> Limits(max_candidates=100).max_candidates
+    100
+    """
+
+    max_history: int | None = None
+    max_candidates: int = 1000
+    max_body_bytes: int = 1 << 20
+    max_id: int = INT64_MAX
+
+    def __post_init__(self) -> None:
+        if self.max_history is not None and self.max_history < 0:
+            raise ValueError(f"max_history must be >= 0, got {self.max_history}")
+        if self.max_candidates < 1:
+            raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
+        if self.max_body_bytes < 64:
+            raise ValueError(f"max_body_bytes must be >= 64, got {self.max_body_bytes}")
+        if not 1 <= self.max_id <= INT64_MAX:
+            raise ValueError(f"max_id must be in 1..2^63-1, got {self.max_id}")
+
+
+@dataclass(frozen=True)
+class Schemas:
+    """The pydantic classes of one app."""
+
+    HistoryEvent: type[BaseModel]
+    Candidate: type[BaseModel]
+    RankRequest: type[BaseModel]
+    CandidateScore: type[BaseModel]
+    RankResponse: type[BaseModel]
+    Health: type[BaseModel]
+
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def build_schemas(
+    limits: Limits,
+    max_history: int,
+    actions: tuple[str, ...],
+    continuous_actions: tuple[str, ...],
+    num_surfaces: int,
+) -> Schemas:
+    """Pydantic models for ``limits`` and a model with ``actions`` and ``num_surfaces``."""
+    Id = Annotated[int, Field(ge=1, le=limits.max_id, description="raw ID, as in training")]
+    Surface = Annotated[int, Field(ge=0, le=num_surfaces - 1, description="product surface")]
+    Action = Literal.__getitem__(tuple(actions))
+    num_actions = len(actions)  # (a class body cannot see ``actions``: it has a field so named)
+
+    class HistoryEvent(BaseModel):
+        """One earlier impression of the user and what the user did on it."""
+
+        model_config = _STRICT
+        post_id: Id
+        author_id: Id
+        actions: list[Action] = Field(  # type: ignore[valid-type]
+            default_factory=list,
+            max_length=num_actions,
+            description="actions the user took on the post (names from the model)",
+        )
+        surface: Surface = 0
+
+        @field_validator("actions")
+        @classmethod
+        def _unique(cls, v: list[str]) -> list[str]:
+            if len(set(v)) != len(v):
+                raise ValueError("actions lists an action twice")
+            return v
+
+    class Candidate(BaseModel):
+        """A post to score."""
+
+        model_config = _STRICT
+        post_id: Id
+        author_id: Id
+        surface: Surface = 0
+
+    class RankRequest(BaseModel):
+        """A user, the user's history (oldest first) and the candidates to score."""
+
+        model_config = _STRICT
+        user_id: Id
+        history: list[HistoryEvent] = Field(default_factory=list, max_length=max_history)
+        candidates: list[Candidate] = Field(min_length=1, max_length=limits.max_candidates)
+
+    class CandidateScore(BaseModel):
+        post_id: int
+        score: float = Field(description="weighted score (X's home-mixer rule)")
+        probabilities: dict[str, float] = Field(description="per binary action")
+        continuous: dict[str, float] = Field(description="per continuous action")
+
+    class RankResponse(BaseModel):
+        """Scores in candidate order."""
+
+        candidates: list[CandidateScore]
+
+    class Health(BaseModel):
+        status: Literal["ok"]
+        actions: list[str]
+        continuous_actions: list[str]
+        max_history: int
+        max_candidates: int
+        recommend: bool
+
+    return Schemas(HistoryEvent, Candidate, RankRequest, CandidateScore, RankResponse, Health)
+
