@@ -22,15 +22,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="scoring weights per action, JSON (file or string); "
                    "default: X's home-mixer weights")  # fmt: skip
     g = p.add_argument_group("limits")
-    g.add_argument("--max-history", type=int, default=None,
-                   help="history events per request (default: the checkpoint's history length)")
+    g.add_argument(
+        "--max-history",
+        type=int,
+        default=None,
+        help="history events per request (default: the checkpoint's history length)",
+    )
     g.add_argument("--max-candidates", type=int, default=1000)
     g.add_argument("--max-body-bytes", type=int, default=1 << 20)
     g.add_argument("--max-id", type=int, default=2**63 - 1, help="largest raw ID accepted")
     b = p.add_argument_group("batching")
     b.add_argument("--max-batch", type=int, default=32, help="requests per model call (1: off)")
-    b.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="longest a request waits for others to join its batch")
+    b.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=2.0,
+        help="longest a request waits for others to join its batch",
+    )
     b.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429")
     b.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     b.add_argument("--graceful-timeout", type=float, default=30.0,

@@ -218,8 +218,11 @@ def create_app(
         # FastAPI's own handler echoes the offending input, which may be NaN or Infinity (not
         # JSON: it would fail with a 500) or megabytes long: report where and what, not the input.
         detail = [
-            {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")),
-             "type": str(e.get("type", ""))}  # fmt: skip
+            {
+                "loc": [str(x) for x in e.get("loc", ())],
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
             for e in exc.errors()
         ]
         return JSONResponse({"detail": detail}, status_code=422)

@@ -65,7 +65,9 @@ class RankQuery:
         put(self, "user_id", int(self.user_id))
         put(self, "candidate_post_ids", _ids("candidate_post_ids", self.candidate_post_ids))
         C = len(self.candidate_post_ids)
-        put(self, "candidate_author_ids", _ids("candidate_author_ids", self.candidate_author_ids, C))
+        put(
+            self, "candidate_author_ids", _ids("candidate_author_ids", self.candidate_author_ids, C)
+        )
         surf = np.zeros(C, np.int64) if self.candidate_surfaces is None else self.candidate_surfaces
         put(self, "candidate_surfaces", _ids("candidate_surfaces", surf, C))
         put(self, "history_post_ids", _ids("history_post_ids", self.history_post_ids))
@@ -73,7 +75,9 @@ class RankQuery:
         put(self, "history_author_ids", _ids("history_author_ids", self.history_author_ids, S))
         surf = np.zeros(S, np.int64) if self.history_surfaces is None else self.history_surfaces
         put(self, "history_surfaces", _ids("history_surfaces", surf, S))
-        acts = np.zeros((S, 0), np.float32) if self.history_actions is None else self.history_actions
+        acts = (
+            np.zeros((S, 0), np.float32) if self.history_actions is None else self.history_actions
+        )
         acts = np.asarray(acts, dtype=np.float32)
         if acts.ndim != 2 or acts.shape[0] != S:
             raise ValueError(f"history_actions has shape {list(acts.shape)}, expected [{S}, A]")

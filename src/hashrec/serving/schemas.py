@@ -82,6 +82,7 @@ def build_schemas(
         actions: list[Action] = Field(  # type: ignore[valid-type]
             default_factory=list,
             max_length=num_actions,
+            json_schema_extra={"uniqueItems": True},
             description="actions the user took on the post (names from the model)",
         )
         surface: Surface = 0
@@ -129,4 +130,3 @@ def build_schemas(
         recommend: bool
 
     return Schemas(HistoryEvent, Candidate, RankRequest, CandidateScore, RankResponse, Health)
-

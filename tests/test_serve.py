@@ -1,0 +1,500 @@
+"""hashrec serve: scores over real HTTP equal the library's scoring, every bad-input class gets a
+4xx, a schema-driven fuzz run never gets a 5xx, shutdown lets in-flight requests finish, and only
+safetensors checkpoints load. Servers bind 127.0.0.1 on a free port."""
+
+import asyncio
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+import uvicorn  # noqa: E402
+
+import hashrec  # noqa: E402
+from hashrec import HashConfig, PhoenixRanker, RankerConfig, RecsysBatch, TransformerConfig  # noqa: E402
+from hashrec.models.scoring import ScoringConfig, WeightedScorer  # noqa: E402
+from hashrec.serving.app import ServeConfig, create_app  # noqa: E402
+from hashrec.serving.batcher import BatchConfig, MicroBatcher  # noqa: E402
+from hashrec.serving.rank import RankQuery, RequestRanker, to_batch  # noqa: E402
+from hashrec.serving.schemas import Limits  # noqa: E402
+from hashrec.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+
+from conftest import cli_error  # noqa: E402
+
+ACTIONS = ("click", "like", "hate")
+HISTORY_LEN = 6
+LIMITS = Limits(max_candidates=40, max_body_bytes=20_000, max_id=10**12)
+
+
+def tiny_ranker() -> PhoenixRanker:
+    torch.manual_seed(0)
+    cfg = RankerConfig(
+        hash=HashConfig.uniform(num_buckets=101),
+        transformer=TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1),
+        actions=ACTIONS,
+        continuous_actions=("dwell_time",),
+    )
+    return PhoenixRanker(cfg)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("serve") / "ranker.safetensors"
+    save_checkpoint(path, tiny_ranker(), extra={"examples": {"history_len": HISTORY_LEN}})
+    return path
+
+
+class Server:
+    """uvicorn in a thread on 127.0.0.1, on a port the OS picks."""
+
+    def __init__(self, app) -> None:
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> httpx.Client:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+        return self.client
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    model, _ = load_checkpoint(checkpoint)
+    ranker = RequestRanker(model, history_len=HISTORY_LEN)
+    srv = Server(create_app(ranker, ServeConfig(limits=LIMITS)))
+    with srv as client:
+        yield srv, client, model
+
+
+def make_request(seed: int, S: int = 3, C: int = 5) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "user_id": int(rng.integers(1, 10**12)),
+        "history": [
+            {
+                "post_id": int(rng.integers(1, 10**12)),
+                "author_id": int(rng.integers(1, 1000)),
+                "actions": [a for a in ACTIONS if rng.random() < 0.4],
+                "surface": int(rng.integers(0, 16)),
+            }
+            for _ in range(S)
+        ],
+        "candidates": [
+            {
+                "post_id": int(rng.integers(1, 10**12)),
+                "author_id": int(rng.integers(1, 1000)),
+                "surface": int(rng.integers(0, 16)),
+            }
+            for _ in range(C)
+        ],
+    }
+
+
+def reference_scores(model: PhoenixRanker, req: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The request scored by hand: hash with the model's config, left-pad the history to
+    HISTORY_LEN as training does, run the model, apply X's weighted scorer."""
+    h, S = model.config.hash, HISTORY_LEN
+    hist, cands = req["history"], req["candidates"]
+    pad = S - len(hist)
+    hp = [0] * pad + [e["post_id"] for e in hist]
+    ha = [0] * pad + [e["author_id"] for e in hist]
+    hs = [0] * pad + [e["surface"] for e in hist]
+    acts = [[0.0] * len(ACTIONS)] * pad + [
+        [float(a in e["actions"]) for a in ACTIONS] for e in hist
+    ]
+    batch = RecsysBatch(
+        user_hashes=torch.from_numpy(h.rows("user", [req["user_id"]])),
+        history_post_hashes=torch.from_numpy(h.rows("post", [hp])),
+        history_author_hashes=torch.from_numpy(h.rows("author", [ha])),
+        history_actions=torch.tensor([acts]),
+        history_product_surface=torch.tensor([hs]),
+        candidate_post_hashes=torch.from_numpy(h.rows("post", [[c["post_id"] for c in cands]])),
+        candidate_author_hashes=torch.from_numpy(
+            h.rows("author", [[c["author_id"] for c in cands]])
+        ),
+        candidate_product_surface=torch.tensor([[c["surface"] for c in cands]]),
+    )
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    scorer = WeightedScorer(ScoringConfig(), ACTIONS, ("dwell_time",))
+    return out.probs[0].numpy(), scorer.score(out.probs, out.continuous)[0].numpy()
+
+
+def check_response(model, req: dict, body: dict) -> None:
+    probs, scores = reference_scores(model, req)
+    got = body["candidates"]
+    assert [c["post_id"] for c in got] == [c["post_id"] for c in req["candidates"]]
+    got_probs = np.array([[c["probabilities"][a] for a in ACTIONS] for c in got])
+    np.testing.assert_allclose(got_probs, probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([c["score"] for c in got], scores, rtol=1e-5, atol=1e-7)
+    assert all(set(c["continuous"]) == {"dwell_time"} for c in got)
+
+
+@pytest.mark.parametrize(("S", "C"), [(3, 5), (0, 1), (HISTORY_LEN, 40)])
+def test_rank_scores_equal_the_library_scoring(served, S, C):
+    _, client, model = served
+    req = make_request(S * 100 + C, S, C)
+    r = client.post("/rank", json=req)
+    assert r.status_code == 200, r.text
+    check_response(model, req, r.json())
+
+
+def test_defaults_surface_and_actions(served):
+    _, client, model = served
+    req = {"user_id": 7, "history": [{"post_id": 5, "author_id": 2}],
+           "candidates": [{"post_id": 9, "author_id": 3}]}  # fmt: skip
+    r = client.post("/rank", json=req)
+    assert r.status_code == 200, r.text
+    full = {"user_id": 7, "history": [{"post_id": 5, "author_id": 2, "actions": [], "surface": 0}],
+            "candidates": [{"post_id": 9, "author_id": 3, "surface": 0}]}  # fmt: skip
+    check_response(model, full, r.json())
+
+
+def test_concurrent_requests_are_batched_and_each_scored_as_alone(checkpoint):
+    model, _ = load_checkpoint(checkpoint)
+    ranker = RequestRanker(model, history_len=HISTORY_LEN)
+    # a long wait so that the 8 requests sent together certainly share model calls
+    cfg = ServeConfig(limits=LIMITS, batching=BatchConfig(max_batch=8, max_wait_s=0.5))
+    reqs = [make_request(i, S=i % (HISTORY_LEN + 1), C=1 + 3 * i) for i in range(8)]
+    with Server(create_app(ranker, cfg)) as client, ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda q: client.post("/rank", json=q), reqs))
+        metrics = client.get("/metrics").text
+    for req, r in zip(reqs, responses, strict=True):
+        assert r.status_code == 200, r.text
+        check_response(model, req, r.json())
+    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line[0] != "#")
+    assert int(values["hashrec_model_batch_items_total"]) == 8
+    assert int(values["hashrec_model_batches_total"]) < 8
+    assert int(values['hashrec_requests_total{route="/rank",status="200"}']) == 8
+
+
+def test_library_batch_equals_one_by_one(checkpoint):
+    model, _ = load_checkpoint(checkpoint)
+    ranker = RequestRanker(model, history_len=HISTORY_LEN)
+    queries = [
+        RankQuery(
+            user_id=10 + i,
+            candidate_post_ids=np.arange(1, 2 + 3 * i),
+            candidate_author_ids=np.arange(1, 2 + 3 * i) % 7 + 1,
+            history_post_ids=np.arange(100, 100 + i),
+            history_author_ids=np.full(i, 3),
+            history_actions=np.eye(len(ACTIONS))[np.arange(i) % len(ACTIONS)],
+        )
+        for i in range(5)
+    ]
+    together = ranker.rank(queries)
+    for q, t in zip(queries, together, strict=True):
+        (alone,) = ranker.rank([q])
+        np.testing.assert_allclose(t.probs, alone.probs, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(t.scores, alone.scores, rtol=1e-5, atol=1e-7)
+
+
+def test_to_batch_refuses_what_the_model_cannot_take(checkpoint):
+    model, _ = load_checkpoint(checkpoint)
+    q = RankQuery(1, [2], [3], history_post_ids=np.arange(1, 9), history_author_ids=np.ones(8, int))
+    with pytest.raises(ValueError, match="history has 8 events, at most 6"):
+        to_batch([q], model, HISTORY_LEN)
+    with pytest.raises(ValueError, match="candidate_surfaces holds 16, expected 0..15"):
+        to_batch([RankQuery(1, [2], [3], candidate_surfaces=[16])], model, HISTORY_LEN)
+    with pytest.raises(ValueError, match="candidate_post_ids holds 0, expected IDs >= 1"):
+        RankQuery(1, [0], [3])
+    with pytest.raises(ValueError, match="candidate_author_ids has 2 entries, expected 1"):
+        RankQuery(1, [1], [3, 4])
+
+
+BIG = "1" + "0" * 5000  # beyond Python's int-parsing limit
+ONE = '{"post_id": 1, "author_id": 1}'
+
+
+def body(user="1", history="[]", candidates=f"[{ONE}]", extra="") -> str:
+    return f'{{"user_id": {user}, "history": {history}, "candidates": {candidates}{extra}}}'
+
+
+BAD_BODIES = {
+    "malformed json": '{"user_id": 1, "candidates": [',
+    "not an object": "[1, 2, 3]",
+    "empty body": "",
+    "null": "null",
+    "string id": body(user='"1"'),
+    "float id": body(user="1.0"),
+    "bool id": body(user="true"),
+    "object id": body(user="{}"),
+    "negative id": body(user="-5"),
+    "zero id (padding)": body(user="0"),
+    "id above max_id": body(user=str(10**12 + 1)),
+    "id above int64": body(user=str(2**64)),
+    "huge number": body(user="1e400"),
+    "5000-digit number": body(user=BIG),
+    "NaN": body(user="NaN"),
+    "Infinity": body(user="Infinity"),
+    "-Infinity in a candidate": body(candidates='[{"post_id": -Infinity, "author_id": 1}]'),
+    "unknown top-level field": body(extra=', "debug": true'),
+    "unknown candidate field": body(candidates='[{"post_id": 1, "author_id": 1, "score": 1}]'),
+    "unknown history field": body(history='[{"post_id": 1, "author_id": 1, "time": 5}]'),
+    "missing user_id": f'{{"candidates": [{ONE}]}}',
+    "missing candidates": '{"user_id": 1}',
+    "no candidates": body(candidates="[]"),
+    "too many candidates": body(candidates="[" + ",".join([ONE] * 41) + "]"),
+    "history too long": body(history="[" + ",".join([ONE] * (HISTORY_LEN + 1)) + "]"),
+    "unknown action": body(history='[{"post_id": 1, "author_id": 1, "actions": ["fly"]}]'),
+    "action twice": body(history='[{"post_id": 1, "author_id": 1, "actions": ["click", "click"]}]'),
+    "surface out of range": body(candidates='[{"post_id": 1, "author_id": 1, "surface": 16}]'),
+    "negative surface": body(candidates='[{"post_id": 1, "author_id": 1, "surface": -1}]'),
+    "candidates not a list": body(candidates=ONE),
+    "deep nesting": body(user="[" * 5000 + "]" * 5000),
+    "invalid utf-8": b'{"user_id": 1, "candidates": [\xff\xfe]}',
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_BODIES))
+def test_bad_input_gets_a_4xx(served, name):
+    _, client, _ = served
+    content = BAD_BODIES[name]
+    r = client.post("/rank", content=content, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert "detail" in r.json()
+    assert client.get("/healthz").status_code == 200  # still alive
+
+
+def test_body_limits_and_other_http_errors(served):
+    srv, client, _ = served
+    big = body(candidates="[" + ",".join([ONE] * 1000) + "]")
+    assert len(big) > LIMITS.max_body_bytes
+    assert client.post("/rank", content=big).status_code == 413  # Content-Length says so
+
+    def chunks():  # no Content-Length: chunked transfer, counted as it arrives
+        for i in range(0, len(big), 1000):
+            yield big[i : i + 1000].encode()
+
+    r = client.post("/rank", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert client.post("/rank", content=body(), headers={"content-type": "text/plain"}).status_code in (415, 422)  # fmt: skip
+    assert client.get("/rank").status_code == 405
+    assert client.post("/nowhere", json={}).status_code == 404
+    assert client.post("/recommend", json={"user_id": 1}).status_code == 404  # no retriever
+    raw = socket.create_connection(("127.0.0.1", client.base_url.port))
+    raw.sendall(b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
+    assert raw.recv(100).split(b" ")[1].startswith(b"4")  # a malformed request line: 400
+    raw.close()
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_healthz_metrics_and_openapi(served):
+    _, client, _ = served
+    health = client.get("/healthz").json()
+    assert health["actions"] == list(ACTIONS) and health["max_history"] == HISTORY_LEN
+    schema = client.get("/openapi.json").json()
+    assert {"/rank", "/healthz", "/metrics"} <= set(schema["paths"])
+    comp = schema["components"]["schemas"]
+    assert comp["RankRequest"]["properties"]["candidates"]["maxItems"] == LIMITS.max_candidates
+    assert comp["RankRequest"]["additionalProperties"] is False
+    metrics = client.get("/metrics").text
+    assert 'hashrec_request_seconds_count{route="/healthz"}' in metrics
+    assert "hashrec_requests_in_flight 1" in metrics  # this request
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzz_never_5xx(served, mode):
+    """Requests generated from /openapi.json by schemathesis (valid ones, and ones that break
+    the schema), a bounded number per operation: none gets a 5xx."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    srv, _, _ = served
+    schema = schemathesis.openapi.from_url(f"{srv.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/rank", "/healthz", "/metrics"}
+    calls = []
+    for op in operations:
+        if mode == "negative" and op.method.upper() != "POST":
+            continue  # a GET without parameters has no invalid form
+
+        @given(case=op.as_strategy(GenerationMode(mode)))
+        @settings(max_examples=40 if op.path == "/rank" else 5, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        def call(case):
+            if mode == "positive":  # IDs must be JSON integers: a float loses digits past 2^53
+                case.body = _integral_floats_to_int(case.body)
+            r = case.call(base_url=srv.url, timeout=30)
+            calls.append((case.path, r.status_code))
+            assert r.status_code < 500, (case.method, case.path, case.body, r.text[:300])
+
+        call()
+    assert len(calls) >= 40
+    if mode == "positive":  # every valid request is served
+        assert {status for _, status in calls} == {200}, calls
+    else:
+        assert all(400 <= status < 500 for path, status in calls if path == "/rank"), calls
+
+
+def _integral_floats_to_int(x):
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    if isinstance(x, dict):
+        return {k: _integral_floats_to_int(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_integral_floats_to_int(v) for v in x]
+    return x
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hashrec_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hashrec", *args]
+
+
+def env() -> dict:
+    src = str(Path(hashrec.__file__).parents[1])
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(checkpoint):
+    port = free_port()
+    # a long batching wait keeps the request in flight while the signal arrives
+    proc = subprocess.Popen(
+        hashrec_command(*f"serve --ranker {checkpoint} --port {port} --max-wait-ms 800".split()),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        req = make_request(1, S=2, C=7)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/rank", json=req, timeout=30)
+            while "hashrec_requests_in_flight 2" not in httpx.get(f"{url}/metrics").text:
+                assert not pending.done() and time.monotonic() < deadline
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            r = pending.result()
+        assert r.status_code == 200, r.text
+        assert len(r.json()["candidates"]) == 7
+        # uvicorn re-raises the signal once it has shut down cleanly (exit by SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        log = proc.stdout.read().decode()
+        assert "Traceback" not in log and "Finished server process" in log, log
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+class _Exploit:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
+def test_only_safetensors_checkpoints_load(tmp_path, capsys, name):
+    marker = tmp_path / "unpickled"
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(_Exploit(str(marker))))
+    err = cli_error(["serve", "--ranker", str(path), "--port", "0"], capsys, 1)
+    assert err.startswith("hashrec serve: error:") and "not a readable checkpoint" in err
+    assert not marker.exists()
+
+
+def test_serve_cli_errors(checkpoint, tmp_path, capsys):
+    err = cli_error(["serve", "--ranker", str(checkpoint), "--max-candidates", "0"], capsys, 2)
+    assert "max_candidates must be >= 1" in err
+    err = cli_error(["serve", "--ranker", str(tmp_path / "none.safetensors")], capsys, 1)
+    assert "no such checkpoint" in err
+    err = cli_error(["serve", "--ranker", str(checkpoint), "--weights", "{bad"], capsys, 2)
+    assert "--weights is not JSON" in err
+
+
+def test_batcher_bounds_batches_and_isolates_failures():
+    seen: list[list[int]] = []
+
+    def fn(xs):
+        seen.append(list(xs))
+        if 13 in xs:
+            raise ValueError("13 is bad")
+        return [x + 1 for x in xs]
+
+    async def main():
+        b = MicroBatcher(fn, lambda x: x, BatchConfig(max_batch=4, max_wait_s=0.2,
+                                                       max_batch_slots=40))  # fmt: skip
+        await b.start()
+        tasks = [asyncio.ensure_future(b.submit(x)) for x in (1, 2, 13, 3, 20, 30)]
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = asyncio.run(main())
+    assert out[:2] == [2, 3] and isinstance(out[2], ValueError) and out[3:] == [4, 21, 31]
+    for batch in seen:
+        assert (len(batch) <= 4 and max(batch) * len(batch) <= 40) or len(batch) == 1
+    assert sorted(x for batch in seen if len(batch) == 1 for x in batch if x == 13) == [13]
+
+
+def test_batcher_stop_finishes_queued_items():
+    async def main():
+        b = MicroBatcher(lambda xs: [x * 10 for x in xs], lambda x: 1, BatchConfig(max_batch=2))
+        await b.start()
+        tasks = [asyncio.ensure_future(b.submit(x)) for x in range(7)]
+        await asyncio.sleep(0)  # all queued
+        await b.stop()
+        return [t.result() for t in tasks], b.batches
+
+    results, batches = asyncio.run(main())
+    assert results == [x * 10 for x in range(7)] and batches == 4
+
+
+def test_json_example_in_readme_is_valid(served):
+    _, client, _ = served
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("<!-- serve-example -->")
+    block = readme[start:].split("```json\n", 1)[1].split("```", 1)[0]
+    r = client.post("/rank", json=json.loads(block))
+    assert r.status_code == 200, r.text
