@@ -166,12 +166,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="ranker checkpoint (default: demo architecture)")
     p.add_argument("--quick", action="store_true", help="a quarter of the requests")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the request counts")
     p.add_argument("--threads", type=int, default=1, help="torch threads per server")
     p.add_argument("--history", type=int, default=32)
     args = p.parse_args()
     counts = {100: 400, 1000: 160}  # requests per row, per candidate count
-    if args.quick:
-        counts = {c: n // 4 for c, n in counts.items()}
+    scale = args.scale * (0.25 if args.quick else 1.0)
+    counts = {c: max(8, int(n * scale)) for c, n in counts.items()}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "demo.safetensors"
         if not args.checkpoint:

@@ -18,7 +18,7 @@ classes built per app.)
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,8 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
+from pydantic_core import to_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hashrec.serving.batcher import BatchConfig, MicroBatcher, QueueFull
@@ -164,8 +166,18 @@ async def _plain(send: Callable[[Message], Awaitable[None]], status: int, detail
     await send({"type": "http.response.body", "body": body})
 
 
-def _floats(a: np.ndarray) -> list[float]:
-    return [float(x) for x in a.tolist()]
+def _invalid(errors: Sequence[Any], prefix: tuple[str, ...]) -> JSONResponse:
+    """422 naming where and what, never echoing the input: FastAPI's own handler does, and the
+    input may be NaN or Infinity (not JSON: rendering it would fail with a 500) or megabytes."""
+    detail = [
+        {
+            "loc": [*prefix, *(str(x) for x in e.get("loc", ()))],
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in errors
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def create_app(
@@ -215,17 +227,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes the offending input, which may be NaN or Infinity (not
-        # JSON: it would fail with a 500) or megabytes long: report where and what, not the input.
-        detail = [
-            {
-                "loc": [str(x) for x in e.get("loc", ())],
-                "msg": str(e.get("msg", "")),
-                "type": str(e.get("type", "")),
-            }
-            for e in exc.errors()
-        ]
-        return JSONResponse({"detail": detail}, status_code=422)
+        return _invalid(exc.errors(), ())
 
     def to_query(req: Any) -> RankQuery:
         S, A = len(req.history), len(mcfg.actions)
@@ -252,31 +254,71 @@ def create_app(
         except ValueError as e:  # a request the model cannot take: the client's to fix
             raise HTTPException(422, str(e)) from None
 
+    # /rank reads the raw body and validates it with pydantic's own JSON parser
+    # (``model_validate_json``): 4x less work than FastAPI's json.loads + model validation at
+    # 1000 candidates; the request schema is still published in /openapi.json (below).
+    request_schema = RankRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    request_defs = request_schema.pop("$defs", {})
+
     @app.post(
         "/rank",
         response_model=RankResponse,
-        responses={413: {"description": "body too large"}, 429: {"description": "busy"}},
+        responses={
+            413: {"description": "body too large"},
+            415: {"description": "not JSON"},
+            422: {"description": "invalid request"},
+            429: {"description": "busy"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/RankRequest"}}
+                },
+            }
+        },
         summary="Score candidates for a user: per-action probabilities and the weighted score",
     )
-    async def rank(request: RankRequest) -> Response:  # type: ignore[valid-type]
-        query = to_query(request)
+    async def rank(request: Request) -> Response:
+        ctype = request.headers.get("content-type", "application/json")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise HTTPException(415, f"expected content-type application/json, got {ctype!r}")
+        body = await request.body()
+        try:
+            req = RankRequest.model_validate_json(body)
+        except ValidationError as e:
+            return _invalid(e.errors(include_url=False, include_input=False), ("body",))
+        query = to_query(req)
         res = await score(query)
-        cont_names = mcfg.continuous_actions
         out = {
             "candidates": [
                 {
-                    "post_id": int(pid),
-                    "score": float(s),
-                    "probabilities": dict(zip(mcfg.actions, _floats(p), strict=True)),
-                    "continuous": dict(zip(cont_names, _floats(c), strict=True)),
+                    "post_id": pid,
+                    "score": s,
+                    "probabilities": dict(zip(mcfg.actions, p, strict=True)),
+                    "continuous": dict(zip(mcfg.continuous_actions, c, strict=True)),
                 }
                 for pid, s, p, c in zip(
-                    query.candidate_post_ids, res.scores, res.probs, res.continuous, strict=True
+                    query.candidate_post_ids.tolist(),
+                    res.scores.tolist(),
+                    res.probs.tolist(),
+                    res.continuous.tolist(),
+                    strict=True,
                 )
             ]
         }
-        # serialised here (not through the response model) to keep /rank fast
-        return Response(json.dumps(out, allow_nan=False), media_type="application/json")
+        # pydantic-core's serialiser: 6x faster than json.dumps on 1000 candidates
+        return Response(to_json(out), media_type="application/json")
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request_defs)
+            components["RankRequest"] = request_schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     if recommend is not None:
 
