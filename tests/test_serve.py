@@ -28,7 +28,7 @@ import hashrec  # noqa: E402
 from hashrec import HashConfig, PhoenixRanker, RankerConfig, RecsysBatch, TransformerConfig  # noqa: E402
 from hashrec.models.scoring import ScoringConfig, WeightedScorer  # noqa: E402
 from hashrec.serving.app import ServeConfig, create_app  # noqa: E402
-from hashrec.serving.batcher import BatchConfig, MicroBatcher  # noqa: E402
+from hashrec.serving.batcher import BatchConfig, MicroBatcher, QueueFull  # noqa: E402
 from hashrec.serving.rank import RankQuery, RequestRanker, to_batch  # noqa: E402
 from hashrec.serving.schemas import Limits  # noqa: E402
 from hashrec.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -381,11 +381,22 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))  # fmt: skip
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split(b" ")[1]), rest
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(checkpoint):
     port = free_port()
-    # a long batching wait keeps the request in flight while the signal arrives
     proc = subprocess.Popen(
-        hashrec_command(*f"serve --ranker {checkpoint} --port {port} --max-wait-ms 800".split()),
+        hashrec_command(*f"serve --ranker {checkpoint} --port {port}".split()),
         env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -402,22 +413,28 @@ def test_graceful_shutdown_finishes_in_flight_requests(checkpoint):
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.1)
-        req = make_request(1, S=2, C=7)
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(httpx.post, f"{url}/rank", json=req, timeout=30)
-            while "hashrec_requests_in_flight 2" not in httpx.get(f"{url}/metrics").text:
-                assert not pending.done() and time.monotonic() < deadline
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGTERM)
-            r = pending.result()
-        assert r.status_code == 200, r.text
-        assert len(r.json()["candidates"]) == 7
+        # A request in flight: headers and half the body sent when the signal arrives.
+        body = json.dumps(make_request(1, S=2, C=7)).encode()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:50])  # fmt: skip
+        while "hashrec_requests_in_flight 2" not in httpx.get(f"{url}/metrics").text:
+            assert time.monotonic() < deadline, "the request never reached the app"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still serving the request in flight
+        with pytest.raises(httpx.TransportError):  # but no longer accepting new ones
+            httpx.get(f"{url}/healthz", timeout=2)
+        sock.sendall(body[50:])
+        status, answer = _read_response(sock)
+        sock.close()
+        assert status == 200, answer
+        assert len(json.loads(answer)["candidates"]) == 7
         # uvicorn re-raises the signal once it has shut down cleanly (exit by SIGTERM)
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
         log = proc.stdout.read().decode()
         assert "Traceback" not in log and "Finished server process" in log, log
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"{url}/healthz", timeout=2)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -498,3 +515,32 @@ def test_json_example_in_readme_is_valid(served):
     block = readme[start:].split("```json\n", 1)[1].split("```", 1)[0]
     r = client.post("/rank", json=json.loads(block))
     assert r.status_code == 200, r.text
+
+
+def test_batcher_waits_only_while_more_items_are_expected():
+    async def main(expecting):
+        b = MicroBatcher(lambda xs: list(xs), lambda x: 1, BatchConfig(max_wait_s=1.0),
+                         expecting=expecting)  # fmt: skip
+        await b.start()
+        first = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.2)  # well inside the 1 s wait
+        second = await b.submit(2)
+        await first
+        await b.stop()
+        return b.batches, second
+
+    assert asyncio.run(main(lambda n: True)) == (1, 2)  # waited: one batch
+    assert asyncio.run(main(lambda n: False)) == (2, 2)  # nobody expected: ran at once
+
+
+def test_batcher_refuses_beyond_max_queue():
+    async def main():
+        b = MicroBatcher(lambda xs: list(xs), lambda x: 1, BatchConfig(max_queue=2))
+        await b.start()
+        tasks = [asyncio.ensure_future(b.submit(i)) for i in range(5)]
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = asyncio.run(main())
+    assert out[:2] == [0, 1] and all(isinstance(e, QueueFull) for e in out[2:])

@@ -62,6 +62,7 @@ class _Metrics:
         self.buckets: dict[str, list[int]] = {}
         self.sums: dict[str, float] = {}
         self.in_flight = 0
+        self.in_flight_by_route: dict[str, int] = dict.fromkeys((*routes, "other"), 0)
 
     def route(self, path: str) -> str:
         return path if path in self.routes else "other"  # bounded label set
@@ -130,7 +131,9 @@ class _Guard:
                 status, started = message["status"], True
             await send(message)
 
+        route = self.metrics.route(scope["path"])
         self.metrics.in_flight += 1
+        self.metrics.in_flight_by_route[route] += 1
         try:
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.limit):
@@ -154,9 +157,8 @@ class _Guard:
                     await _plain(send_status, 413, f"request body larger than {self.limit} bytes")
         finally:
             self.metrics.in_flight -= 1
-            self.metrics.observe(
-                self.metrics.route(scope["path"]), status, time.perf_counter() - start
-            )
+            self.metrics.in_flight_by_route[route] -= 1
+            self.metrics.observe(route, status, time.perf_counter() - start)
 
 
 async def _plain(send: Callable[[Message], Awaitable[None]], status: int, detail: str) -> None:
@@ -203,11 +205,15 @@ def create_app(
     )
     RankRequest, RankResponse, Health = schemas.RankRequest, schemas.RankResponse, schemas.Health
     action_index = {a: i for i, a in enumerate(mcfg.actions)}
-    batcher: MicroBatcher[RankQuery, RankResult] = MicroBatcher(
-        ranker.rank, lambda q: q.num_candidates, config.batching
-    )
     routes = ("/rank", "/healthz", "/metrics", "/openapi.json", "/docs")
     metrics = _Metrics((*routes, "/recommend") if recommend is not None else routes)
+    # a batch waits for more requests only while more /rank requests are in flight than it holds
+    batcher: MicroBatcher[RankQuery, RankResult] = MicroBatcher(
+        ranker.rank,
+        lambda q: q.num_candidates,
+        config.batching,
+        expecting=lambda n: metrics.in_flight_by_route["/rank"] > n,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

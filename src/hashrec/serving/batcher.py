@@ -65,8 +65,11 @@ class _Item(Generic[T, R]):
 class MicroBatcher(Generic[T, R]):
     """Runs ``fn(list of items) -> list of results`` on batches of concurrently submitted items.
 
-    ``size(item)`` is the item's padded width (candidates); ``start()`` and ``stop()`` run inside
-    the event loop (the app's lifespan). ``stop()`` finishes every queued item first.
+    ``size(item)`` is the item's padded width (candidates); ``expecting(n)`` (optional) says
+    whether more items may arrive for a batch of n (the server: more requests in flight than
+    n); when it says no, the batch runs at once instead of waiting ``max_wait_s`` for nobody.
+    ``start()`` and ``stop()`` run inside the event loop (the app's lifespan); ``stop()``
+    finishes every queued item first.
 
     >>> import asyncio
     >>> async def demo():
@@ -85,8 +88,10 @@ class MicroBatcher(Generic[T, R]):
         fn: Callable[[Sequence[T]], Sequence[R]],
         size: Callable[[T], int],
         config: BatchConfig,
+        expecting: Callable[[int], bool] | None = None,
     ) -> None:
         self.fn, self.size, self.config = fn, size, config
+        self.expecting = expecting
         self.batches = 0  # model calls so far
         self.items = 0  # items run so far
         # Items stay in this deque until a batch takes them: a timed-out wait never loses one.
@@ -167,8 +172,11 @@ class MicroBatcher(Generic[T, R]):
             while True:
                 widest = self._take(batch, widest)
                 full = len(batch) >= cfg.max_batch or bool(self._items)  # next one did not fit
+                alone = self.expecting is not None and not self.expecting(len(batch))
                 remaining = deadline - loop.time()
-                if full or self._stopping or remaining <= 0 or not await self._wait(remaining):
+                if full or alone or self._stopping or remaining <= 0:
+                    break
+                if not await self._wait(remaining):
                     widest = self._take(batch, widest)
                     break
             live = [it for it in batch if not it.future.done()]  # skip clients that left
