@@ -468,6 +468,9 @@ def test_serve_cli_errors(checkpoint, tmp_path, capsys):
     assert "no such checkpoint" in err
     err = cli_error(["serve", "--ranker", str(checkpoint), "--weights", "{bad"], capsys, 2)
     assert "--weights is not JSON" in err
+    err = cli_error(["serve", "--ranker", str(checkpoint), "--retriever", str(checkpoint)],
+                    capsys, 1)  # fmt: skip
+    assert "no retrieve -> rank pipeline" in err
 
 
 def test_batcher_bounds_batches_and_isolates_failures():
