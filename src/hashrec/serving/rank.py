@@ -107,6 +107,10 @@ class RankResult:
 
     probs [C, A] (sigmoid of the binary heads), continuous [C, Ac], scores [C] (the weighted
     score, float64).
+
+    >>> r = RankResult(np.full((2, 1), 0.5), np.zeros((2, 0)), np.array([0.7, 0.2]))
+    >>> int(r.scores.argmax())
+    0
     """
 
     probs: np.ndarray

@@ -47,7 +47,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class Schemas:
-    """The pydantic classes of one app."""
+    """The pydantic classes of one app.
+
+    >>> s = build_schemas(Limits(max_candidates=2), 4, ("click",), (), 16)
+    >>> s.RankRequest.model_validate_json('{"user_id": 1, "candidates": '
+    ...     '[{"post_id": 2, "author_id": 3}]}').candidates[0].surface
+    0
+    """
 
     HistoryEvent: type[BaseModel]
     Candidate: type[BaseModel]
