@@ -40,7 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="longest a request waits for others to join its batch",
     )
     b.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429")
-    b.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: one per core); the dispatcher sets it",
+    )
     b.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")  # fmt: skip
     p.set_defaults(func=run)
@@ -99,12 +105,6 @@ def build(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     app = build(args)
     import uvicorn
 
