@@ -1,7 +1,7 @@
 """The HTTP service: ``create_app(ranker, ...)`` builds a FastAPI app (no state at import).
 
 Routes: ``POST /rank`` (raw request -> per-action probabilities and weighted score per candidate,
-in candidate order), ``POST /recommend`` (only when a recommender is given), ``GET /healthz``,
+in candidate order), ``GET /healthz``,
 ``GET /metrics`` (Prometheus text: request counts by route and status, latency histogram, batch
 sizes) and FastAPI's ``/openapi.json`` and ``/docs``.
 
@@ -182,15 +182,11 @@ def _invalid(errors: Sequence[Any], prefix: tuple[str, ...]) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def create_app(
-    ranker: RequestRanker,
-    config: ServeConfig | None = None,
-    recommend: Callable[[Any], Any] | None = None,
-) -> FastAPI:
+def create_app(ranker: RequestRanker, config: ServeConfig | None = None) -> FastAPI:
     """A FastAPI app serving ``ranker`` under ``config``'s limits and batching.
 
-    ``recommend`` (optional) answers ``POST /recommend``; without it the route does not exist
-    (404). Run it with uvicorn, e.g. ``uvicorn.run(create_app(ranker), port=8000)``.
+    Run it with uvicorn, e.g. ``uvicorn.run(create_app(ranker), port=8000)``. (``/recommend``
+    waits for the retrieve -> rank pipeline; until then it does not exist: 404.)
     """
     config = config or ServeConfig()
     limits = config.limits
@@ -206,7 +202,7 @@ def create_app(
     RankRequest, RankResponse, Health = schemas.RankRequest, schemas.RankResponse, schemas.Health
     action_index = {a: i for i, a in enumerate(mcfg.actions)}
     routes = ("/rank", "/healthz", "/metrics", "/openapi.json", "/docs")
-    metrics = _Metrics((*routes, "/recommend") if recommend is not None else routes)
+    metrics = _Metrics(routes)
     # a batch waits for more requests only while more /rank requests are in flight than it holds
     batcher: MicroBatcher[RankQuery, RankResult] = MicroBatcher(
         ranker.rank,
@@ -326,12 +322,6 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    if recommend is not None:
-
-        @app.post("/recommend", summary="Top-K posts for a user: retrieve -> rank -> score")
-        async def recommend_route(request: Request) -> Any:
-            return await recommend(request)
-
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Any:
         return {
@@ -340,7 +330,6 @@ def create_app(
             "continuous_actions": list(mcfg.continuous_actions),
             "max_history": max_history,
             "max_candidates": limits.max_candidates,
-            "recommend": recommend is not None,
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)

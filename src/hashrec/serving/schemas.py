@@ -133,6 +133,5 @@ def build_schemas(
         continuous_actions: list[str]
         max_history: int
         max_candidates: int
-        recommend: bool
 
     return Schemas(HistoryEvent, Candidate, RankRequest, CandidateScore, RankResponse, Health)
