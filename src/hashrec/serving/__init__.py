@@ -1,0 +1,1 @@
+"""Layer 7: serving: the recommendation pipeline (retrieve -> rank -> score)."""
