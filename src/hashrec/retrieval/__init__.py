@@ -1,5 +1,6 @@
-"""Layer 7: the retrieval index over a corpus of post embeddings (exact and ANN top-k)."""
+"""Layer 7: retrieval over a corpus of post embeddings: the corpus, exact and ANN top-k."""
 
+from hashrec.retrieval.corpus import Corpus
 from hashrec.retrieval.index import ExactIndex, FaissIndex, SearchResult, reference_top_k
 
-__all__ = ["ExactIndex", "FaissIndex", "SearchResult", "reference_top_k"]
+__all__ = ["Corpus", "ExactIndex", "FaissIndex", "SearchResult", "reference_top_k"]
