@@ -144,9 +144,12 @@ class ExactIndex:
         ex_row, ex_col = _exclusion_pairs(exclude, B, n)
         best_s = torch.full((B, 0), float("-inf"))
         best_i = torch.full((B, 0), -1, dtype=torch.int64)
+        # the only [B, *] buffer, reused by every chunk (a fresh one per chunk costs page faults)
+        buf = torch.empty(B * min(n, self.chunk_size))
         for lo in range(0, n, self.chunk_size):
             hi = min(n, lo + self.chunk_size)
-            s = q @ self.embeddings[lo:hi].T  # [B, M]: the only [B, *] buffer, M <= chunk
+            s = buf[: B * (hi - lo)].view(B, hi - lo)
+            torch.mm(q, self.embeddings[lo:hi].T, out=s)  # [B, M], M <= chunk
             if ex_col.numel():
                 m = (ex_col >= lo) & (ex_col < hi)
                 s[ex_row[m], ex_col[m] - lo] = float("-inf")
