@@ -112,10 +112,10 @@ class UserRequest:
         """The user's ``history_len`` latest impressions (before ``before_time`` ms if given);
         every post they saw then is excluded. A user absent from the log is cold."""
         rows = np.flatnonzero(log.user == user_id)
+        known = len(rows) > 0
         if before_time is not None:
             rows = rows[log.time[rows] < before_time]
         rows = rows[np.argsort(log.time[rows], kind="stable")]
-        known = bool((log.user == user_id).any())
         h = rows[len(rows) - history_len :] if history_len else rows[:0]
         return cls(
             user_id=int(user_id),
@@ -255,8 +255,7 @@ class RecommendPipeline:
             cs = torch.tensor([r.surface for r in requests])[:, None].expand(B, idx.shape[1])
             cs = cs * valid
         return RecsysBatch(
-            user_hashes=torch.from_numpy(np.where(users[:, None] == 0, 0,
-                                                  h.rows("user", users))),
+            user_hashes=torch.from_numpy(h.rows("user", users)),  # ID 0 -> padding rows
             history_post_hashes=torch.from_numpy(h.rows("post", post)),
             history_author_hashes=torch.from_numpy(h.rows("author", author)),
             history_actions=torch.from_numpy(acts),
