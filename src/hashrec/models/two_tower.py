@@ -112,10 +112,8 @@ class TwoTowerRetriever(nn.Module):
     ...                      actions=("click", "like"))
     >>> model = TwoTowerRetriever(cfg)
     >>> rows = lambda e, *s: cfg.hash.rows_torch(e, torch.randint(1, 99, s))
-    >>> none = torch.zeros(2, 0, 2, dtype=torch.long)  # no candidates: C = 0
     >>> batch = RecsysBatch(rows("user", 2), rows("post", 2, 3), rows("author", 2, 3),
-    ...     torch.zeros(2, 3, 2), torch.zeros(2, 3, dtype=torch.long), none, none,
-    ...     torch.zeros(2, 0, dtype=torch.long))
+    ...     torch.zeros(2, 3, 2), torch.zeros(2, 3, dtype=torch.long))  # no candidates
     >>> u = model.embed_users(batch)                                # [B, D]
     >>> v = model.embed_candidates(rows("post", 5), rows("author", 5))  # [N, D]
     >>> (u @ v.T).shape, bool(torch.allclose(u.norm(dim=-1), torch.ones(2)))
@@ -166,35 +164,19 @@ class TwoTowerRetriever(nn.Module):
         return [p.view(*i.shape, self.config.dim) for p, i in zip(pieces, indices, strict=True)]
 
     def embed_users(self, batch: RecsysBatch) -> torch.Tensor:
-        """User tower: batch (candidate fields unused) -> unit vectors [B, D].
+        """User tower: batch (candidates None or ignored) -> unit vectors [B, D].
 
         A request with neither a known user (hash 0) nor any history has no valid token; its
         vector is all zeros (it scores 0 against every post): callers route it to cold start.
         """
         c = self.config
-        B, S, Kp = batch.history_post_hashes.shape
-        if batch.history_actions.shape[2] != c.num_actions:
-            raise ValueError(
-                f"history_actions has {batch.history_actions.shape[2]} actions, config expects "
-                f"{c.num_actions}"
-            )
-        if Kp != self.num_post_hashes or batch.history_author_hashes.shape[2] != (
-            self.num_author_hashes
-        ):
-            raise ValueError(
-                f"history hashes have (Kp, Ka) = ({Kp}, {batch.history_author_hashes.shape[2]}), "
-                f"config expects ({self.num_post_hashes}, {self.num_author_hashes})"
-            )
-        surf = batch.history_product_surface
-        if surf.numel() and int(surf.max()) >= c.num_surfaces:
-            raise ValueError(
-                f"history_product_surface holds {int(surf.max())}, expected 0..{c.num_surfaces - 1}"
-            )
-        user_emb, post_emb, author_emb = self._gather(
-            user_hashes=batch.user_hashes,
-            history_post_hashes=batch.history_post_hashes,
-            history_author_hashes=batch.history_author_hashes,
-        )
+        # checked against the config from the values the batch recorded when built (no sync)
+        batch.validate(c.hash, num_actions=c.num_actions, num_surfaces=c.num_surfaces)
+        if batch.user_hashes.device != self.table.weight.device:
+            batch = batch.to(self.table.weight.device)
+        emb = self.table.lookup(batch)  # candidates, if the batch has any, are not read
+        user_emb = emb.user_embeddings
+        post_emb, author_emb = emb.history_post_embeddings, emb.history_author_embeddings
         user, user_mask = self.user_reduce(batch.user_hashes, user_emb)
         hist, hist_mask = self.history_reduce(
             batch.history_post_hashes,

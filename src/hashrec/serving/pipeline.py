@@ -241,19 +241,15 @@ class RecommendPipeline:
                 post[i, S - n :], author[i, S - n :] = r.history_post_ids, r.history_author_ids
                 surface[i, S - n :], acts[i, S - n :] = r.history_surface, r.history_actions
             users[i] = r.user_id if r.known_user else 0
-        Kp, Ka = h["post"].num_hashes, h["author"].num_hashes
-        if candidates is None:
-            cp = torch.zeros(B, 0, Kp, dtype=torch.int64)
-            ca = torch.zeros(B, 0, Ka, dtype=torch.int64)
-            cs = torch.zeros(B, 0, dtype=torch.int64)
-        else:
+        cp = ca = cs = None  # the user tower's batch has no candidates
+        if candidates is not None:
             idx = torch.from_numpy(candidates)
             valid = idx >= 0
             safe = idx.clamp(min=0)
             cp = self._post_rows[model][safe] * valid[..., None]
             ca = self._author_rows[model][safe] * valid[..., None]
             cs = torch.tensor([r.surface for r in requests])[:, None].expand(B, idx.shape[1])
-            cs = cs * valid
+            cs = (cs * valid).contiguous()
         return RecsysBatch(
             user_hashes=torch.from_numpy(h.rows("user", users)),  # ID 0 -> padding rows
             history_post_hashes=torch.from_numpy(h.rows("post", post)),
@@ -262,7 +258,7 @@ class RecommendPipeline:
             history_product_surface=torch.from_numpy(surface),
             candidate_post_hashes=cp,
             candidate_author_hashes=ca,
-            candidate_product_surface=cs.contiguous(),
+            candidate_product_surface=cs,
         )  # fmt: skip
 
     # -- stages --------------------------------------------------------------------------------
