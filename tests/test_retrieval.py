@@ -56,6 +56,14 @@ def test_user_tower_ignores_candidates_and_padding(small_config):
         torch.zeros(B, 0, dtype=torch.long),
     )
     torch.testing.assert_close(model.embed_users(batch), model.embed_users(no_candidates))
+    none = RecsysBatch(
+        batch.user_hashes,
+        batch.history_post_hashes,
+        batch.history_author_hashes,
+        batch.history_actions,
+        batch.history_product_surface,
+    )
+    torch.testing.assert_close(model.embed_users(batch), model.embed_users(none))
     # request 0 has its last two history events padded: whatever their actions, same vector
     changed = make_batch(small_config, C=4)
     changed.history_actions[0, -2:] = 1.0
