@@ -26,8 +26,9 @@ from hashrec.retrieval import ExactIndex, FaissIndex
 
 
 def synthetic(n: int, d: int, centres: int, spread: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    c = l2_normalise(torch.randn(centres, d, generator=g))
+    """n unit vectors around the same ``centres`` random centres (seed 0), noise from ``seed``."""
+    c = l2_normalise(torch.randn(centres, d, generator=torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(seed + 1)
     which = torch.randint(0, centres, (n,), generator=g)
     return l2_normalise(c[which] + spread * torch.randn(n, d, generator=g) / d**0.5)
 
@@ -146,7 +147,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--batch", type=int, default=256, help="users per search call")
     ap.add_argument("--centres", type=int, default=2000)
-    ap.add_argument("--spread", type=float, default=1.0, help="noise around a centre")
+    ap.add_argument("--spread", type=float, default=0.5, help="noise norm around a centre")
     ap.add_argument("--chunks", type=lambda s: [int(x) for x in s.split(",")],
                     default=[16_384, 65_536, 262_144])  # fmt: skip
     ap.add_argument("--nlist", type=int, default=1024)

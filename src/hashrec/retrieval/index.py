@@ -222,6 +222,7 @@ class FaissIndex:
                 raise ValueError(f"nlist must be in 1..{n} (corpus size), got {nlist}")
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = seed
+            index.cp.spherical = True  # unit vectors: centroids on the sphere (faiss's IP advice)
             index.train(e)
             index.nprobe = nprobe
         elif kind == "hnsw":
