@@ -186,3 +186,24 @@ def test_pipeline_rejects_bad_k(run):
     everything.seen_post_ids = corpus.post_ids[:-2]
     left = pipe.recommend(everything, 5).items
     assert sorted(i.post_id for i in left) == sorted(corpus.post_ids[-2:].tolist())
+
+
+def test_next_engagement_queries_see_only_the_past(run):
+    from hashrec.evaluation.retrieval import next_engagement_queries, popularity_ranking
+
+    log = run["log"]
+    ev = log.days(20220429, None)
+    q = next_engagement_queries(log, ev, ("click",), 6)
+    start = log.time[ev].min()
+    assert len(q) > 0 and q.warm.any()
+    h = q.requests.history
+    assert (log.time[h[h >= 0]] < start).all()  # no evaluation-day event in any history
+    for u, s, t, row in zip(q.users, q.seen, q.targets, q.requests.user_row, strict=True):
+        assert log.user[row] == u
+        mine = log.user == u
+        assert set(s.tolist()) == set(log.post[mine & (log.time < start)].tolist())
+        engaged = mine & ev & (log.labels[:, 0] > 0)
+        assert set(t.tolist()) == set(log.post[engaged].tolist()) - set(s.tolist())
+    pop = popularity_ranking(log, ~ev, ("click",), q.seen, 5)
+    for row, s in zip(pop, q.seen, strict=True):
+        assert not set(row.tolist()) & set(s.tolist())

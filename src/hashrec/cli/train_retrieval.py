@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from hashrec.data import RowHashes
     from hashrec.evaluation.experiment import hashed_config
     from hashrec.evaluation.retrieval import next_engagement_queries
@@ -128,17 +130,23 @@ def run(args: argparse.Namespace) -> int:
           f"{model.temperature.item():.4f}")  # fmt: skip
 
     queries = next_engagement_queries(log, ev, positives, args.history_len)
+    new_users = int((~queries.warm).sum())
+    queries = queries.take(np.flatnonzero(queries.warm))  # new users: cold start, not retrieval
     if len(queries) == 0:
-        raise ValueError("no user engaged with an unseen post on the evaluation days")
+        raise ValueError(
+            "no user with a history engaged with an unseen post on the evaluation days"
+        )
     report = evaluate_retriever(
         model, log, hashes, queries, train, positives, chunk_size=args.chunk_size
     )
     table = report.table()
     print()
     print(table)
-    print(f"{report.users:,} users, corpus {report.corpus_size:,} posts; positives: "
-          f"{', '.join(positives)}; posts seen before the evaluation days excluded")  # fmt: skip
+    print(f"{report.users:,} users with a history ({new_users:,} new users left out), corpus "
+          f"{report.corpus_size:,} posts; positives: {', '.join(positives)}; posts seen before "
+          "the evaluation days excluded")  # fmt: skip
     write_json_atomic(out / "metrics.json", {"retrieval": report.metrics, "users": report.users,
+                                             "new_users_left_out": new_users,
                                              "corpus_size": report.corpus_size})  # fmt: skip
     write_text_atomic(out / "results.md", table + "\n")
     print(f"wrote {out}/metrics.json, results.md, checkpoint.safetensors")
