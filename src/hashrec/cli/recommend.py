@@ -19,7 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the top --k with each action's probability.")  # fmt: skip
     p.add_argument("--retriever", required=True, help="two-tower checkpoint (train-retrieval)")
     p.add_argument("--ranker", required=True, help="ranker checkpoint (train)")
-    common.add_data_options(p)
+    p.add_argument(
+        "--data",
+        help="KuaiRand folder, or a CSV/Parquet log with --schema: the "
+        "corpus and the users' histories (default: the shipped KuaiRand sample)",
+    )
+    p.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
+    p.add_argument("--authors", help="table mapping post -> author, if the log lacks authors")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", type=common.int_list, help="user ID(s), comma-separated")
     who.add_argument("--users-file", help="file with one user ID per line (batch mode)")
