@@ -25,6 +25,7 @@ import torch
 from hashrec.data import RowHashes, load_kuairand
 from hashrec.evaluation.retrieval import next_engagement_queries, popularity_ranking
 from hashrec.files import write_json_atomic, write_text_atomic
+from hashrec.models.scoring import ScoringConfig, WeightedScorer
 from hashrec.retrieval.evaluate import metrics_of, two_tower_ranking
 from hashrec.serving.pipeline import Corpus, RecommendPipeline, UserRequest
 from hashrec.training.checkpoint import load_checkpoint
@@ -106,6 +107,8 @@ def main() -> None:
     ap.add_argument("--retrieve-k", type=str, default="100,300", help="retrieve-then-rank K")
     ap.add_argument("--batch", type=int, default=8, help="users per ranker batch")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", help='scorer weights as JSON, e.g. {"long_view": 1} (default: '
+                    "X's published weights mapped onto the log's actions)")  # fmt: skip
     ap.add_argument("--out", default="runs/eval_retrieval")
     args = ap.parse_args()
     out = Path(args.out)
@@ -166,7 +169,12 @@ def main() -> None:
         print(f"  {name}: {json.dumps({k: round(v, 4) for k, v in rows[name].items()})}",
               flush=True)  # fmt: skip
 
-    pipe = RecommendPipeline(retriever, ranker, corpus, retrieve_k=100)
+    scorer = None
+    if args.weights:
+        acts, cont = ranker.config.actions, ranker.config.continuous_actions
+        scorer = WeightedScorer(ScoringConfig(weights=json.loads(args.weights)), acts, cont)
+        print(f"scorer weights {args.weights}")
+    pipe = RecommendPipeline(retriever, ranker, corpus, scorer, retrieve_k=100)
     add("popularity", pop_all[pick], 0.0, 0)
     tt, s = timed(lambda: two_tower_ranking(retriever, log, hashes, sample, corpus, kmax)[0])
     add("two-tower", tt, s, 0)
@@ -174,7 +182,7 @@ def main() -> None:
     rc, s = timed(lambda: ranker_over_corpus(pipe, requests, kmax, args.batch))
     add("ranker over corpus", rc, s, float(unseen))
     for rk in (int(x) for x in args.retrieve_k.split(",")):
-        pipe = RecommendPipeline(retriever, ranker, corpus, retrieve_k=rk)
+        pipe = RecommendPipeline(retriever, ranker, corpus, scorer, retrieve_k=rk)
         rr, s = timed(lambda p=pipe, k=rk: retrieve_then_rank(p, requests, k, 64))
         add(f"retrieve {rk} then rank", rr, s, rk)
 
