@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     retriever, rinfo = _load(args.retriever, "TwoTowerRetriever", device)
     ranker, _ = _load(args.ranker, "PhoenixRanker", device)
-    log = common.load_data(args)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the lists (--json)
+        log = common.load_data(args)
     if tuple(retriever.config.actions) != tuple(log.actions):
         raise ValueError(f"the retriever reads actions {retriever.config.actions}, the data has "
                          f"{log.actions}")  # fmt: skip
