@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "PhoenixRanker": "hashrec.models.ranker",
     "RankerConfig": "hashrec.models.ranker",
     "RankerOutput": "hashrec.models.ranker",
+    "TwoTowerConfig": "hashrec.models.two_tower",
+    "TwoTowerRetriever": "hashrec.models.two_tower",
     "ScoringConfig": "hashrec.models.scoring",
     "WeightedScorer": "hashrec.models.scoring",
 }
@@ -61,6 +63,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from hashrec.hashing.config import EntityHash, HashConfig  # noqa: F401
     from hashrec.models.ranker import ACTIONS, PhoenixRanker, RankerConfig, RankerOutput  # noqa: F401
     from hashrec.models.scoring import ScoringConfig, WeightedScorer  # noqa: F401
+    from hashrec.models.two_tower import TwoTowerConfig, TwoTowerRetriever  # noqa: F401
     from hashrec.nn.attention import candidate_isolation_mask  # noqa: F401
     from hashrec.nn.batch import RecsysBatch, RecsysEmbeddings  # noqa: F401
     from hashrec.nn.blocks import (  # noqa: F401

@@ -1,5 +1,6 @@
 """Training losses: masked per-action binary cross-entropy, plus a regression loss for
-continuous heads (dwell time), as Phoenix trains its ranker."""
+continuous heads (dwell time), as Phoenix trains its ranker; the two-tower retriever's sampled
+softmax with in-batch negatives."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from hashrec.models.ranker import RankerOutput
 
-__all__ = ["ranking_loss"]
+__all__ = ["in_batch_logits", "ranking_loss", "retrieval_loss"]
 
 
 def ranking_loss(
@@ -56,3 +57,56 @@ def ranking_loss(
         err = (output.continuous.float() - continuous_targets.float()).abs() * cm
         loss = loss + continuous_weight * err.sum() / (cm.sum() * Ac).clamp(min=1.0)
     return loss
+
+
+def in_batch_logits(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    temperature: torch.Tensor | float,
+    item_keys: torch.Tensor,
+    log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits of every user against every in-batch positive: [B, B], the target on the diagonal.
+
+    ``users`` [B, D] and ``items`` [B, D] are unit vectors (row i: a user and the post they
+    engaged with). ``logits[i, j] = <u_i, v_j> / temperature - log_q[j]``: the log-Q correction
+    (Yi et al., RecSys 2019) removes the popularity bias of in-batch sampling, since a popular
+    post is a negative in many more batches. Where column j holds the same post as row i's
+    positive (``item_keys[j] == item_keys[i]``, j != i) the logit is -inf: a user's positive is
+    never one of their negatives.
+    """
+    B, D = users.shape
+    if items.shape != (B, D):
+        raise ValueError(f"items has shape {list(items.shape)}, expected {[B, D]}")
+    if item_keys.shape != (B,):
+        raise ValueError(f"item_keys has shape {list(item_keys.shape)}, expected {[B]}")
+    logits = users.float() @ items.float().T / temperature  # [B, B]
+    if log_q is not None:
+        if log_q.shape != (B,):
+            raise ValueError(f"log_q has shape {list(log_q.shape)}, expected {[B]}")
+        logits = logits - log_q.float()[None, :]
+    same = item_keys[:, None] == item_keys[None, :]
+    same.fill_diagonal_(False)
+    return logits.masked_fill(same, float("-inf"))
+
+
+def retrieval_loss(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    temperature: torch.Tensor | float,
+    item_keys: torch.Tensor,
+    log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sampled softmax (InfoNCE) with in-batch negatives: mean cross-entropy of the diagonal.
+
+    Shapes as ``in_batch_logits``. Every row keeps its own positive, so the loss is finite.
+
+    >>> u = torch.eye(2)
+    >>> round(float(retrieval_loss(u, u, 1.0, torch.tensor([7, 8]))), 4)
+    0.3133
+    >>> float(retrieval_loss(u, u, 1.0, torch.tensor([7, 7])))  # same post: no negative left
+    0.0
+    """
+    logits = in_batch_logits(users, items, temperature, item_keys, log_q)
+    target = torch.arange(len(logits), device=logits.device)
+    return F.cross_entropy(logits, target)

@@ -1,2 +1,3 @@
-"""Layer 7: serving. ``rank.py`` scores raw requests (no web framework needed); ``app.py``,
-``schemas.py`` and ``batcher.py`` are the HTTP service (the ``serve`` extra: FastAPI, uvicorn)."""
+"""Layer 7: serving. ``pipeline.py`` is retrieve -> rank -> score; ``rank.py`` scores raw
+requests (no web framework needed); ``app.py``, ``schemas.py`` and ``batcher.py`` are the HTTP
+service (the ``serve`` extra: FastAPI, uvicorn)."""

@@ -1,0 +1,168 @@
+"""``hashrec recommend``: retrieve from the whole corpus, rank with Phoenix, score, print."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from hashrec.cli import common
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="recommend posts to users: retrieve -> rank -> score",
+                       description="Retrieve the --retrieve-k best unseen posts of the corpus "
+                       "(every post of --data) with the two-tower retriever, rank them with the "
+                       "Phoenix ranker, apply the weighted scorer and author diversity, and print "
+                       "the top --k with each action's probability.")  # fmt: skip
+    p.add_argument("--retriever", required=True, help="two-tower checkpoint (train-retrieval)")
+    p.add_argument("--ranker", required=True, help="ranker checkpoint (train)")
+    p.add_argument(
+        "--data",
+        help="KuaiRand folder, or a CSV/Parquet log with --schema: the "
+        "corpus and the users' histories (default: the shipped KuaiRand sample)",
+    )
+    p.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
+    p.add_argument("--authors", help="table mapping post -> author, if the log lacks authors")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=common.int_list, help="user ID(s), comma-separated")
+    who.add_argument("--users-file", help="file with one user ID per line (batch mode)")
+    p.add_argument("--k", type=int, default=20, help="posts per user")
+    p.add_argument("--retrieve-k", type=int, default=100, help="candidates sent to the ranker")
+    p.add_argument("--history-len", type=int, default=None,
+                   help="history events per user (default: the retriever's)")  # fmt: skip
+    p.add_argument("--weights", help="JSON (file or string) of action -> scorer weight "
+                   "(default: X's published weights, mapped onto the log's actions)")  # fmt: skip
+    p.add_argument("--chunk-size", type=int, default=65_536, help="corpus chunk of the top-k")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    common.add_device_option(p)
+    p.set_defaults(func=run)
+
+
+def _id_offset(args: argparse.Namespace) -> int:
+    """What the log adds to dataset IDs (KuaiRand: 1, so that ID 0 is not padding)."""
+    from hashrec.data import KUAIRAND_SCHEMA, LogSchema
+
+    if args.data is None or os.path.isdir(args.data):
+        return KUAIRAND_SCHEMA.id_offset
+    text = Path(args.schema).read_text() if os.path.exists(args.schema) else args.schema
+    return LogSchema.from_dict(json.loads(text)).id_offset
+
+
+def _users(args: argparse.Namespace) -> list[int]:
+    if args.user is not None:
+        return args.user
+    path = Path(args.users_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--users-file {path}: no such file")
+    users = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                users.append(int(line.strip()))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: expected a user ID, got {line.strip()!r}") from None
+    if not users:
+        raise ValueError(f"{path}: no user IDs")
+    return users
+
+
+def _weights(text: str | None) -> dict[str, float] | None:
+    if text is None:
+        return None
+    raw = Path(text).read_text() if os.path.exists(text) else text
+    try:
+        w = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise common.UsageError(f"--weights is not JSON ({e})") from e
+    if not isinstance(w, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in w.values()
+    ):
+        raise common.UsageError('--weights must map action names to numbers, e.g. {"click": 1}')
+    return {str(k): float(v) for k, v in w.items()}
+
+
+def _load(path: str, expected: str, device):
+    from hashrec.training.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(path, map_location=device)
+    if info.model_class != expected:
+        raise ValueError(f"{path}: holds a {info.model_class}, expected a {expected}")
+    return model, info
+
+
+def run(args: argparse.Namespace) -> int:
+    from hashrec.models.scoring import ScoringConfig, WeightedScorer
+    from hashrec.retrieval.corpus import Corpus
+    from hashrec.serving.pipeline import RecommendPipeline, UserRequest, default_weights
+    from hashrec.training.trainer import resolve_device
+
+    if args.k < 1:
+        raise common.UsageError(f"--k must be >= 1, got {args.k}")
+    if args.retrieve_k < 1:
+        raise common.UsageError(f"--retrieve-k must be >= 1, got {args.retrieve_k}")
+    if args.chunk_size < 1:
+        raise common.UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.history_len is not None and args.history_len < 0:
+        raise common.UsageError(f"--history-len must be >= 0, got {args.history_len}")
+    weights = _weights(args.weights)
+    users = _users(args)
+    device = resolve_device(args.device)
+    retriever, rinfo = _load(args.retriever, "TwoTowerRetriever", device)
+    ranker, _ = _load(args.ranker, "PhoenixRanker", device)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the lists (--json)
+        log = common.load_data(args)
+    if tuple(retriever.config.actions) != tuple(log.actions):
+        raise ValueError(f"the retriever reads actions {retriever.config.actions}, the data has "
+                         f"{log.actions}")  # fmt: skip
+    corpus = Corpus.from_log(log)
+    if args.k > len(corpus):
+        raise common.UsageError(f"--k {args.k} is larger than the corpus ({len(corpus)} posts)")
+    scorer = None
+    if weights is not None:
+        acts = tuple(ranker.config.actions) + tuple(ranker.config.continuous_actions)
+        unknown = sorted(set(weights) - set(acts))
+        if unknown:
+            raise common.UsageError(f"--weights names {unknown}, the ranker predicts {acts}")
+        scoring = ScoringConfig(weights={**default_weights(acts), **weights})
+        scorer = WeightedScorer(scoring, ranker.config.actions, ranker.config.continuous_actions)
+    pipe = RecommendPipeline(retriever, ranker, corpus, scorer, args.retrieve_k, args.chunk_size)
+    history_len = args.history_len
+    if history_len is None:
+        history_len = int(rinfo.extra.get("history_len", 32))
+    off = _id_offset(args)
+    requests = [UserRequest.from_log(log, u + off, history_len) for u in users]
+    results = pipe.recommend_batch(requests, args.k)
+    for res in results:
+        res.user_id -= off
+        if res.notice:
+            print(f"hashrec recommend: notice: user {res.user_id}: {res.notice}", file=sys.stderr)
+        for item in res.items:
+            item.post_id -= off
+            item.author_id -= off
+    if args.json:
+        print(json.dumps([_as_dict(r) for r in results], indent=2))
+    else:
+        for r in results:
+            print(_table(r, pipe.actions))
+    return 0
+
+
+def _as_dict(r) -> dict:
+    from dataclasses import asdict
+
+    return asdict(r)
+
+
+def _table(r, actions: tuple[str, ...]) -> str:
+    head = f"user {r.user_id}" + (" (cold start)" if r.cold_start else "")
+    cols = ["rank", "post", "author", "score", "retrieval", *actions]
+    lines = [head, "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    for i, it in enumerate(r.items, 1):
+        rs = "-" if it.retrieval_score is None else f"{it.retrieval_score:.3f}"
+        probs = " | ".join(f"{it.probs[a]:.3f}" for a in actions)
+        lines.append(f"| {i} | {it.post_id} | {it.author_id} | {it.score:.4f} | {rs} | {probs} |")
+    return "\n".join(lines) + "\n"

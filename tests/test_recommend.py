@@ -1,0 +1,209 @@
+"""The whole path on tiny checkpoints: ``hashrec train-retrieval`` (training, resume, metrics)
+and ``hashrec recommend`` (table, JSON, batch mode, cold start, bad input), and the pipeline's
+retrieve -> rank -> score contract."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hashrec.cli import main
+from hashrec.data import LogSchema, load_log
+from hashrec.training.checkpoint import load_checkpoint
+
+from conftest import SCHEMA_JSON, cli_error, write_synthetic_log
+
+SPLIT = ["--train-end", "2022-04-28", "--eval-start", "2022-04-29"]
+ARCH = ["--dim", "8", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--history-len", "6"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A synthetic log, a tiny ranker and a tiny retriever trained on it through the CLI."""
+    root = tmp_path_factory.mktemp("recommend")
+    log_file = root / "log.csv"
+    write_synthetic_log(log_file)
+    data = ["--data", str(log_file), "--schema", SCHEMA_JSON]
+    rc = main(["train", *data, *SPLIT, *ARCH, "--max-candidates", "4", "--batch-size", "16",
+               "--epochs", "1", "--out", str(root / "ranker")])  # fmt: skip
+    assert rc == 0
+    rc = main(["train-retrieval", *data, *SPLIT, *ARCH, "--batch-size", "16", "--epochs", "2",
+               "--out", str(root / "retriever")])  # fmt: skip
+    assert rc == 0
+    log = load_log(str(log_file), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
+    return {
+        "root": root,
+        "data": data,
+        "log": log,
+        "ranker": str(root / "ranker" / "checkpoint.safetensors"),
+        "retriever": str(root / "retriever" / "checkpoint.safetensors"),
+    }
+
+
+def recommend(run, *argv: str) -> list[str]:
+    return ["recommend", "--retriever", run["retriever"], "--ranker", run["ranker"],
+            *run["data"], *argv]  # fmt: skip
+
+
+def test_train_retrieval_writes_checkpoint_and_metrics(run):
+    model, info = load_checkpoint(run["retriever"])
+    assert info.model_class == "TwoTowerRetriever" and info.train_state.done
+    assert info.extra["history_len"] == 6
+    assert info.extra["train"]["positive_actions"] == ["click"]  # no long_view: first action
+    losses = info.train_state.losses
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # it learns
+    metrics = json.loads((run["root"] / "retriever" / "metrics.json").read_text())
+    assert set(metrics["retrieval"]) == {"popularity", "two-tower"}
+    m = metrics["retrieval"]["two-tower"]
+    assert 0.0 <= m["recall@10"] <= m["recall@50"] <= m["recall@100"] <= 1.0
+    assert metrics["corpus_size"] == len(np.unique(run["log"].post))
+
+
+def test_train_retrieval_resumes_exactly(run, tmp_path):
+    data = run["data"]
+    base = ["train-retrieval", *data, *SPLIT, *ARCH, "--batch-size", "16"]
+    assert main([*base, "--epochs", "1", "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--epochs", "2", "--resume", "--out", str(tmp_path / "a")]) == 0
+    a, _ = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")
+    b, _ = load_checkpoint(run["retriever"])  # two epochs straight, same seed
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, msg=name)
+
+
+def test_recommend_prints_a_ranked_table_without_seen_posts(run, capsys):
+    assert main(recommend(run, "--user", "3", "--k", "5")) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| rank")]
+    assert out.startswith("user 3") and len(lines) == 5
+    assert "| click | like | hate |" in out
+    log = run["log"]
+    seen = set(log.post[log.user == 3].tolist())
+    posts = [int(ln.split("|")[2]) for ln in lines]
+    assert not seen & set(posts) and len(set(posts)) == 5
+    scores = [float(ln.split("|")[4]) for ln in lines]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_recommend_json_and_batch_mode(run, tmp_path, capsys):
+    users = tmp_path / "users.txt"
+    users.write_text("3\n7\n\n12\n")
+    assert main(recommend(run, "--users-file", str(users), "--k", "4", "--json")) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["user_id"] for r in res] == [3, 7, 12]
+    for r in res:
+        assert len(r["items"]) == 4 and not r["cold_start"]
+        for it in r["items"]:
+            assert set(it["probs"]) == {"click", "like", "hate"}
+            assert all(0.0 <= p <= 1.0 for p in it["probs"].values())
+            assert -1.0 <= it["retrieval_score"] <= 1.0
+    # batch mode gives each user what a single request gives
+    assert main(recommend(run, "--user", "7", "--k", "4", "--json")) == 0
+    single = json.loads(capsys.readouterr().out)[0]
+    assert [i["post_id"] for i in single["items"]] == [i["post_id"] for i in res[1]["items"]]
+
+
+def test_unknown_user_takes_the_cold_start_path(run, capsys):
+    assert main(recommend(run, "--user", "99999", "--k", "3", "--json")) == 0
+    captured = capsys.readouterr()
+    assert "notice: user 99999: unknown user without history: cold start" in captured.err
+    res = json.loads(captured.out)[0]
+    assert res["cold_start"] and len(res["items"]) == 3
+    assert all(it["retrieval_score"] is None for it in res["items"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "code"),
+    [
+        (["--user", "3", "--k", "0"], "--k must be >= 1", 2),
+        (["--user", "3", "--k", "-2"], "--k must be >= 1", 2),
+        (["--user", "3", "--k", "100000"], "larger than the corpus", 2),
+        (["--user", "3", "--retrieve-k", "0"], "--retrieve-k must be >= 1", 2),
+        (["--user", "3", "--weights", "{bad"], "--weights is not JSON", 2),
+        (["--user", "3", "--weights", '{"share": 1}'], "--weights names ['share']", 2),
+        (["--users-file", "missing.txt"], "no such file", 1),
+        (["--user", "x"], "expected comma-separated integers", 2),
+    ],
+)
+def test_recommend_bad_input(run, argv, message, code, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = cli_error(recommend(run, *argv), capsys, code)
+    assert message in err
+
+
+def test_recommend_refuses_swapped_checkpoints(run, capsys):
+    argv = ["recommend", "--retriever", run["ranker"], "--ranker", run["retriever"],
+            *run["data"], "--user", "3"]  # fmt: skip
+    assert "holds a PhoenixRanker, expected a TwoTowerRetriever" in cli_error(argv, capsys, 1)
+
+
+def test_retrieving_the_whole_corpus_equals_the_ranker_alone(run):
+    """With retrieve_k = corpus size the retriever only filters seen posts: two different
+    retrievers (trained and untrained) give the same list."""
+    from hashrec.models.two_tower import TwoTowerRetriever
+    from hashrec.serving.pipeline import Corpus, RecommendPipeline, UserRequest
+
+    retriever, _ = load_checkpoint(run["retriever"])
+    ranker, _ = load_checkpoint(run["ranker"])
+    log = run["log"]
+    corpus = Corpus.from_log(log)
+    torch.manual_seed(1)
+    fresh = TwoTowerRetriever(retriever.config)
+    reqs = [UserRequest.from_log(log, u, 6) for u in (3, 7)]
+    a = RecommendPipeline(retriever, ranker, corpus, retrieve_k=len(corpus)).recommend_batch(
+        reqs, 10
+    )
+    b = RecommendPipeline(fresh, ranker, corpus, retrieve_k=len(corpus)).recommend_batch(reqs, 10)
+    for x, y in zip(a, b, strict=True):
+        assert [i.post_id for i in x.items] == [i.post_id for i in y.items]
+        assert [i.score for i in x.items] == pytest.approx([i.score for i in y.items])
+    # and the ranker's own scores, sorted with author diversity, give that list
+    pipe = RecommendPipeline(retriever, ranker, corpus, retrieve_k=len(corpus))
+    pos = np.setdiff1d(np.arange(len(corpus)), corpus.positions(reqs[0].seen_post_ids))
+    _, scores = pipe.rank(reqs[:1], pos[None])
+    order, _ = pipe.scorer.rank(torch.from_numpy(scores[0]),
+                                torch.from_numpy(corpus.author_ids[pos]))  # fmt: skip
+    assert corpus.post_ids[pos[order[:10].numpy()]].tolist() == [i.post_id for i in a[0].items]
+
+
+def test_pipeline_rejects_bad_k(run):
+    from hashrec.serving.pipeline import Corpus, RecommendPipeline, UserRequest
+
+    retriever, _ = load_checkpoint(run["retriever"])
+    ranker, _ = load_checkpoint(run["ranker"])
+    corpus = Corpus.from_log(run["log"])
+    pipe = RecommendPipeline(retriever, ranker, corpus, retrieve_k=10)
+    req = UserRequest.from_log(run["log"], 3, 6)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        pipe.recommend(req, 0)
+    with pytest.raises(ValueError, match="larger than the corpus"):
+        pipe.recommend(req, len(corpus) + 1)
+    # k above retrieve_k retrieves k; a user who saw almost everything gets what is left
+    assert len(pipe.recommend(req, 15).items) == 15
+    everything = UserRequest.from_log(run["log"], 3, 6)
+    everything.seen_post_ids = corpus.post_ids[:-2]
+    left = pipe.recommend(everything, 5).items
+    assert sorted(i.post_id for i in left) == sorted(corpus.post_ids[-2:].tolist())
+
+
+def test_next_engagement_queries_see_only_the_past(run):
+    from hashrec.evaluation.retrieval import next_engagement_queries, popularity_ranking
+
+    log = run["log"]
+    ev = log.days(20220429, None)
+    q = next_engagement_queries(log, ev, ("click",), 6)
+    start = log.time[ev].min()
+    assert len(q) > 0 and q.warm.any()
+    h = q.requests.history
+    assert (log.time[h[h >= 0]] < start).all()  # no evaluation-day event in any history
+    for u, s, t, row in zip(q.users, q.seen, q.targets, q.requests.user_row, strict=True):
+        assert log.user[row] == u
+        mine = log.user == u
+        assert set(s.tolist()) == set(log.post[mine & (log.time < start)].tolist())
+        engaged = mine & ev & (log.labels[:, 0] > 0)
+        assert set(t.tolist()) == set(log.post[engaged].tolist()) - set(s.tolist())
+    pop = popularity_ranking(log, ~ev, ("click",), q.seen, 5)
+    for row, s in zip(pop, q.seen, strict=True):
+        assert not set(row.tolist()) & set(s.tolist())
