@@ -169,7 +169,9 @@ def main() -> None:
     art = out / "artifacts"
     rng = np.random.default_rng(args.seed)
     cfg = CONFIG
-    D, S, C, A = (cfg[k] for k in ("emb_size", "history_seq_len", "candidate_seq_len", "num_actions"))
+    D, S, C, A = (
+        cfg[k] for k in ("emb_size", "history_seq_len", "candidate_seq_len", "num_actions")
+    )
 
     def ranker_fn(mc):
         return hk.without_apply_rng(hk.transform(lambda b, e: mc.make()(b, e)))
@@ -334,9 +336,11 @@ def main() -> None:
     ah = hash_author(author_ids.astype(np.uint64)).reshape(1, n, -1)
     cfn = hk.without_apply_rng(
         hk.transform(
-            lambda b, e: rp.build_model_config(cfg, PhoenixRetrievalModelConfig)
-            .make()
-            .build_candidate_representation(b, e)[0]
+            lambda b, e: (
+                rp.build_model_config(cfg, PhoenixRetrievalModelConfig)
+                .make()
+                .build_candidate_representation(b, e)[0]
+            )
         )
     )
     zb = create_dummy_batch_from_config(rp.HashConfig(), S, n, A)._replace(

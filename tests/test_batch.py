@@ -115,8 +115,27 @@ def test_validate_against_config(small_config):
 
 
 def test_to_moves_every_field(small_config):
-    b = make_batch(small_config).to("meta")
+    b = make_batch(small_config)
+    B, S, C = b.batch_size, b.history_len, b.num_candidates
+    b = _replace(
+        b,
+        history_dwell=torch.rand(B, S),
+        candidate_impression_ts=torch.full((B, C), 7200),
+        candidate_creation_ts=torch.full((B, C), 3600),
+    ).to("meta")
     assert all(getattr(b, f.name).device.type == "meta" for f in dataclasses.fields(b))
+    assert make_batch(small_config).to("meta").history_dwell is None
+
+
+def test_optional_phoenix_inputs_are_checked(small_config):
+    b = make_batch(small_config)
+    B, S, C = b.batch_size, b.history_len, b.num_candidates
+    with pytest.raises(ValueError, match=r"history_dwell has shape \[\d+, 1\], expected"):
+        _replace(b, history_dwell=torch.rand(B, 1))
+    with pytest.raises(ValueError, match="history_dwell has dtype torch.int64"):
+        _replace(b, history_dwell=torch.ones(B, S, dtype=torch.long))
+    with pytest.raises(ValueError, match="must be given together"):
+        _replace(b, candidate_impression_ts=torch.ones(B, C, dtype=torch.long))
 
 
 def test_embeddings_validation():

@@ -108,6 +108,7 @@ def batches(
             **{
                 f.name: torch.from_numpy(_gather(source[f.kind](f), rows_of[f.group]))
                 for f in BATCH_FIELDS
+                if not f.optional  # logs carry no dwell seconds or post timestamps yet
             }
         ).validate(hashes.config)  # checked here, once, not in every forward
         labels = _gather(log.labels, cand)

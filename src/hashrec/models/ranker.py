@@ -8,8 +8,10 @@ own (KuaiRand's click, long_view, like, ...) and the heads follow it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hashrec.hashing.config import HashConfig
@@ -23,7 +25,15 @@ from hashrec.nn.blocks import (
 from hashrec.nn.table import FusedEmbeddingTable
 from hashrec.nn.transformer import AttentionKernel, Transformer, TransformerConfig
 
-__all__ = ["ACTIONS", "PhoenixRanker", "RankerConfig", "RankerOutput"]
+__all__ = [
+    "ACTIONS",
+    "PHOENIX_CONTINUOUS_ACTIONS",
+    "POST_AGE_MAX_MINUTES",
+    "PhoenixRanker",
+    "RankerConfig",
+    "RankerOutput",
+    "post_age_bucket",
+]
 
 # Phoenix's action heads, in its order; dwell_time is the continuous one.
 ACTIONS: tuple[str, ...] = (
@@ -48,6 +58,40 @@ ACTIONS: tuple[str, ...] = (
     "dwell_time",
 )
 CONTINUOUS_ACTIONS: tuple[str, ...] = ("dwell_time",)
+# Phoenix's ``continuous_unembeddings`` columns (runners.CONTINUOUS_ACTIONS, prefixed so they do
+# not clash with the binary ``dwell_time`` head).
+PHOENIX_CONTINUOUS_ACTIONS: tuple[str, ...] = tuple(
+    "continuous_" + a
+    for a in (
+        "reserved",
+        "dwell_time",
+        "video_watch_time",
+        "scroll_depth",
+        "reserved_3",
+        "reserved_4",
+        "reserved_5",
+        "reserved_6",
+    )
+)
+POST_AGE_MAX_MINUTES = 4800  # Phoenix: ages beyond this share one overflow bucket
+
+
+def post_age_bucket(
+    impression_ts: torch.Tensor, creation_ts: torch.Tensor, granularity_mins: int
+) -> torch.Tensor:
+    """Phoenix's ``compute_post_age_bucket``: int seconds [...] -> bucket [...] (int64).
+
+    0 = unknown (either timestamp 0, or created after the impression); 1 + age // granularity
+    minutes otherwise, capped at the overflow bucket ``POST_AGE_MAX_MINUTES // g + 1``.
+
+    >>> post_age_bucket(torch.tensor([7200, 7200, 0]), torch.tensor([3600, 9000, 5]), 60).tolist()
+    [2, 0, 0]
+    """
+    overflow = POST_AGE_MAX_MINUTES // granularity_mins + 1
+    age_min = torch.div(impression_ts - creation_ts, 60, rounding_mode="floor")
+    bucket = (torch.div(age_min, granularity_mins, rounding_mode="floor") + 1).clamp(0, overflow)
+    unknown = (age_min < 0) | (impression_ts == 0) | (creation_ts == 0)
+    return torch.where(unknown, torch.zeros_like(bucket), bucket).long()
 
 
 def _phoenix_binary_actions() -> tuple[str, ...]:
@@ -59,7 +103,12 @@ class RankerConfig:
     """Everything that shapes a ``PhoenixRanker``; stored in checkpoints as JSON.
 
     ``actions`` are the binary heads (and the history multi-hot); ``continuous_actions`` get a
-    small non-negative regression head. The embedding width is ``transformer.dim``.
+    small non-negative regression head (``continuous_head="mlp"``) or Phoenix's linear
+    ``continuous_unembeddings`` with a sigmoid (``"linear"``). The embedding width is
+    ``transformer.dim``. ``history_dwell`` adds Phoenix's dwell-time token part (dwell seconds
+    clipped to ``dwell_norm_scale``, scaled to [0, 1], 1 -> ``continuous_hidden`` -> D with a
+    GELU); ``post_age_granularity_mins`` > 0 adds its candidate post-age embedding.
+    ``RankerConfig.phoenix_mini()`` is X's released mini Phoenix, op for op.
 
     >>> cfg = RankerConfig(actions=("click", "like"), continuous_actions=())
     >>> cfg.num_actions, cfg.dim
@@ -74,6 +123,10 @@ class RankerConfig:
     continuous_hidden: int = 64
     table_dtype: str = "float32"
     table_init_std: float = 0.05
+    history_dwell: bool = False
+    dwell_norm_scale: float = 30.0
+    post_age_granularity_mins: int = 0
+    continuous_head: Literal["mlp", "linear"] = "mlp"
 
     def __post_init__(self) -> None:
         self.actions = tuple(self.actions)
@@ -87,6 +140,74 @@ class RankerConfig:
             raise ValueError(f"actions has duplicates: {self.actions}")
         if self.table_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"table_dtype must be float32 or bfloat16, got {self.table_dtype!r}")
+        if self.continuous_head not in ("mlp", "linear"):
+            raise ValueError(
+                f"continuous_head must be 'mlp' or 'linear', got {self.continuous_head!r}"
+            )
+        if self.post_age_granularity_mins < 0:
+            raise ValueError(
+                f"post_age_granularity_mins must be >= 0, got {self.post_age_granularity_mins}"
+            )
+        if self.dwell_norm_scale <= 0:
+            raise ValueError(f"dwell_norm_scale must be > 0, got {self.dwell_norm_scale}")
+
+    @classmethod
+    def phoenix_mini(
+        cls,
+        dim: int = 128,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        head_dim: int = 32,
+        vocab_sizes: dict[str, int] | None = None,
+        num_hashes: int = 2,
+        post_age_granularity_mins: int = 60,
+        num_surfaces: int = NUM_PRODUCT_SURFACES,
+    ) -> RankerConfig:
+        """X's released mini Phoenix ranker (``phoenix/run_pipeline.py``'s model), op for op.
+
+        Its transformer: causal context, rotary positions by slot (candidates too), q.k scaled
+        by 0.125, tanh-approximate GELU, widening factor 2; 19 binary heads in Phoenix's order,
+        8 linear continuous heads, history dwell and candidate post-age embeddings.
+
+        >>> cfg = RankerConfig.phoenix_mini(dim=16, num_layers=1, num_heads=2, head_dim=8,
+        ...                                 vocab_sizes={"user": 50, "post": 50, "author": 50})
+        >>> cfg.num_actions, cfg.transformer.attn_scale, cfg.transformer.candidate_positions
+        (19, 0.125, 'slots')
+        """
+        sizes = vocab_sizes or dict.fromkeys(("user", "post", "author"), 1_000_000)
+        return cls(
+            hash=HashConfig.sized(sizes, num_hashes=num_hashes, scheme="phoenix"),
+            transformer=TransformerConfig(
+                dim=dim,
+                num_layers=num_layers,
+                num_q_heads=num_heads,
+                num_kv_heads=num_kv_heads or num_heads,
+                head_dim=head_dim,
+                widening_factor=2.0,
+                attn_logit_cap=30.0,
+                rope_base=10_000.0,
+                causal=True,
+                norm_eps=1e-5,
+                attn_scale=0.125,
+                candidate_positions="slots",
+                gelu="tanh",
+            ),
+            actions=ACTIONS,
+            continuous_actions=PHOENIX_CONTINUOUS_ACTIONS,
+            num_surfaces=num_surfaces,
+            continuous_hidden=64,
+            history_dwell=True,
+            dwell_norm_scale=30.0,
+            post_age_granularity_mins=post_age_granularity_mins,
+            continuous_head="linear",
+        )
+
+    @property
+    def post_age_vocab_size(self) -> int:
+        """Post-age buckets: unknown (0), ``4800 // g`` normal ones, one overflow; 0 if off."""
+        g = self.post_age_granularity_mins
+        return POST_AGE_MAX_MINUTES // g + 2 if g else 0
 
     @property
     def num_actions(self) -> int:
@@ -155,22 +276,36 @@ class PhoenixRanker(nn.Module):
             h, D, dtype=dtype, init_std=config.table_init_std
         )
         self.user_reduce = BlockUserReduce(Ku, D)
-        self.history_reduce = BlockHistoryReduce(Kp, Ka, D, config.num_actions, config.num_surfaces)
-        self.candidate_reduce = BlockCandidateReduce(
-            Kp, Ka, D, self.history_reduce.product_surface_embedding_table
+        self.history_reduce = BlockHistoryReduce(
+            Kp, Ka, D, config.num_actions, config.num_surfaces, num_extra=int(config.history_dwell)
         )
+        self.candidate_reduce = BlockCandidateReduce(
+            Kp,
+            Ka,
+            D,
+            self.history_reduce.product_surface_embedding_table,
+            num_extra=int(config.post_age_granularity_mins > 0),
+        )
+        if config.history_dwell:  # Phoenix's _project_continuous_value_to_embedding
+            H = config.continuous_hidden
+            self.history_dwell_time_proj1 = nn.Parameter(torch.randn(1, H))
+            self.history_dwell_time_proj2 = nn.Parameter(torch.randn(H, D) / H**0.5)
+        if config.post_age_granularity_mins:
+            self.post_age_embedding_table = nn.Embedding(config.post_age_vocab_size, D)
+            nn.init.normal_(self.post_age_embedding_table.weight, std=D**-0.5)
         self.transformer = Transformer(config.transformer)
         self.unembeddings = nn.Parameter(torch.randn(D, config.num_actions) / D**0.5)
-        self.continuous_head = (
-            nn.Sequential(
+        Ac = len(config.continuous_actions)
+        self.continuous_head: nn.Module | None = None
+        if Ac and config.continuous_head == "linear":  # Phoenix: sigmoid(out @ [D, Ac])
+            self.continuous_unembeddings = nn.Parameter(torch.randn(D, Ac) / D**0.5)
+        elif Ac:
+            self.continuous_head = nn.Sequential(
                 nn.Linear(D, config.continuous_hidden),
                 nn.GELU(),
-                nn.Linear(config.continuous_hidden, len(config.continuous_actions)),
+                nn.Linear(config.continuous_hidden, Ac),
                 nn.Softplus(),
             )
-            if config.continuous_actions
-            else None
-        )
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every parameter but the hash table (AdamW takes these; RowWiseAdagrad the table)."""
@@ -200,12 +335,14 @@ class PhoenixRanker(nn.Module):
             emb.history_author_embeddings,
             batch.history_actions,
             batch.history_product_surface,
+            extra=[self._dwell_embedding(batch)] if c.history_dwell else (),
         )
         cand, cand_mask = self.candidate_reduce(
             batch.candidate_post_hashes,
             emb.candidate_post_embeddings,
             emb.candidate_author_embeddings,
             batch.candidate_product_surface,
+            extra=[self._post_age_embedding(batch)] if c.post_age_granularity_mins else (),
         )
         x = torch.cat([user, hist, cand], dim=1)  # [B, 1+S+C, D]
         valid = torch.cat([user_mask, hist_mask, cand_mask], dim=1)  # [B, 1+S+C]
@@ -214,6 +351,33 @@ class PhoenixRanker(nn.Module):
         logits = out @ self.unembeddings  # [B, C, A]
         if self.continuous_head is not None:
             continuous = self.continuous_head(out)
+        elif c.continuous_actions and c.continuous_head == "linear":
+            continuous = torch.sigmoid(out @ self.continuous_unembeddings)
         else:
             continuous = out.new_zeros(*out.shape[:2], 0)
         return RankerOutput(logits, continuous, cand_mask)
+
+    def _dwell_embedding(self, batch: RecsysBatch) -> torch.Tensor:
+        """history_dwell [B, S] seconds (absent = 0) -> [B, S, D], as Phoenix: clip to the norm
+        scale, divide by it, 1 -> H -> D with a GELU and no biases."""
+        c = self.config
+        w1 = self.history_dwell_time_proj1
+        if batch.history_dwell is None:
+            dwell = w1.new_zeros(batch.history_post_hashes.shape[:2])
+        else:
+            dwell = batch.history_dwell.to(w1.dtype)
+        x = dwell.clamp(0.0, c.dwell_norm_scale) / c.dwell_norm_scale
+        approximate = "tanh" if c.transformer.gelu == "tanh" else "none"
+        return F.gelu(x[..., None] @ w1, approximate=approximate) @ self.history_dwell_time_proj2
+
+    def _post_age_embedding(self, batch: RecsysBatch) -> torch.Tensor:
+        """Candidate post-age bucket embeddings [B, C, D]; bucket 0 when timestamps are absent."""
+        if batch.candidate_impression_ts is None:
+            buckets = torch.zeros_like(batch.candidate_product_surface, dtype=torch.long)
+        else:
+            buckets = post_age_bucket(
+                batch.candidate_impression_ts.long(),
+                batch.candidate_creation_ts.long(),
+                self.config.post_age_granularity_mins,
+            )
+        return self.post_age_embedding_table(buckets)

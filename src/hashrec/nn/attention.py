@@ -58,12 +58,14 @@ def candidate_isolation_mask(
 
 @dataclass
 class AttentionLayout:
-    """What a kernel needs beyond q, k, v: candidate count, key validity, causality, soft-cap."""
+    """What a kernel needs beyond q, k, v: candidate count, key validity, causality, soft-cap,
+    and the q.k multiplier (None = 1/sqrt(head_dim))."""
 
     valid: torch.Tensor  # [B, T] bool
     num_candidates: int
     causal: bool
     cap: float | None
+    scale: float | None = None
 
     @property
     def context_len(self) -> int:
@@ -82,16 +84,24 @@ def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def _masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, cap: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float | None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Softmax attention, GQA, soft-cap: q [B,Hq,Tq,hd], k/v [B,Hkv,Tk,hd], mask [B,Tq,Tk]."""
+    """Softmax attention, GQA, soft-cap: q [B,Hq,Tq,hd], k/v [B,Hkv,Tk,hd], mask [B,Tq,Tk].
+
+    ``scale`` multiplies q.k before the soft-cap (None = 1/sqrt(hd))."""
     B, Hq, Tq, hd = q.shape
     Hkv = k.shape[1]
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
     if cap is None:  # no soft-cap: PyTorch's fused kernel
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None], enable_gqa=Hq != Hkv
+            q, k, v, attn_mask=mask[:, None], enable_gqa=Hq != Hkv, scale=scale
         )
-    qg = _grouped(q, Hkv) * (1.0 / (math.sqrt(hd) * cap))  # scale folded into the small tensor
+    qg = _grouped(q, Hkv) * (scale / cap)  # scale folded into the small tensor
     t = torch.tanh(qg @ k[:, :, None].transpose(-1, -2))  # [B, Hkv, G, Tq, Tk]
     logits = (t * cap).masked_fill_(~mask[:, None, None], float("-inf"))
     out = torch.softmax(logits, dim=-1) @ v[:, :, None]  # [B, Hkv, G, Tq, hd]
@@ -103,7 +113,7 @@ def full_mask_attention(
 ) -> torch.Tensor:
     """Reference kernel: all T tokens against all T through ``candidate_isolation_mask``."""
     mask = candidate_isolation_mask(layout.valid, layout.num_candidates, layout.causal)
-    return _masked_attention(q, k, v, mask, layout.cap)
+    return _masked_attention(q, k, v, mask, layout.cap, layout.scale)
 
 
 def isolated_attention(
@@ -117,12 +127,15 @@ def isolated_attention(
     Hkv, Tc, C = k.shape[1], layout.context_len, layout.num_candidates
     ctx_valid = layout.valid[:, :Tc]
     ctx_mask = candidate_isolation_mask(ctx_valid, 0, layout.causal)
-    out_ctx = _masked_attention(q[:, :, :Tc], k[:, :, :Tc], v[:, :, :Tc], ctx_mask, layout.cap)
+    out_ctx = _masked_attention(
+        q[:, :, :Tc], k[:, :, :Tc], v[:, :, :Tc], ctx_mask, layout.cap, layout.scale
+    )
     if C == 0:
         return out_ctx
     G = Hq // Hkv
     # Query rows of one kv head side by side: [B*Hkv, G*C, hd]; scales folded into q (small).
-    scale = 1.0 / math.sqrt(hd) if layout.cap is None else 2.0 / (math.sqrt(hd) * layout.cap)
+    s = 1.0 / math.sqrt(hd) if layout.scale is None else layout.scale
+    scale = s if layout.cap is None else 2.0 * s / layout.cap
     qc = (_grouped(q[:, :, Tc:], Hkv) * scale).reshape(B * Hkv, G * C, hd)
     kx, vx = k[:, :, :Tc].reshape(B * Hkv, Tc, hd), v[:, :, :Tc].reshape(B * Hkv, Tc, hd)
     # each query row's own candidate key/value, [B*Hkv, G*C, hd]

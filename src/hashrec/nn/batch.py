@@ -8,7 +8,8 @@ The fields are declared once, in ``BATCH_FIELDS``: each with its symbolic shape,
 fields the entity whose rows it holds and the ``RecsysEmbeddings`` field it becomes. Validation,
 the table lookup and the data layer's collation all derive from that one list, so a new field
 touches one place. Candidate fields are optional (None): the two-tower user tower scores no
-candidates.
+candidates. The ``optional`` fields are the extra inputs of Phoenix's current model (history
+dwell seconds, candidate impression/creation timestamps): None when absent, as in Phoenix.
 
 Validation happens once, when a batch is built (in the data layer: collation time): shapes and
 dtypes, then one pass over the values that records what a later check against a configuration
@@ -39,15 +40,17 @@ class BatchField:
     """One field of ``RecsysBatch``: its symbolic shape and what it holds.
 
     ``kind`` is "hash" (fused-table rows of ``entity``, looked up into ``embedding``),
-    "surface" (product-surface ids) or "actions" (multi-hot history actions).
+    "surface" (product-surface ids), "actions" (multi-hot history actions), "seconds" (float
+    durations) or "timestamp" (int seconds). ``optional`` fields may be None on their own.
     """
 
     name: str
     dims: tuple[str, ...]
-    kind: Literal["hash", "surface", "actions"]
+    kind: Literal["hash", "surface", "actions", "seconds", "timestamp"]
     group: Group
     entity: str | None = None
     embedding: str | None = None
+    optional: bool = False
 
     @property
     def embedding_dims(self) -> tuple[str, ...]:
@@ -69,10 +72,15 @@ BATCH_FIELDS: tuple[BatchField, ...] = (
     BatchField("candidate_author_hashes", ("B", "C", "Ka"), "hash", "candidate", "author",
                "candidate_author_embeddings"),
     BatchField("candidate_product_surface", ("B", "C"), "surface", "candidate"),
+    BatchField("history_dwell", ("B", "S"), "seconds", "history", optional=True),
+    BatchField("candidate_impression_ts", ("B", "C"), "timestamp", "candidate", optional=True),
+    BatchField("candidate_creation_ts", ("B", "C"), "timestamp", "candidate", optional=True),
 )
 # fmt: on
 HASH_FIELDS: tuple[BatchField, ...] = tuple(f for f in BATCH_FIELDS if f.kind == "hash")
-_CANDIDATE_FIELDS = tuple(f.name for f in BATCH_FIELDS if f.group == "candidate")
+_CANDIDATE_FIELDS = tuple(
+    f.name for f in BATCH_FIELDS if f.group == "candidate" and not f.optional
+)
 _DIM_NAMES = {"Ku": "K", "Kp": "Kp", "Ka": "Ka"}  # how a dimension is spelled in messages
 
 
@@ -121,6 +129,9 @@ class RecsysBatch:
     history_actions [B, S, A] multi-hot (bool, int or float in [0, 1]); history_product_surface
     [B, S]; candidate_post_hashes [B, C, Kp]; candidate_author_hashes [B, C, Ka];
     candidate_product_surface [B, C]. The three candidate fields may all be None (no candidates).
+    Optional (None = absent, as in Phoenix): history_dwell [B, S] float seconds;
+    candidate_impression_ts and candidate_creation_ts [B, C] int seconds (post age; 0 = unknown),
+    given together.
 
     >>> import torch
     >>> b = RecsysBatch(torch.ones(2, 2, dtype=torch.long), torch.ones(2, 3, 2, dtype=torch.long),
@@ -142,12 +153,21 @@ class RecsysBatch:
     candidate_post_hashes: torch.Tensor | None = None
     candidate_author_hashes: torch.Tensor | None = None
     candidate_product_surface: torch.Tensor | None = None
+    history_dwell: torch.Tensor | None = None
+    candidate_impression_ts: torch.Tensor | None = None
+    candidate_creation_ts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         present = [getattr(self, n) is not None for n in _CANDIDATE_FIELDS]
         if any(present) and not all(present):
             missing = [n for n, p in zip(_CANDIDATE_FIELDS, present, strict=True) if not p]
             raise ValueError(f"{missing} are None: give all three candidate fields or none")
+        if (self.candidate_impression_ts is None) != (self.candidate_creation_ts is None):
+            raise ValueError(
+                "candidate_impression_ts and candidate_creation_ts must be given together"
+            )
+        if self.candidate_impression_ts is not None and not all(present):
+            raise ValueError("candidate timestamps are given but the candidate fields are None")
         shapes = _Shapes()
         for f in BATCH_FIELDS:
             value = getattr(self, f.name)
@@ -158,6 +178,9 @@ class RecsysBatch:
             if f.kind == "actions":
                 if t.dtype.is_complex:
                     raise ValueError(f"{f.name} has dtype {t.dtype}, expected bool, int or float")
+            elif f.kind == "seconds":
+                if not t.is_floating_point():
+                    raise ValueError(f"{f.name} has dtype {t.dtype}, expected a floating dtype")
             elif t.dtype not in _INT_DTYPES:
                 raise ValueError(
                     f"{f.name} has dtype {t.dtype}, expected torch.int32 or torch.int64"
@@ -181,7 +204,7 @@ class RecsysBatch:
         self._ranges: dict[str, tuple[int, int] | None] = {}
         for f in BATCH_FIELDS:
             t = getattr(self, f.name)
-            if f.kind == "actions" or t is None:
+            if f.kind in ("actions", "seconds") or t is None:
                 continue
             if t.numel() and int(t.min()) < 0:
                 raise ValueError(f"{f.name} holds {int(t.min())}, expected indices >= 0")

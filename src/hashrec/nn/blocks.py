@@ -7,6 +7,8 @@ first hash only (True = valid), as in Phoenix: hash 0 of a real ID is never 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -42,6 +44,13 @@ def _flat_post_author(
     if (Kp, Ka, D) != expected:
         raise ValueError(f"{what} embeddings have (Kp, Ka, D) = {(Kp, Ka, D)}, expected {expected}")
     return [post.reshape(B, L, Kp * D).to(dtype), author.reshape(B, L, Ka * D).to(dtype)]
+
+
+def _check_extra(block: nn.Module, extra: Sequence[torch.Tensor]) -> None:
+    if len(extra) != block.num_extra:
+        raise ValueError(
+            f"{type(block).__name__} expects {block.num_extra} extra parts, got {len(extra)}"
+        )
 
 
 class ActionEmbedding(nn.Module):
@@ -94,7 +103,8 @@ class BlockUserReduce(nn.Module):
 class BlockHistoryReduce(nn.Module):
     """History events -> tokens [B, S, D] and mask [B, S].
 
-    concat(post [Kp*D], author [Ka*D], action [D], surface [D]) @ ``proj_mat_3``. Owns the
+    concat(post [Kp*D], author [Ka*D], action [D], surface [D], *extra [D each]) @ ``proj_mat_3``
+    (``num_extra`` further [B, S, D] parts, e.g. Phoenix's dwell-time embedding). Owns the
     signed multi-hot ``action_projection`` and the ``product_surface_embedding_table`` (pass it to
     ``BlockCandidateReduce`` to share it, as Phoenix does).
 
@@ -113,14 +123,16 @@ class BlockHistoryReduce(nn.Module):
         emb_size: int,
         num_actions: int = 19,
         num_surfaces: int = NUM_PRODUCT_SURFACES,
+        num_extra: int = 0,
     ) -> None:
         super().__init__()
         self.num_item_hashes, self.num_author_hashes = num_item_hashes, num_author_hashes
-        self.emb_size = emb_size
+        self.emb_size, self.num_extra = emb_size, num_extra
         self.actions = ActionEmbedding(num_actions, emb_size)
         self.product_surface_embedding_table = nn.Embedding(num_surfaces, emb_size)
         nn.init.normal_(self.product_surface_embedding_table.weight, std=emb_size**-0.5)
-        self.proj_mat_3 = _proj((num_item_hashes + num_author_hashes + 2) * emb_size, emb_size)
+        parts = num_item_hashes + num_author_hashes + 2 + num_extra
+        self.proj_mat_3 = _proj(parts * emb_size, emb_size)
 
     @property
     def action_projection(self) -> nn.Parameter:
@@ -133,7 +145,9 @@ class BlockHistoryReduce(nn.Module):
         history_author_embeddings: torch.Tensor,
         history_actions: torch.Tensor,
         history_product_surface: torch.Tensor,
+        extra: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_extra(self, extra)
         x = torch.cat(
             [
                 *_flat_post_author(
@@ -145,14 +159,17 @@ class BlockHistoryReduce(nn.Module):
                 ),
                 self.actions(history_actions),
                 self.product_surface_embedding_table(history_product_surface),
+                *(e.to(self.proj_mat_3.dtype) for e in extra),
             ],
             dim=-1,
-        )  # [B, S, (Kp+Ka+2)*D]
+        )  # [B, S, (Kp+Ka+2+extra)*D]
         return x @ self.proj_mat_3, padding_mask(history_post_hashes)
 
 
 class BlockCandidateReduce(nn.Module):
     """Candidates -> tokens [B, C, D] and mask [B, C]: concat(post, author, surface) @ proj_mat_2.
+
+    ``num_extra`` further [B, C, D] parts (e.g. Phoenix's post-age embedding) join the concat.
 
     Missing from the lecture notebook, present in Phoenix. ``product_surface_embedding_table``
     may be shared with ``BlockHistoryReduce``.
@@ -165,15 +182,17 @@ class BlockCandidateReduce(nn.Module):
         emb_size: int,
         product_surface_embedding_table: nn.Embedding | None = None,
         num_surfaces: int = NUM_PRODUCT_SURFACES,
+        num_extra: int = 0,
     ) -> None:
         super().__init__()
         self.num_item_hashes, self.num_author_hashes = num_item_hashes, num_author_hashes
-        self.emb_size = emb_size
+        self.emb_size, self.num_extra = emb_size, num_extra
         if product_surface_embedding_table is None:
             product_surface_embedding_table = nn.Embedding(num_surfaces, emb_size)
             nn.init.normal_(product_surface_embedding_table.weight, std=emb_size**-0.5)
         self.product_surface_embedding_table = product_surface_embedding_table
-        self.proj_mat_2 = _proj((num_item_hashes + num_author_hashes + 1) * emb_size, emb_size)
+        parts = num_item_hashes + num_author_hashes + 1 + num_extra
+        self.proj_mat_2 = _proj(parts * emb_size, emb_size)
 
     def forward(
         self,
@@ -181,7 +200,9 @@ class BlockCandidateReduce(nn.Module):
         candidate_post_embeddings: torch.Tensor,
         candidate_author_embeddings: torch.Tensor,
         candidate_product_surface: torch.Tensor,
+        extra: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_extra(self, extra)
         x = torch.cat(
             [
                 *_flat_post_author(
@@ -192,7 +213,8 @@ class BlockCandidateReduce(nn.Module):
                     self.proj_mat_2.dtype,
                 ),
                 self.product_surface_embedding_table(candidate_product_surface),
+                *(e.to(self.proj_mat_2.dtype) for e in extra),
             ],
             dim=-1,
-        )  # [B, C, (Kp+Ka+1)*D]
+        )  # [B, C, (Kp+Ka+1+extra)*D]
         return x @ self.proj_mat_2, padding_mask(candidate_post_hashes)

@@ -17,6 +17,7 @@ context and itself. The attention kernel is pluggable:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,6 +59,11 @@ class TransformerConfig:
     causal: bool = False  # user + history attention; candidates are isolated either way
     norm_eps: float = 1e-5
     attention: Literal["isolated", "full"] = "isolated"
+    # Phoenix-exact options (``RankerConfig.phoenix_mini``); the defaults are hashrec's own.
+    attn_scale: float | None = None  # q.k multiplier; None = 1/sqrt(head_dim) (Phoenix: 0.125)
+    candidate_positions: Literal["shared", "slots"] = "shared"  # Phoenix: "slots"
+    gelu: Literal["exact", "tanh"] = "exact"  # Phoenix (jax.nn.gelu): "tanh"
+    final_norm: bool = True  # Phoenix's retrieval user tower has none
 
     def __post_init__(self) -> None:
         for name in ("dim", "num_layers", "num_q_heads", "num_kv_heads"):
@@ -83,6 +89,19 @@ class TransformerConfig:
             raise ValueError(f"attention must be 'isolated' or 'full', got {self.attention!r}")
         if self.attn_logit_cap is not None and self.attn_logit_cap <= 0:
             raise ValueError(f"attn_logit_cap must be > 0 or None, got {self.attn_logit_cap}")
+        if self.attn_scale is not None and self.attn_scale <= 0:
+            raise ValueError(f"attn_scale must be > 0 or None, got {self.attn_scale}")
+        if self.candidate_positions not in ("shared", "slots"):
+            raise ValueError(
+                f"candidate_positions must be 'shared' or 'slots', got {self.candidate_positions!r}"
+            )
+        if self.gelu not in ("exact", "tanh"):
+            raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+
+    @property
+    def scale(self) -> float:
+        """Multiplier of q.k before the soft-cap: ``attn_scale`` or 1/sqrt(head_dim)."""
+        return self.attn_scale if self.attn_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
     @property
     def ffn_dim(self) -> int:
@@ -136,6 +155,7 @@ class DecoderLayer(nn.Module):
         self.gate_proj = nn.Linear(D, c.ffn_dim, bias=False)
         self.up_proj = nn.Linear(D, c.ffn_dim, bias=False)
         self.down_proj = nn.Linear(c.ffn_dim, D, bias=False)
+        self._gelu = "tanh" if c.gelu == "tanh" else "none"
 
     def forward(
         self,
@@ -154,7 +174,7 @@ class DecoderLayer(nn.Module):
         a = kernel(q, k, v, layout).transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq*hd]
         x = x + self.post_attn_norm(self.o_proj(a))
         h = self.pre_ffn_norm(x)
-        f = self.down_proj(F.gelu(self.gate_proj(h)) * self.up_proj(h))
+        f = self.down_proj(F.gelu(self.gate_proj(h), approximate=self._gelu) * self.up_proj(h))
         return x + self.post_ffn_norm(f)
 
 
@@ -163,6 +183,9 @@ KERNELS: dict[str, AttentionKernel] = {"isolated": isolated_attention, "full": f
 
 class Transformer(nn.Module):
     """Stack of ``DecoderLayer`` with a final RMSNorm; candidates share one rotary position.
+
+    ``candidate_positions="slots"`` gives candidate i position Tc + i instead (Phoenix), and
+    ``final_norm=False`` drops the final norm (Phoenix's retrieval user tower).
 
     >>> tf = Transformer(TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1))
     >>> tf(torch.randn(2, 7, 16), torch.ones(2, 7, dtype=torch.bool), num_candidates=3).shape
@@ -173,12 +196,17 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.final_norm = RMSNorm(config.dim, config.norm_eps)
+        self.final_norm = RMSNorm(config.dim, config.norm_eps) if config.final_norm else None
 
     def positions(self, T: int, num_candidates: int, device: torch.device) -> torch.Tensor:
-        """Context tokens at 0..Tc-1; every candidate at Tc: no candidate depends on its slot."""
+        """Context tokens at 0..Tc-1; every candidate at Tc: no candidate depends on its slot.
+
+        With ``candidate_positions="slots"`` (Phoenix) every token sits at its index 0..T-1.
+        """
         Tc = T - num_candidates
         pos = torch.arange(T, device=device)
+        if self.config.candidate_positions == "slots":
+            return pos
         return pos.clamp(max=Tc)
 
     def forward(
@@ -196,11 +224,15 @@ class Transformer(nn.Module):
             raise ValueError(f"x has width {D}, config expects {self.config.dim}")
         kernel = kernel or KERNELS[self.config.attention]
         layout = AttentionLayout(
-            valid, num_candidates, self.config.causal, self.config.attn_logit_cap
+            valid,
+            num_candidates,
+            self.config.causal,
+            self.config.attn_logit_cap,
+            self.config.attn_scale,
         )
         rope = rotary_tables(
             self.positions(T, num_candidates, x.device), self.config.head_dim, self.config.rope_base
         )
         for layer in self.layers:
             x = layer(x, rope, layout, kernel)
-        return self.final_norm(x)
+        return x if self.final_norm is None else self.final_norm(x)
