@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "RankerOutput": "hashrec.models.ranker",
     "TwoTowerConfig": "hashrec.models.two_tower",
     "TwoTowerRetriever": "hashrec.models.two_tower",
+    "PhoenixRetrieval": "hashrec.models.phoenix_retrieval",
     "ScoringConfig": "hashrec.models.scoring",
     "WeightedScorer": "hashrec.models.scoring",
 }
@@ -61,6 +62,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from hashrec.hashing.config import EntityHash, HashConfig  # noqa: F401
+    from hashrec.models.phoenix_retrieval import PhoenixRetrieval  # noqa: F401
     from hashrec.models.ranker import ACTIONS, PhoenixRanker, RankerConfig, RankerOutput  # noqa: F401
     from hashrec.models.scoring import ScoringConfig, WeightedScorer  # noqa: F401
     from hashrec.models.two_tower import TwoTowerConfig, TwoTowerRetriever  # noqa: F401

@@ -13,7 +13,8 @@ from hashrec import __version__
 from hashrec.cli.common import UsageError, apply_threads
 
 # Command modules, in the order ``hashrec --help`` lists them.
-COMMANDS = ("demo", "train", "evaluate", "train-retrieval", "recommend", "serve", "collisions")
+COMMANDS = ("demo", "train", "evaluate", "train-retrieval", "recommend", "serve", "collisions",
+            "import-phoenix", "rank")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hashrec.models.phoenix_retrieval import PhoenixRetrieval, l2_normalize
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.phoenix.artifacts import load_params, read_config, stream_tables
 from hashrec.phoenix.requests import request_batches, validate_request
-from hashrec.phoenix.retrieval import PhoenixRetrieval, l2_normalize
 
 __all__ = [
     "PhoenixArtifacts",
@@ -27,6 +27,7 @@ __all__ = [
     "load_ranker",
     "load_retrieval",
     "request_batches",
+    "request_lengths",
     "validate_request",
 ]
 
@@ -82,15 +83,10 @@ class PhoenixArtifacts:
         self.ranker, self.ranker_config = ranker, ranker_config
         self.retrieval, self.retrieval_config = retrieval, retrieval_config
 
-    def _batches(self, request: dict, raw: dict, model) -> list:
+    def _batches(self, request: dict, raw: dict | None, model) -> list:
         c = model.config
-        return request_batches(
-            request,
-            c.hash,
-            int(raw["history_seq_len"]),
-            int(raw["candidate_seq_len"]),
-            c.num_actions,
-        )
+        S, C = request_lengths(raw, request)
+        return request_batches(request, c.hash, S, C, c.num_actions)
 
     @torch.no_grad()
     def rank(self, request: dict) -> np.ndarray:
@@ -107,7 +103,7 @@ class PhoenixArtifacts:
         """The retrieval tower's normalised user vector [D] (candidates are not used)."""
         if self.retrieval is None:
             raise ValueError("these artifacts have no retrieval/ folder")
-        req = {**validate_request_for_user(request)}
+        req = validate_request_for_user(request)
         batch, _ = self._batches(req, self.retrieval_config, self.retrieval)[0]
         return self.retrieval.user(batch)[0].float().numpy()
 
@@ -120,6 +116,15 @@ class PhoenixArtifacts:
         for batch, n in self._batches(request, self.retrieval_config, self.retrieval):
             out.append(self.retrieval.candidates(batch)[0, :n].float().numpy())
         return np.concatenate(out)
+
+
+def request_lengths(raw: dict | None, request: dict) -> tuple[int, int]:
+    """(history length, candidates per chunk): X's config.json values when known, else the
+    request's own sizes (a model trained in hashrec has no fixed lengths)."""
+    if raw and "history_seq_len" in raw and "candidate_seq_len" in raw:
+        return int(raw["history_seq_len"]), int(raw["candidate_seq_len"])
+    validate_request(request)
+    return max(1, len(request["history"])), max(1, len(request["candidates"]))
 
 
 def validate_request_for_user(request: dict) -> dict:

@@ -70,9 +70,13 @@ class CheckpointInfo:
 
 def _model_classes() -> dict[str, tuple[type, Any]]:
     """Model class name -> (class, config parser). Imported here, not at module import."""
+    from hashrec.models.phoenix_retrieval import PhoenixRetrieval
     from hashrec.models.ranker import PhoenixRanker, RankerConfig
 
-    classes: dict[str, tuple[type, Any]] = {"PhoenixRanker": (PhoenixRanker, RankerConfig)}
+    classes: dict[str, tuple[type, Any]] = {
+        "PhoenixRanker": (PhoenixRanker, RankerConfig),
+        "PhoenixRetrieval": (PhoenixRetrieval, RankerConfig),
+    }
     try:
         from hashrec.models.two_tower import TwoTowerConfig, TwoTowerRetriever
     except ImportError:
