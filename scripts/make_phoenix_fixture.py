@@ -12,7 +12,9 @@ imported at run time or in tests) on synthetic artifacts and writes, under ``--o
   timestamps, dwell);
 * ``expected.npz``: per request and dtype (float32, bfloat16), X's ranker probabilities
   ``rank_<name>_<dtype>`` [C, 19], the retrieval user vector ``user_<name>_<dtype>`` [D] and the
-  candidate tower vectors ``cand_<name>_<dtype>`` [C, D].
+  candidate tower vectors ``cand_<name>_<dtype>`` [C, D]; and ``run_pipeline.py``'s printed
+  ranked list for ``requests/full.json`` over the corpus (top 10 retrieved, all 10 shown):
+  ``pipeline_ids_<dtype>`` and ``pipeline_scores_<dtype>`` (4 decimals, as printed).
 
 Batches are built exactly as X's ``run_pipeline.py`` builds them (its own hash functions, unified
 table, model config, history truncation/padding and candidate chunking), with the optional inputs
@@ -28,7 +30,9 @@ Needs jax and dm-haiku in a separate environment:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -358,6 +362,36 @@ def main() -> None:
         author_ids=author_ids,
         candidate_representations=reprs,
     )
+
+    # 4. X's run_pipeline.py end to end (retrieve from the corpus, rank, weighted score), its
+    # printed ranked list parsed back: float32 (config patched) and its own bfloat16
+    build = rp.build_model_config
+    for dtype_name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
+
+        def patched(config, config_class, dtype=dtype):
+            mc = build(config, config_class)
+            mc.fprop_dtype = dtype
+            return mc
+
+        rp.build_model_config = patched
+        argv = sys.argv
+        sys.argv = ["run_pipeline.py", "--artifacts_dir", str(art), "--sequence_file",
+                    str(out / "requests" / "full.json"), "--corpus_file", str(art / "corpus.npz"),
+                    "--top_k_retrieval", "10", "--top_k_display", "10"]  # fmt: skip
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                rp.main()
+        finally:
+            sys.argv = argv
+            rp.build_model_config = build
+        ids, scores = [], []
+        for line in buf.getvalue().splitlines():
+            if "/status/" in line:
+                ids.append(int(line.rsplit("/", 1)[1]))
+                scores.append(float(line.split()[1]))
+        expected[f"pipeline_ids_{dtype_name}"] = np.array(ids, dtype=np.int64)
+        expected[f"pipeline_scores_{dtype_name}"] = np.array(scores, dtype=np.float64)
 
     np.savez(out / "expected.npz", **{k: np.asarray(v) for k, v in expected.items()})
     (out / "README.md").write_text(

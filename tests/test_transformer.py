@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -73,13 +75,23 @@ def test_mask_one_candidate_no_history_all_padding():
         candidate_isolation_mask(torch.ones(1, 3, dtype=torch.bool), 4)
 
 
+PHOENIX_OPTIONS = dict(attn_scale=0.125, candidate_positions="slots", gelu="tanh")
+
+
 @pytest.mark.parametrize("cap", [30.0, None])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("S", "C"), [(6, 5), (0, 3), (4, 1)])
-def test_fast_path_matches_full_mask_outputs_and_gradients(cap, causal, S, C):
+@pytest.mark.parametrize("options", [{}, PHOENIX_OPTIONS], ids=["hashrec", "phoenix"])
+def test_fast_path_matches_full_mask_outputs_and_gradients(cap, causal, S, C, options):
     torch.manual_seed(0)
     cfg = TransformerConfig(
-        dim=32, num_layers=2, num_q_heads=4, num_kv_heads=2, attn_logit_cap=cap, causal=causal
+        dim=32,
+        num_layers=2,
+        num_q_heads=4,
+        num_kv_heads=2,
+        attn_logit_cap=cap,
+        causal=causal,
+        **options,
     )
     tf = Transformer(cfg)
     T = 1 + S + C
@@ -113,6 +125,31 @@ def test_context_never_depends_on_candidates():
     x2[:, -3:] = torch.randn(1, 3, 16)
     b = tf(x2, valid, 3)
     torch.testing.assert_close(a[:, :5], b[:, :5])
+
+
+def test_phoenix_options_change_what_they_say():
+    torch.manual_seed(2)
+    base = TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1)
+    tf = Transformer(base)
+    x, valid = torch.randn(1, 7, 16), torch.ones(1, 7, dtype=torch.bool)
+    ref = tf(x, valid, 3)
+    # the default scale is 1/sqrt(head_dim): giving it explicitly changes nothing
+    tf.config = replace(base, attn_scale=base.head_dim**-0.5)
+    torch.testing.assert_close(tf(x, valid, 3), ref)
+    # slot positions: the context is unchanged, candidates move
+    tf.config = replace(base, candidate_positions="slots")
+    out = tf(x, valid, 3)
+    torch.testing.assert_close(out[:, :4], ref[:, :4])
+    assert (out[:, 5:] - ref[:, 5:]).abs().max() > 1e-4
+    assert tf.positions(7, 3, x.device).tolist() == list(range(7))
+    # no final norm: the rms of the output is no longer 1 * scale
+    raw = Transformer(replace(base, final_norm=False))
+    raw.load_state_dict({k: v for k, v in tf.state_dict().items() if "final" not in k})
+    torch.testing.assert_close(tf.final_norm(raw(x, valid, 3)), ref)
+    with pytest.raises(ValueError, match="candidate_positions must be"):
+        TransformerConfig(candidate_positions="left")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="attn_scale must be > 0"):
+        TransformerConfig(attn_scale=0.0)
 
 
 def test_config_validation():
