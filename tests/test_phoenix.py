@@ -308,3 +308,44 @@ def test_dwell_and_post_age_inputs_reach_the_scores(px):
     long = {**req, "history": [{**h, "dwell_time": 1e4} for h in req["history"]]}
     at_cap = {**req, "history": [{**h, "dwell_time": 30.0} for h in req["history"]]}
     np.testing.assert_array_equal(px.rank(long), px.rank(at_cap))
+
+
+def _recommend_args(phoenix_dir: Path) -> list[str]:
+    return ["recommend", "--phoenix", str(phoenix_dir), "--request",
+            str(FIXTURE / "requests" / "full.json"), "--corpus", str(ARTIFACTS / "corpus.npz"),
+            "--top-k-retrieval", "10", "--k", "10", "--json"]  # fmt: skip
+
+
+def test_recommend_reproduces_run_pipeline(tmp_path, capsys, expected):
+    want_ids = expected["pipeline_ids_float32"]
+    want_scores = expected["pipeline_scores_float32"]  # printed with 4 decimals
+    out = tmp_path / "ckpt"
+    assert main(["import-phoenix", str(ARTIFACTS), "--out", str(out)]) == 0
+    capsys.readouterr()
+    for source in (ARTIFACTS, out):  # X's artifacts, and the imported checkpoints
+        assert main(_recommend_args(source)) == 0
+        got = json.loads(capsys.readouterr().out)["ranked"]
+        assert [r["post_id"] for r in got] == want_ids.tolist()
+        scores = np.array([r["score"] for r in got])
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=5e-5 + 1e-5)
+    # X's own bfloat16 run of the same pipeline orders these posts the same way
+    assert expected["pipeline_ids_bfloat16"].tolist() == want_ids.tolist()
+
+
+def test_recommend_errors(tmp_path, capsys):
+    args = _recommend_args(ARTIFACTS)
+    args[args.index("--corpus") + 1] = str(tmp_path / "none.npz")
+    assert "no such corpus file" in cli_error(args, capsys, 1)
+    args = _recommend_args(ARTIFACTS)
+    args[args.index("--k") + 1] = "0"
+    assert "--k must be >= 1" in cli_error(args, capsys, 2)
+    args = _recommend_args(ARTIFACTS)
+    args.remove("--request")
+    args.remove(str(FIXTURE / "requests" / "full.json"))
+    assert "--phoenix needs --request" in cli_error(args, capsys, 2)
+    assert "give --retriever, --ranker" in cli_error(["recommend", "--k", "3"], capsys, 2)
+    bad = tmp_path / "corpus.npz"
+    np.savez(bad, post_ids=np.arange(3), author_ids=np.arange(3))
+    args = _recommend_args(ARTIFACTS)
+    args[args.index("--corpus") + 1] = str(bad)
+    assert "missing keys ['candidate_representations']" in cli_error(args, capsys, 1)

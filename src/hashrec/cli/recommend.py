@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(every post of --data) with the two-tower retriever, rank them with the "
                        "Phoenix ranker, apply the weighted scorer and author diversity, and print "
                        "the top --k with each action's probability.")  # fmt: skip
-    p.add_argument("--retriever", required=True, help="two-tower checkpoint (train-retrieval)")
-    p.add_argument("--ranker", required=True, help="ranker checkpoint (train)")
+    p.add_argument("--retriever", help="two-tower checkpoint (train-retrieval)")
+    p.add_argument("--ranker", help="ranker checkpoint (train)")
     p.add_argument(
         "--data",
         help="KuaiRand folder, or a CSV/Parquet log with --schema: the "
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
     p.add_argument("--authors", help="table mapping post -> author, if the log lacks authors")
-    who = p.add_mutually_exclusive_group(required=True)
+    who = p.add_mutually_exclusive_group()
     who.add_argument("--user", type=common.int_list, help="user ID(s), comma-separated")
     who.add_argument("--users-file", help="file with one user ID per line (batch mode)")
     p.add_argument("--k", type=int, default=20, help="posts per user")
@@ -39,6 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=65_536, help="corpus chunk of the top-k")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     common.add_device_option(p)
+    x = p.add_argument_group(
+        "X's released Phoenix (run_pipeline.py)",
+        "--phoenix ARTIFACTS --request FILE instead of --retriever/--ranker/--user: retrieve "
+        "the --top-k-retrieval best posts of X's corpus with X's retrieval model, rank them with "
+        "X's ranker, order them by run_pipeline.py's weighted score, print the top --k.",
+    )
+    x.add_argument("--phoenix", metavar="ARTIFACTS",
+                   help="X's artifacts (ranker/, retrieval/) or import-phoenix --out")  # fmt: skip
+    x.add_argument("--request", metavar="FILE", help="user sequence (example_sequence.json)")
+    x.add_argument("--corpus", metavar="FILE",
+                   help="corpus npz (default: ARTIFACTS/sports_corpus.npz)")  # fmt: skip
+    x.add_argument("--top-k-retrieval", type=int, default=200, help="posts retrieved (200)")
     p.set_defaults(func=run)
 
 
@@ -102,6 +114,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise common.UsageError(f"--k must be >= 1, got {args.k}")
+    if args.phoenix is not None:
+        return _run_phoenix(args)
+    if args.request is not None:
+        raise common.UsageError("--request goes with --phoenix")
+    if args.retriever is None or args.ranker is None or (args.user is None and not args.users_file):
+        raise common.UsageError(
+            "give --retriever, --ranker and --user or --users-file (or --phoenix and --request)"
+        )
     if args.retrieve_k < 1:
         raise common.UsageError(f"--retrieve-k must be >= 1, got {args.retrieve_k}")
     if args.chunk_size < 1:
@@ -166,3 +186,44 @@ def _table(r, actions: tuple[str, ...]) -> str:
         probs = " | ".join(f"{it.probs[a]:.3f}" for a in actions)
         lines.append(f"| {i} | {it.post_id} | {it.author_id} | {it.score:.4f} | {rs} | {probs} |")
     return "\n".join(lines) + "\n"
+
+
+def _run_phoenix(args: argparse.Namespace) -> int:
+    """X's run_pipeline.py on its released artifacts (``hashrec.phoenix``)."""
+    from hashrec import phoenix
+
+    if args.request is None:
+        raise common.UsageError("--phoenix needs --request (a user sequence JSON)")
+    if args.top_k_retrieval < 1:
+        raise common.UsageError(f"--top-k-retrieval must be >= 1, got {args.top_k_retrieval}")
+    path = Path(args.request)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such request file")
+    try:
+        sequence = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    corpus = Path(args.corpus) if args.corpus else Path(args.phoenix) / "sports_corpus.npz"
+    post, author, reprs = phoenix.load_corpus(corpus)
+    px = phoenix.load(args.phoenix)
+    if px.ranker is None or px.retrieval is None:
+        raise ValueError(f"{args.phoenix}: recommend needs both the ranker and the retrieval model")
+    rec = px.recommend(sequence, post, author, reprs, args.top_k_retrieval)
+    k = min(args.k, len(rec.post_ids))
+    if args.json:
+        rows = [
+            {
+                "post_id": int(rec.post_ids[i]),
+                "author_id": int(rec.author_ids[i]),
+                "score": float(rec.score[i]),
+                "retrieval_score": float(rec.retrieval_score[i]),
+            }
+            for i in range(k)
+        ]
+        print(json.dumps({"user_id": sequence["user_id"], "ranked": rows}))
+        return 0
+    print(f"{'rank':<5} {'score':<8} {'ret':<8} post")
+    for i in range(k):
+        print(f"{i + 1:<5} {rec.score[i]:<8.4f} {rec.retrieval_score[i]:<8.4f} "
+              f"https://x.com/a/status/{int(rec.post_ids[i])}")  # fmt: skip
+    return 0

@@ -9,6 +9,7 @@ what X's JAX code computes (float32; see the README for the tolerances).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +21,40 @@ from hashrec.phoenix.artifacts import load_params, read_config, stream_tables
 from hashrec.phoenix.requests import request_batches, validate_request
 
 __all__ = [
+    "PIPELINE_WEIGHTS",
     "PhoenixArtifacts",
     "PhoenixRetrieval",
+    "Recommendations",
     "l2_normalize",
     "load",
+    "load_corpus",
+    "load_imported",
     "load_ranker",
     "load_retrieval",
     "request_batches",
     "request_lengths",
     "validate_request",
 ]
+
+
+# run_pipeline.py's final score: sum of weight * probability over these head columns. X's script
+# indexes the ranker's heads with history-action indices (its IDX_FAV = 1, IDX_REPLY = 4,
+# IDX_RT = 6, IDX_DWELL = 11), i.e. heads reply, click, vqv and quote of ``ACTIONS``; kept as is
+# so the ranked list is the one X's script prints.
+PIPELINE_WEIGHTS: dict[int, float] = {1: 1.0, 4: 0.5, 6: 0.3, 11: 0.2}
+
+
+@dataclass
+class Recommendations:
+    """A ranked list, best first: post_ids, author_ids [K], score (weighted) [K],
+    retrieval_score [K], probs [K, 19], corpus_index [K] (rows of the corpus)."""
+
+    post_ids: np.ndarray
+    author_ids: np.ndarray
+    score: np.ndarray
+    retrieval_score: np.ndarray
+    probs: np.ndarray
+    corpus_index: np.ndarray
 
 
 def _folder(path: str | Path) -> Path:
@@ -117,6 +142,87 @@ class PhoenixArtifacts:
             out.append(self.retrieval.candidates(batch)[0, :n].float().numpy())
         return np.concatenate(out)
 
+    def recommend(
+        self,
+        sequence: dict,
+        corpus_post_ids: np.ndarray,
+        corpus_author_ids: np.ndarray,
+        corpus_representations: np.ndarray,
+        top_k_retrieval: int = 200,
+    ) -> Recommendations:
+        """``run_pipeline.py``: retrieve the top ``top_k_retrieval`` posts of the corpus by dot
+        product with the user vector, rank them, order by the weighted score ``PIPELINE_WEIGHTS``.
+
+        As X's script, only post_id, author_id and actions of the history are used (no product
+        surfaces, dwell or timestamps). corpus_representations [N, D] are the candidate tower's
+        normalised vectors (``sports_corpus.npz``'s ``candidate_representations``).
+        """
+        validate_request_for_user(sequence)
+        N = len(corpus_post_ids)
+        if corpus_representations.shape[0] != N or len(corpus_author_ids) != N:
+            raise ValueError(
+                f"corpus: {N} post_ids, {len(corpus_author_ids)} author_ids and "
+                f"{corpus_representations.shape[0]} candidate_representations, expected equal"
+            )
+        K = min(int(top_k_retrieval), N)
+        if K < 1:
+            raise ValueError(f"top_k_retrieval must be >= 1, got {top_k_retrieval}")
+        hist = [
+            {"post_id": h["post_id"], "author_id": h["author_id"], "actions": h.get("actions", {})}
+            for h in sequence["history"]
+        ]
+        req = {"user_id": sequence["user_id"], "history": hist, "candidates": []}
+        user = self.user_representation(req)
+        scores = corpus_representations @ user
+        top = np.argpartition(scores, -K)[-K:]
+        top = top[np.argsort(-scores[top])]
+        req["candidates"] = [
+            {"post_id": int(p), "author_id": int(a)}
+            for p, a in zip(corpus_post_ids[top], corpus_author_ids[top], strict=True)
+        ]
+        probs = self.rank(req)
+        weighted = sum(w * probs[:, i] for i, w in PIPELINE_WEIGHTS.items())
+        order = np.argsort(-weighted)
+        idx = top[order]
+        return Recommendations(
+            post_ids=corpus_post_ids[idx],
+            author_ids=corpus_author_ids[idx],
+            score=weighted[order],
+            retrieval_score=scores[idx],
+            probs=probs[order],
+            corpus_index=idx,
+        )
+
+
+def load_corpus(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sports_corpus.npz`` -> (post_ids [N], author_ids [N], candidate_representations [N, D]).
+
+    Numeric arrays only (``allow_pickle=False``); its optional ``topics`` are not read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such corpus file")
+    need = ("post_ids", "author_ids", "candidate_representations")
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in need if k not in z.files]
+        if missing:
+            raise ValueError(f"{path}: missing keys {missing}")
+        try:
+            post, author, reprs = (z[k] for k in need)
+        except ValueError as e:
+            raise ValueError(f"{path}: not numeric arrays ({e})") from e
+    for name, a in (("post_ids", post), ("author_ids", author)):
+        if a.dtype.kind not in "iu" or a.ndim != 1:
+            raise ValueError(
+                f"{path}: {name} has dtype {a.dtype}, {a.ndim} dims; expected 1-D ints"
+            )
+    if reprs.dtype.kind != "f" or reprs.shape != (len(post), reprs.shape[-1]):
+        raise ValueError(
+            f"{path}: candidate_representations has dtype {reprs.dtype}, shape "
+            f"{list(reprs.shape)}; expected floats [{len(post)}, D]"
+        )
+    return post, author, reprs.astype(np.float32, copy=False)
+
 
 def request_lengths(raw: dict | None, request: dict) -> tuple[int, int]:
     """(history length, candidates per chunk): X's config.json values when known, else the
@@ -134,14 +240,36 @@ def validate_request_for_user(request: dict) -> dict:
     return validate_request(request)
 
 
+def load_imported(folder: str | Path) -> PhoenixArtifacts:
+    """The checkpoints ``hashrec import-phoenix`` wrote (``ranker.safetensors``,
+    ``retrieval.safetensors``) as a ``PhoenixArtifacts``."""
+    from hashrec.training.checkpoint import load_checkpoint
+
+    root = _folder(folder)
+    models: dict = {}
+    for kind in ("ranker", "retrieval"):
+        path = root / f"{kind}.safetensors"
+        if path.is_file():
+            model, info = load_checkpoint(path)
+            models[kind] = (model.eval(), info.extra.get("phoenix_config"))
+    if not models:
+        raise FileNotFoundError(f"{root}: no ranker.safetensors or retrieval.safetensors")
+    r, rc = models.get("ranker", (None, None))
+    t, tc = models.get("retrieval", (None, None))
+    return PhoenixArtifacts(r, rc, t, tc)
+
+
 def load(artifacts_dir: str | Path) -> PhoenixArtifacts:
     """Load X's exported Phoenix from ``artifacts_dir`` (with ``ranker/`` and/or ``retrieval/``).
 
     Reads each ``config.json``, ``model_params.npz`` (numeric arrays only; every key must be
     known and present, every shape must fit the config) and streams ``embedding_tables.npz``
-    into the fused table without a second copy.
+    into the fused table without a second copy. A folder written by ``hashrec import-phoenix``
+    (``ranker.safetensors``, ``retrieval.safetensors``) loads too.
     """
     root = _folder(artifacts_dir)
+    if (root / "ranker.safetensors").is_file() or (root / "retrieval.safetensors").is_file():
+        return load_imported(root)
     ranker = retrieval = None
     rank_cfg = ret_cfg = None
     if (root / "ranker").is_dir():
