@@ -2,7 +2,7 @@
 
 Writes a ranker artifact folder in X's export format with the released shapes (emb 128, 4
 layers, 4 heads of 32, 1M rows per table: 3 x 1M x 128 float32 = 1.54 GB of tables, random
-values), then, each in a fresh process, measures the peak resident memory (ru_maxrss) of:
+values), then, each in a fresh process, measures the peak resident memory (VmHWM) of:
 
 * ``baseline``: python + torch + hashrec imported, nothing loaded;
 * ``hashrec.phoenix.load_ranker``: tables streamed into the fused table;
@@ -82,10 +82,11 @@ MEASURE = {
 
 def measure(code: str, folder: Path) -> float:
     """Peak RSS in GiB of a fresh interpreter running ``code`` (F = the ranker folder)."""
+    # VmHWM: the peak of this process's own memory (ru_maxrss would carry the parent's over exec)
     script = (
-        "import resource, sys; from pathlib import Path; F = Path(sys.argv[1]); "
+        "import sys; from pathlib import Path; F = Path(sys.argv[1]); "
         + code
-        + "; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        + "; print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, str(folder)], capture_output=True, text=True, check=True
