@@ -78,9 +78,7 @@ BATCH_FIELDS: tuple[BatchField, ...] = (
 )
 # fmt: on
 HASH_FIELDS: tuple[BatchField, ...] = tuple(f for f in BATCH_FIELDS if f.kind == "hash")
-_CANDIDATE_FIELDS = tuple(
-    f.name for f in BATCH_FIELDS if f.group == "candidate" and not f.optional
-)
+_CANDIDATE_FIELDS = tuple(f.name for f in BATCH_FIELDS if f.group == "candidate" and not f.optional)
 _DIM_NAMES = {"Ku": "K", "Kp": "Kp", "Ka": "Ka"}  # how a dimension is spelled in messages
 
 
