@@ -7,6 +7,7 @@ values), then, each in a fresh process, measures the peak resident memory (VmHWM
 * ``baseline``: python + torch + hashrec imported, nothing loaded;
 * ``hashrec.phoenix.load_ranker``: tables streamed into the fused table;
 * ``import-phoenix``: load + write the safetensors checkpoint;
+* ``load_checkpoint`` of that checkpoint (what ``rank`` and ``recommend`` do with it);
 * ``np.load`` + ``run_pipeline.py``'s ``build_unified_emb_table`` (X's own loading), for
   comparison.
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,8 @@ MEASURE = {
     "hashrec.phoenix.load_ranker": "import hashrec.phoenix as p; m, _ = p.load_ranker(F)",
     "import-phoenix": "from hashrec.cli import main; main(['import-phoenix', str(F.parent), "
     "'--out', str(F.parent / 'ckpt')])",
+    "load_checkpoint (import-phoenix's output)": "from hashrec.training.checkpoint import "
+    "load_checkpoint; m, _ = load_checkpoint(F.parent / 'ckpt' / 'ranker.safetensors')",
     "X: np.load + build_unified_emb_table": "import numpy as np, json; "
     "cfg = json.loads((F / 'config.json').read_text()); "
     "d = dict(np.load(F / 'embedding_tables.npz')); pad = 65; uv = iv = av = 1_000_000; "
@@ -80,18 +84,20 @@ MEASURE = {
 }
 
 
-def measure(code: str, folder: Path) -> float:
-    """Peak RSS in GiB of a fresh interpreter running ``code`` (F = the ranker folder)."""
+def measure(code: str, folder: Path) -> tuple[float, float]:
+    """(peak RSS in GiB, wall seconds) of a fresh interpreter running ``code`` (F = the ranker
+    folder)."""
     # VmHWM: the peak of this process's own memory (ru_maxrss would carry the parent's over exec)
     script = (
         "import sys; from pathlib import Path; F = Path(sys.argv[1]); "
         + code
         + "; print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     )
+    t0 = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", script, str(folder)], capture_output=True, text=True, check=True
     )
-    return int(out.stdout.split()[-1]) / 2**20  # KiB -> GiB
+    return int(out.stdout.split()[-1]) / 2**20, time.perf_counter() - t0  # KiB -> GiB
 
 
 def main() -> None:
@@ -102,13 +108,16 @@ def main() -> None:
     if not (folder / "embedding_tables.npz").exists():
         write_artifacts(folder)
     size = 3 * VOCAB * D * 4 / 2**30
-    rows = [(name, measure(code, folder)) for name, code in MEASURE.items()]
+    rows = [(name, *measure(code, folder)) for name, code in MEASURE.items()]
     base = rows[0][1]
     print(f"tables: 3 x {VOCAB:,} x {D} float32 = {size:.2f} GiB")
-    print("| what | peak RSS (GiB) | above baseline (GiB) | above baseline / table size |")
-    print("|---|---|---|---|")
-    for name, peak in rows:
-        print(f"| {name} | {peak:.2f} | {peak - base:.2f} | {(peak - base) / size:.2f}x |")
+    print("| what | peak RSS (GiB) | above baseline (GiB) | / table size | wall (s) |")
+    print("|---|---|---|---|---|")
+    for name, peak, wall in rows:
+        print(
+            f"| {name} | {peak:.2f} | {peak - base:.2f} | {(peak - base) / size:.2f}x "
+            f"| {wall:.1f} |"
+        )
 
 
 if __name__ == "__main__":

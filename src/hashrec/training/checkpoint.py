@@ -127,9 +127,16 @@ def save_checkpoint(
     name = type(model).__name__
     if name not in _model_classes():
         raise ValueError(f"cannot checkpoint a {name}: expected one of {sorted(_model_classes())}")
-    tensors = {
-        f"model.{k}": v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()
-    }
+    tensors = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict().items():
+        # written synchronously, so no snapshot copy: a 1.5 GB table is not held twice. Only a
+        # tensor sharing storage with an earlier one (a tied weight) is copied: safetensors
+        # refuses shared storage.
+        t = v.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        tensors[f"model.{k}"] = t.clone() if ptr in seen else t
+        seen.add(ptr)
     groups = {}
     for opt_name, opt in (optimizers or {}).items():
         t, g = _optim_tensors(f"optim.{opt_name}", opt)
