@@ -259,3 +259,66 @@ def test_single_process_loop_refuses_torchrun(log_file, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="WORLD_SIZE=2: this training loop runs in one process"):
         _setup(log_file, tmp_path)
+
+
+def _tiny_ranker():
+    from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
+
+    cfg = RankerConfig(
+        hash=HashConfig.uniform(num_buckets=50),
+        transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1),
+        actions=("click", "like"),
+        continuous_actions=(),
+    )
+    return PhoenixRanker(cfg)
+
+
+def test_checkpoint_streaming_load_refuses_bad_weights(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _tiny_ranker()
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model)
+    back, _ = load_checkpoint(path)
+    for (n, a), b in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    # tied weights stay tied (one tensor, read once per name)
+    hr, cr = back.history_reduce, back.candidate_reduce
+    assert hr.product_surface_embedding_table is cr.product_surface_embedding_table
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+    def rewrite(name, **edit):
+        p = tmp_path / name
+        save_file({**tensors, **edit}, str(p), metadata=meta)
+        return p
+
+    nan = tensors["model.unembeddings"].clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight unembeddings holds NaN or infinite values"):
+        load_checkpoint(rewrite("nan.safetensors", **{"model.unembeddings": nan}))
+    wide = torch.zeros(8, 3)
+    with pytest.raises(
+        ValueError, match="unembeddings: stored as F32 \\[8, 3\\], expected \\[8, 2\\]"
+    ):
+        load_checkpoint(rewrite("wide.safetensors", **{"model.unembeddings": wide}))
+    with pytest.raises(
+        ValueError, match=r"do not fit the stored config \(missing \[.*unembeddings"
+    ):
+        p = tmp_path / "missing.safetensors"
+        save_file(
+            {k: v for k, v in tensors.items() if k != "model.unembeddings"}, str(p), metadata=meta
+        )
+        load_checkpoint(p)
+    edited = {**meta, "extra": json.dumps({"model": "edited"})}
+    p = tmp_path / "edited.safetensors"
+    save_file(tensors, str(p), metadata=edited)
+    with pytest.raises(ValueError, match="does not match the digest"):
+        load_checkpoint(p)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 64])
+    with pytest.raises(ValueError):
+        load_checkpoint(tmp_path / "cut.safetensors")

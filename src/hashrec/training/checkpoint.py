@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hashrec.files import write_atomic
 
@@ -180,6 +180,62 @@ def _read_meta(path: Path) -> dict[str, str]:
     return meta
 
 
+# safetensors dtype names -> torch
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+_CHUNK_BYTES = 1 << 24  # read at most 16 MB at a time
+
+
+def _read_header(fh, path: Path) -> tuple[dict, int]:
+    """The safetensors header (tensor name -> dtype, shape, byte range) and where data starts."""
+    raw = fh.read(8)
+    n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    if not 0 < n < 1 << 28:
+        raise ValueError(f"{path}: not a readable checkpoint (bad header)")
+    try:
+        header = json.loads(fh.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_into(fh, base: int, info: dict, target: torch.Tensor, what: str) -> None:
+    """Read one stored tensor straight into ``target`` (CPU, same shape), a chunk of rows at a
+    time: a 1.5 GB embedding table is never held twice. Floats must be finite."""
+    dtype = _DTYPES.get(info.get("dtype"))
+    shape = list(info.get("shape", []))
+    a, b = info.get("data_offsets", (0, -1))
+    if dtype is None or shape != list(target.shape):
+        raise ValueError(
+            f"{what}: stored as {info.get('dtype')} {shape}, expected {list(target.shape)}"
+        )
+    numel = target.numel()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if b - a != numel * itemsize:
+        raise ValueError(f"{what}: {b - a} bytes stored, expected {numel * itemsize}")
+    if numel == 0:
+        return
+    rows = shape[0] if shape else 1
+    row_bytes = (b - a) // rows
+    flat = target.view(rows, -1)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    fh.seek(base + a)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        buf = bytearray(n * row_bytes)
+        if fh.readinto(buf) != len(buf):
+            raise ValueError(f"{what}: the file is truncated")
+        chunk = torch.frombuffer(buf, dtype=dtype).view(n, -1)
+        if chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
+            raise ValueError(f"{what} holds NaN or infinite values")
+        with torch.no_grad():
+            flat[r : r + n].copy_(chunk)
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, CheckpointInfo]:
@@ -190,12 +246,16 @@ def load_checkpoint(
     """
     path = Path(path)
     meta = _read_meta(path)
-    try:
-        tensors = load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
+    with open(path, "rb") as fh:
+        header, base = _read_header(fh, path)
+        tensors = {}  # everything but the model's weights (digest, optimizer state): small
+        for name, info in header.items():
+            if not name.startswith("model."):
+                t = torch.empty(info.get("shape", []), dtype=_DTYPES.get(info.get("dtype")))
+                _read_into(fh, base, info, t, f"{path}: {name}")
+                tensors[name] = t
     stored = tensors.pop(_DIGEST, None)
-    if stored is None or not torch.equal(stored.cpu(), _digest(meta)):
+    if stored is None or not torch.equal(stored, _digest(meta)):
         raise ValueError(
             f"{path}: the metadata does not match the digest stored with the weights "
             "(edited or corrupt checkpoint)"
@@ -211,15 +271,25 @@ def load_checkpoint(
         model = cls(config)
     except (TypeError, KeyError, ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: bad model_config ({e})") from e
-    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    for k, v in weights.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{path}: weight {k} holds NaN or infinite values")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the weights do not fit the stored config ({e})") from e
+    # the weights stream straight into the freshly built model (on CPU), chunk by chunk
+    state = model.state_dict()
+    stored_names = {k[len("model.") :] for k in header if k.startswith("model.")}
+    missing, unexpected = sorted(set(state) - stored_names), sorted(stored_names - set(state))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: the weights do not fit the stored config (missing {missing}, "
+            f"unexpected {unexpected})"
+        )
+    with open(path, "rb") as fh:
+        for k, target in state.items():
+            try:
+                _read_into(fh, base, header[f"model.{k}"], target, f"{path}: weight {k}")
+            except ValueError as e:
+                if "NaN" in str(e) or "truncated" in str(e):
+                    raise
+                raise ValueError(f"{e} (the weights do not fit the stored config)") from e
     model.to(map_location)
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}
     groups = json.loads(meta["optimizer_groups"])
     raw_state = json.loads(meta["train_state"])
     info = CheckpointInfo(
