@@ -179,8 +179,9 @@ def test_flex_attention_kernel_matches_the_full_mask():
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[0, 3:6] = False  # history padding
     valid[1, -2:] = False  # candidate padding
-    for causal, cap in ((False, 30.0), (True, 30.0), (False, None)):
-        layout = AttentionLayout(valid, C, causal, cap)
+    for causal, cap, scale in ((False, 30.0, None), (True, 30.0, None), (False, None, None),
+                               (True, 30.0, 0.125)):  # fmt: skip  # last: Phoenix's multiplier
+        layout = AttentionLayout(valid, C, causal, cap, scale)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the eager reference warns that it is unfused
             got = flex_attention_kernel(q, k, v, layout, compiled=False)

@@ -62,6 +62,7 @@ def flex_attention_kernel(
             return cap * torch.tanh(score / cap)
 
     return flex(
-        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0 / math.sqrt(hd),
+        q, k, v, score_mod=score_mod, block_mask=block_mask,
+        scale=1.0 / math.sqrt(hd) if layout.scale is None else layout.scale,
         enable_gqa=Hq != k.shape[1],
     )  # fmt: skip
