@@ -87,15 +87,17 @@ def load_retrieval(folder: str | Path) -> tuple[PhoenixRetrieval, dict]:
 class PhoenixArtifacts:
     """X's ranker and (when present) retrieval model, ready to score requests.
 
-    >>> from pathlib import Path
-    >>> fx = Path("tests/fixtures/phoenix")
-    >>> if fx.exists():  # the test fixture: tiny artifacts in X's format
-    ...     px = load(fx / "artifacts")
-    ...     req = {"user_id": 7, "history": [], "candidates": [{"post_id": 1, "author_id": 2}]}
-    ...     print(px.rank(req).shape, px.user_representation(req).shape)
-    ... else:
-    ...     print((1, 19), (16,))
-    (1, 19) (16,)
+    ``load`` builds one from X's artifacts; here, an untrained tiny model of the same form:
+
+    >>> from hashrec.models.ranker import RankerConfig
+    >>> cfg = RankerConfig.phoenix_mini(dim=16, num_layers=1, num_heads=2, head_dim=8,
+    ...                                 vocab_sizes={"user": 50, "post": 50, "author": 50})
+    >>> lengths = {"history_seq_len": 4, "candidate_seq_len": 2}
+    >>> px = PhoenixArtifacts(PhoenixRanker(cfg), lengths, PhoenixRetrieval(cfg), lengths)
+    >>> req = {"user_id": 7, "history": [{"post_id": 3, "author_id": 4, "actions": {"0": 1}}],
+    ...        "candidates": [{"post_id": p, "author_id": 2} for p in (10, 11, 12)]}
+    >>> px.rank(req).shape, px.user_representation(req).shape
+    ((3, 19), (16,))
     """
 
     def __init__(
