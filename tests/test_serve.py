@@ -29,6 +29,12 @@ from hashrec import HashConfig, PhoenixRanker, RankerConfig, RecsysBatch, Transf
 from hashrec.models.scoring import ScoringConfig, WeightedScorer  # noqa: E402
 from hashrec.serving.app import ServeConfig, create_app  # noqa: E402
 from hashrec.serving.batcher import BatchConfig, MicroBatcher, QueueFull  # noqa: E402
+from hashrec.serving.pipeline import (  # noqa: E402
+    Corpus,
+    RecommendPipeline,
+    UserRequest,
+    default_weights,
+)
 from hashrec.serving.rank import RankQuery, RequestRanker, to_batch  # noqa: E402
 from hashrec.serving.schemas import Limits  # noqa: E402
 from hashrec.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -144,7 +150,10 @@ def reference_scores(model: PhoenixRanker, req: dict) -> tuple[np.ndarray, np.nd
     model.eval()
     with torch.no_grad():
         out = model(batch)
-    scorer = WeightedScorer(ScoringConfig(), ACTIONS, ("dwell_time",))
+    # the default: X's weights mapped onto the model's actions (like -> favorite, ...)
+    weights = default_weights((*ACTIONS, "dwell_time"))
+    assert set(weights) == {"click", "like", "hate", "dwell_time"}
+    scorer = WeightedScorer(ScoringConfig(weights=weights), ACTIONS, ("dwell_time",))
     return out.probs[0].numpy(), scorer.score(out.probs, out.continuous)[0].numpy()
 
 
@@ -468,9 +477,13 @@ def test_serve_cli_errors(checkpoint, tmp_path, capsys):
     assert "no such checkpoint" in err
     err = cli_error(["serve", "--ranker", str(checkpoint), "--weights", "{bad"], capsys, 2)
     assert "--weights is not JSON" in err
+    err = cli_error(["serve", "--ranker", str(checkpoint), "--weights", '{"share": 1}'], capsys, 2)
+    assert "--weights names ['share']" in err
     err = cli_error(["serve", "--ranker", str(checkpoint), "--retriever", str(checkpoint)],
                     capsys, 1)  # fmt: skip
-    assert "no retrieve -> rank pipeline" in err
+    assert "--retriever" in err and "holds a PhoenixRanker, expected a TwoTowerRetriever" in err
+    err = cli_error(["serve", "--ranker", str(checkpoint), "--data", str(tmp_path)], capsys, 2)
+    assert "--data gives /recommend's corpus: it needs --retriever" in err
 
 
 def test_batcher_bounds_batches_and_isolates_failures():

@@ -24,9 +24,12 @@ __all__ = [
     "add_model_options",
     "date",
     "int_list",
+    "load_checkpoint_of",
+    "load_corpus",
     "number",
     "out_file",
     "out_folder",
+    "weights_option",
     "whole",
 ]
 
@@ -225,6 +228,51 @@ def load_data(args: argparse.Namespace):
             "columns, or a KuaiRand folder"
         )
     return load_log(path, parse_schema(args.schema), authors=args.authors, say=say)
+
+
+def load_checkpoint_of(path: str, expected: str, device: Any = "cpu", option: str = "") -> tuple:
+    """(model, info) of a safetensors checkpoint that must hold an ``expected`` model class."""
+    from hashrec.training.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(path, map_location=device)
+    if info.model_class != expected:
+        where = f"{option} {path}" if option else path
+        raise ValueError(f"{where}: holds a {info.model_class}, expected a {expected}")
+    return model, info
+
+
+def load_corpus(args: argparse.Namespace, actions: tuple[str, ...]):
+    """(log, Corpus) from --data/--schema/--authors: every post of the log, for ``hashrec
+    recommend`` and ``hashrec serve --retriever``. Progress goes to stderr (stdout may carry
+    JSON); the log must have the retriever's ``actions``."""
+    import contextlib
+    import sys
+
+    from hashrec.retrieval.corpus import Corpus
+
+    with contextlib.redirect_stdout(sys.stderr):
+        log = load_data(args)
+    if tuple(actions) != tuple(log.actions):
+        raise ValueError(f"the retriever reads actions {tuple(actions)}, the data has "
+                         f"{tuple(log.actions)}")  # fmt: skip
+    return log, Corpus.from_log(log)
+
+
+def weights_option(text: str | None) -> dict[str, float] | None:
+    """--weights: a JSON object (file or string) of action -> number; None when not given."""
+    if text is None:
+        return None
+    raw = Path(text).read_text() if os.path.exists(text) else text
+    try:
+        w = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--weights is not JSON ({e})") from None
+    if not isinstance(w, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in w.values()
+    ):
+        raise UsageError('--weights must map action names to finite numbers, e.g. {"click": 1}')
+    return {str(k): float(v) for k, v in w.items()}
 
 
 def experiment_specs(args: argparse.Namespace, log) -> tuple[Any, Any, Any]:

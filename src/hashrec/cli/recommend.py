@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -82,34 +81,9 @@ def _users(args: argparse.Namespace) -> list[int]:
     return users
 
 
-def _weights(text: str | None) -> dict[str, float] | None:
-    if text is None:
-        return None
-    raw = Path(text).read_text() if os.path.exists(text) else text
-    try:
-        w = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise common.UsageError(f"--weights is not JSON ({e})") from e
-    if not isinstance(w, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in w.values()
-    ):
-        raise common.UsageError('--weights must map action names to numbers, e.g. {"click": 1}')
-    return {str(k): float(v) for k, v in w.items()}
-
-
-def _load(path: str, expected: str, device):
-    from hashrec.training.checkpoint import load_checkpoint
-
-    model, info = load_checkpoint(path, map_location=device)
-    if info.model_class != expected:
-        raise ValueError(f"{path}: holds a {info.model_class}, expected a {expected}")
-    return model, info
-
-
 def run(args: argparse.Namespace) -> int:
-    from hashrec.models.scoring import ScoringConfig, WeightedScorer
-    from hashrec.retrieval.corpus import Corpus
-    from hashrec.serving.pipeline import RecommendPipeline, UserRequest, default_weights
+    from hashrec.models.scoring import WeightedScorer
+    from hashrec.serving.pipeline import RecommendPipeline, UserRequest, scoring_config
     from hashrec.training.trainer import resolve_device
 
     if args.k < 1:
@@ -128,26 +102,21 @@ def run(args: argparse.Namespace) -> int:
         raise common.UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.history_len is not None and args.history_len < 0:
         raise common.UsageError(f"--history-len must be >= 0, got {args.history_len}")
-    weights = _weights(args.weights)
+    weights = common.weights_option(args.weights)
     users = _users(args)
     device = resolve_device(args.device)
-    retriever, rinfo = _load(args.retriever, "TwoTowerRetriever", device)
-    ranker, _ = _load(args.ranker, "PhoenixRanker", device)
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the lists (--json)
-        log = common.load_data(args)
-    if tuple(retriever.config.actions) != tuple(log.actions):
-        raise ValueError(f"the retriever reads actions {retriever.config.actions}, the data has "
-                         f"{log.actions}")  # fmt: skip
-    corpus = Corpus.from_log(log)
+    retriever, rinfo = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever", device)
+    ranker, _ = common.load_checkpoint_of(args.ranker, "PhoenixRanker", device)
+    log, corpus = common.load_corpus(args, retriever.config.actions)  # stdout: only the lists
     if args.k > len(corpus):
         raise common.UsageError(f"--k {args.k} is larger than the corpus ({len(corpus)} posts)")
     scorer = None
     if weights is not None:
         acts = tuple(ranker.config.actions) + tuple(ranker.config.continuous_actions)
-        unknown = sorted(set(weights) - set(acts))
-        if unknown:
-            raise common.UsageError(f"--weights names {unknown}, the ranker predicts {acts}")
-        scoring = ScoringConfig(weights={**default_weights(acts), **weights})
+        try:
+            scoring = scoring_config(acts, weights)
+        except ValueError as e:
+            raise common.UsageError(f"--weights {e}") from None
         scorer = WeightedScorer(scoring, ranker.config.actions, ranker.config.continuous_actions)
     pipe = RecommendPipeline(retriever, ranker, corpus, scorer, args.retrieve_k, args.chunk_size)
     history_len = args.history_len

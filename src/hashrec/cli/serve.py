@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
+from hashrec.cli import common
 from hashrec.cli.common import UsageError
 
 
@@ -14,13 +12,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a ranker checkpoint over HTTP (POST /rank)",
                        description="Serve a ranker checkpoint over HTTP with FastAPI + uvicorn "
                        "(pip install 'hashrec[serve]'): POST /rank, GET /healthz, GET /metrics, "
-                       "/openapi.json, /docs. Only safetensors checkpoints load.")  # fmt: skip
+                       "/openapi.json, /docs; with --retriever also POST /recommend over the "
+                       "corpus of --data (retrieve -> rank -> score). Only safetensors "
+                       "checkpoints load.")  # fmt: skip
     p.add_argument("--ranker", required=True, help="ranker checkpoint (.safetensors)")
-    p.add_argument("--retriever", help="retriever checkpoint: enables POST /recommend")
+    p.add_argument("--retriever", help="two-tower checkpoint (train-retrieval): enables "
+                   "POST /recommend over the corpus of --data")  # fmt: skip
+    r = p.add_argument_group("recommend (with --retriever)")
+    r.add_argument("--data", help="KuaiRand folder, or a CSV/Parquet log with --schema: every "
+                   "post in it is the corpus, its users are the known users (default: the "
+                   "shipped KuaiRand sample)")  # fmt: skip
+    r.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
+    r.add_argument("--authors", help="table mapping post -> author, if the log lacks authors")
+    r.add_argument("--retrieve-k", type=int, default=100, help="candidates sent to the ranker")
+    r.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
+    r.add_argument("--max-exclude", type=int, default=10_000,
+                   help="exclude_post_ids per request")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--weights", help="scoring weights per action, JSON (file or string); "
-                   "default: X's home-mixer weights")  # fmt: skip
+    p.add_argument("--weights", help="scoring weights per action, JSON (file or string), on top "
+                   "of the default: X's home-mixer weights mapped onto the model's actions "
+                   "(like -> favorite, ...)")  # fmt: skip
     g = p.add_argument_group("limits")
     g.add_argument(
         "--max-history",
@@ -52,23 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _weights(text: str | None):
-    from hashrec.models.scoring import ScoringConfig
-
-    if text is None:
-        return ScoringConfig()
-    raw = Path(text).read_text() if os.path.exists(text) else text
-    try:
-        weights = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--weights is not JSON ({e})") from None
-    if not isinstance(weights, dict) or not all(
-        isinstance(k, str) and isinstance(v, int | float) for k, v in weights.items()
-    ):
-        raise UsageError("--weights must map action names to numbers")
-    return ScoringConfig(weights={k: float(v) for k, v in weights.items()})
-
-
 def build(args: argparse.Namespace):
     """The app for ``args`` (checkpoint loaded, limits and batching set)."""
     try:
@@ -79,27 +74,40 @@ def build(args: argparse.Namespace):
         raise RuntimeError(
             f"hashrec serve needs the serve extra: pip install 'hashrec[serve]' ({e})"
         ) from None
-    from hashrec.models.ranker import PhoenixRanker
+    from hashrec.serving.pipeline import RecommendPipeline, scoring_config
     from hashrec.serving.rank import RequestRanker
-    from hashrec.training.checkpoint import load_checkpoint
 
     try:
-        limits = Limits(args.max_history, args.max_candidates, args.max_body_bytes, args.max_id)
+        limits = Limits(args.max_history, args.max_candidates, args.max_body_bytes, args.max_id,
+                        args.max_k, args.max_exclude)  # fmt: skip
         batching = BatchConfig(args.max_batch, args.max_wait_ms / 1000.0, args.max_queue)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.retriever is not None:
-        raise RuntimeError(
-            "--retriever: this build has no retrieve -> rank pipeline yet "
-            "(hashrec.serving.pipeline.recommend); serve the ranker alone"
-        )
-    model, info = load_checkpoint(args.ranker)  # safetensors only: never unpickles
-    if not isinstance(model, PhoenixRanker):
-        raise ValueError(f"--ranker {args.ranker} holds a {info.model_class}, not a PhoenixRanker")
+    if args.retrieve_k < 1:
+        raise UsageError(f"--retrieve-k must be >= 1, got {args.retrieve_k}")
+    if args.retriever is None:
+        for flag in ("data", "schema", "authors"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} gives /recommend's corpus: it needs --retriever")
+    weights = common.weights_option(args.weights)
+    # safetensors only: never unpickles
+    model, info = common.load_checkpoint_of(args.ranker, "PhoenixRanker", option="--ranker")
+    acts = tuple(model.config.actions) + tuple(model.config.continuous_actions)
+    try:
+        scoring = scoring_config(acts, weights)
+    except ValueError as e:
+        raise UsageError(f"--weights {e}") from None
     trained = (info.extra.get("examples") or {}).get("history_len", 32)
     history_len = max(trained, args.max_history or 0)
-    ranker = RequestRanker(model, history_len=history_len, scoring=_weights(args.weights))
-    return create_app(ranker, ServeConfig(limits, batching))
+    ranker = RequestRanker(model, history_len=history_len, scoring=scoring)
+    pipeline = known_users = None
+    if args.retriever is not None:
+        retriever, _ = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever",
+                                                 option="--retriever")  # fmt: skip
+        log, corpus = common.load_corpus(args, retriever.config.actions)
+        pipeline = RecommendPipeline(retriever, model, corpus, ranker.scorer, args.retrieve_k)
+        known_users = log.user
+    return create_app(ranker, ServeConfig(limits, batching), pipeline, known_users)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,15 +1,18 @@
 """The HTTP service: ``create_app(ranker, ...)`` builds a FastAPI app (no state at import).
 
 Routes: ``POST /rank`` (raw request -> per-action probabilities and weighted score per candidate,
-in candidate order), ``GET /healthz``,
+in candidate order), ``POST /recommend`` when a ``RecommendPipeline`` is given (user + history ->
+the top k posts of the corpus: retrieve -> rank -> score), ``GET /healthz``,
 ``GET /metrics`` (Prometheus text: request counts by route and status, latency histogram, batch
 sizes) and FastAPI's ``/openapi.json`` and ``/docs``.
 
 Bad input never reaches the model: bodies over ``max_body_bytes`` get 413 before they are read
 in full; malformed JSON, wrong types, out-of-range or non-integer numbers (NaN, 1e400, -1, 2^64),
 unknown fields and oversized lists get 422 from the strict pydantic models; a full queue gets
-429. Concurrent ``/rank`` requests are micro-batched (``batcher.py``). Shutdown (uvicorn's, on
-SIGINT/SIGTERM) stops accepting, lets in-flight requests finish, then stops the batcher.
+429. Concurrent ``/rank`` requests are micro-batched (``batcher.py``); ``/recommend`` requests
+run one at a time in their own worker (each answer is exactly ``pipeline.recommend``'s).
+Shutdown (uvicorn's, on SIGINT/SIGTERM) stops accepting, lets in-flight requests finish, then
+stops the batchers.
 
 (No ``from __future__ import annotations``: FastAPI reads the endpoint annotations, which name
 classes built per app.)
@@ -32,6 +35,7 @@ from pydantic_core import to_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hashrec.serving.batcher import BatchConfig, MicroBatcher, QueueFull
+from hashrec.serving.pipeline import RecommendPipeline, RecommendResult, UserRequest
 from hashrec.serving.rank import RankQuery, RankResult, RequestRanker
 from hashrec.serving.schemas import Limits, build_schemas
 
@@ -182,11 +186,44 @@ def _invalid(errors: Sequence[Any], prefix: tuple[str, ...]) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def create_app(ranker: RequestRanker, config: ServeConfig | None = None) -> FastAPI:
+def _json_only(request: Request) -> None:
+    ctype = request.headers.get("content-type", "application/json")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise HTTPException(415, f"expected content-type application/json, got {ctype!r}")
+
+
+def _request_body(name: str) -> dict[str, Any]:
+    """OpenAPI requestBody naming a component schema (the routes read the raw body)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+        }
+    }
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"description": "body too large"},
+    415: {"description": "not JSON"},
+    422: {"description": "invalid request"},
+    429: {"description": "busy"},
+}
+
+
+def create_app(
+    ranker: RequestRanker,
+    config: ServeConfig | None = None,
+    pipeline: RecommendPipeline | None = None,
+    known_users: np.ndarray | None = None,
+) -> FastAPI:
     """A FastAPI app serving ``ranker`` under ``config``'s limits and batching.
 
-    Run it with uvicorn, e.g. ``uvicorn.run(create_app(ranker), port=8000)``. (``/recommend``
-    waits for the retrieve -> rank pipeline; until then it does not exist: 404.)
+    With ``pipeline`` it also serves ``POST /recommend`` (absent otherwise: 404, and not in the
+    OpenAPI schema). ``known_users`` (IDs, e.g. the users of the corpus's log) decides which
+    user IDs the pipeline treats as known; an ID outside it with no history takes the
+    cold-start path. None: every user ID is known.
+
+    Run it with uvicorn, e.g. ``uvicorn.run(create_app(ranker), port=8000)``.
     """
     config = config or ServeConfig()
     limits = config.limits
@@ -196,12 +233,19 @@ def create_app(ranker: RequestRanker, config: ServeConfig | None = None) -> Fast
             f"max_history {max_history} exceeds the ranker's history_len {ranker.history_len}"
         )
     mcfg = ranker.model.config
+    if pipeline is not None and tuple(pipeline.actions) != tuple(mcfg.actions):
+        raise ValueError(
+            f"the pipeline's ranker predicts {pipeline.actions}, the served ranker {mcfg.actions}"
+        )
+    corpus_size = None if pipeline is None else len(pipeline.corpus)
     schemas = build_schemas(
-        limits, max_history, mcfg.actions, mcfg.continuous_actions, mcfg.num_surfaces
+        limits, max_history, mcfg.actions, mcfg.continuous_actions, mcfg.num_surfaces, corpus_size
     )
     RankRequest, RankResponse, Health = schemas.RankRequest, schemas.RankResponse, schemas.Health
     action_index = {a: i for i, a in enumerate(mcfg.actions)}
     routes = ("/rank", "/healthz", "/metrics", "/openapi.json", "/docs")
+    if pipeline is not None:
+        routes = ("/recommend", *routes)
     metrics = _Metrics(routes)
     # a batch waits for more requests only while more /rank requests are in flight than it holds
     batcher: MicroBatcher[RankQuery, RankResult] = MicroBatcher(
@@ -210,14 +254,25 @@ def create_app(ranker: RequestRanker, config: ServeConfig | None = None) -> Fast
         config.batching,
         expecting=lambda n: metrics.in_flight_by_route["/rank"] > n,
     )
+    # /recommend: one request per pipeline call (its own worker thread and bounded queue)
+    recommender: MicroBatcher[tuple[UserRequest, int], RecommendResult] | None = None
+    if pipeline is not None:
+        recommender = MicroBatcher(
+            lambda items: [pipeline.recommend(u, k) for u, k in items],
+            lambda item: 1,
+            BatchConfig(max_batch=1, max_wait_s=0.0, max_queue=config.batching.max_queue),
+        )
+    workers = [batcher] if recommender is None else [batcher, recommender]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await batcher.start()
+        for w in workers:
+            await w.start()
         try:
             yield
         finally:
-            await batcher.stop()  # uvicorn has let in-flight requests finish by now
+            for w in workers:
+                await w.stop()  # uvicorn has let in-flight requests finish by now
 
     app = FastAPI(
         title="hashrec",
@@ -226,6 +281,7 @@ def create_app(ranker: RequestRanker, config: ServeConfig | None = None) -> Fast
         redoc_url=None,
     )
     app.state.batcher, app.state.metrics, app.state.ranker = batcher, metrics, ranker
+    app.state.pipeline = pipeline
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -248,9 +304,9 @@ def create_app(ranker: RequestRanker, config: ServeConfig | None = None) -> Fast
             history_surfaces=[e.surface for e in req.history],
         )
 
-    async def score(query: RankQuery) -> RankResult:
+    async def score(query: Any, worker: MicroBatcher = batcher) -> Any:
         try:
-            return await batcher.submit(query)
+            return await worker.submit(query)
         except QueueFull as e:
             raise HTTPException(429, f"server busy: {e}") from None
         except ValueError as e:  # a request the model cannot take: the client's to fix
@@ -265,26 +321,12 @@ def create_app(ranker: RequestRanker, config: ServeConfig | None = None) -> Fast
     @app.post(
         "/rank",
         response_model=RankResponse,
-        responses={
-            413: {"description": "body too large"},
-            415: {"description": "not JSON"},
-            422: {"description": "invalid request"},
-            429: {"description": "busy"},
-        },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/RankRequest"}}
-                },
-            }
-        },
+        responses=_ERRORS,
+        openapi_extra=_request_body("RankRequest"),
         summary="Score candidates for a user: per-action probabilities and the weighted score",
     )
     async def rank(request: Request) -> Response:
-        ctype = request.headers.get("content-type", "application/json")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise HTTPException(415, f"expected content-type application/json, got {ctype!r}")
+        _json_only(request)
         body = await request.body()
         try:
             req = RankRequest.model_validate_json(body)
@@ -312,12 +354,74 @@ def create_app(ranker: RequestRanker, config: ServeConfig | None = None) -> Fast
         # pydantic-core's serialiser: 6x faster than json.dumps on 1000 candidates
         return Response(to_json(out), media_type="application/json")
 
+    if pipeline is not None:
+        RecommendRequest = schemas.RecommendRequest
+        assert RecommendRequest is not None and schemas.RecommendResponse is not None
+        rec_schema = RecommendRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        request_defs.update(rec_schema.pop("$defs", {}))
+        users = None if known_users is None else np.unique(np.asarray(known_users, np.int64))
+
+        def to_user(req: Any) -> UserRequest:
+            S, A = len(req.history), len(mcfg.actions)
+            acts = np.zeros((S, A), np.float32)
+            for i, ev in enumerate(req.history):
+                for a in ev.actions:
+                    acts[i, action_index[a]] = 1.0
+            posts = np.array([e.post_id for e in req.history], np.int64)
+            seen = np.unique(np.concatenate([posts, np.array(req.exclude_post_ids, np.int64)]))
+            known = users is None or bool(np.isin(req.user_id, users))
+            return UserRequest(
+                user_id=req.user_id,
+                actions=tuple(mcfg.actions),
+                history_post_ids=posts,
+                history_author_ids=np.array([e.author_id for e in req.history], np.int64),
+                history_actions=acts,
+                history_surface=np.array([e.surface for e in req.history], np.int64),
+                seen_post_ids=seen,
+                surface=req.surface,
+                known_user=known,
+            )
+
+        @app.post(
+            "/recommend",
+            response_model=schemas.RecommendResponse,
+            responses=_ERRORS,
+            openapi_extra=_request_body("RecommendRequest"),
+            summary="The top k posts of the corpus for a user: retrieve -> rank -> score",
+        )
+        async def recommend(request: Request) -> Response:
+            _json_only(request)
+            body = await request.body()
+            try:
+                req = RecommendRequest.model_validate_json(body)
+            except ValidationError as e:
+                return _invalid(e.errors(include_url=False, include_input=False), ("body",))
+            res = await score((to_user(req), req.k), recommender)
+            out = {
+                "user_id": res.user_id,
+                "items": [
+                    {
+                        "post_id": it.post_id,
+                        "author_id": it.author_id,
+                        "score": it.score,
+                        "probabilities": it.probs,
+                        "retrieval_score": it.retrieval_score,
+                    }
+                    for it in res.items
+                ],
+                "cold_start": res.cold_start,
+                "notice": res.notice,
+            }
+            return Response(to_json(out), media_type="application/json")
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(request_defs)
             components["RankRequest"] = request_schema
+            if pipeline is not None:
+                components["RecommendRequest"] = rec_schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -330,6 +434,8 @@ def create_app(ranker: RequestRanker, config: ServeConfig | None = None) -> Fast
             "continuous_actions": list(mcfg.continuous_actions),
             "max_history": max_history,
             "max_candidates": limits.max_candidates,
+            "corpus_size": corpus_size,
+            "max_k": None if corpus_size is None else min(limits.max_k, corpus_size),
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -35,6 +35,7 @@ __all__ = [
     "Recommendation",
     "UserRequest",
     "default_weights",
+    "scoring_config",
 ]
 
 # Dataset actions -> the X action of the same meaning, whose published weight they take.
@@ -62,6 +63,22 @@ def default_weights(actions: Sequence[str]) -> dict[str, float]:
         if x is not None:
             out[a] = X_HOME_MIXER_WEIGHTS[x]
     return out
+
+
+def scoring_config(
+    actions: Sequence[str], overrides: dict[str, float] | None = None
+) -> ScoringConfig:
+    """``default_weights(actions)`` with ``overrides`` on top; names outside ``actions`` are a
+    ValueError "names [...]" (a typo would otherwise weigh nothing, silently).
+
+    >>> scoring_config(("click", "like"), {"click": 2.0}).weights
+    {'click': 2.0, 'like': 0.5}
+    """
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(actions))
+    if unknown:
+        raise ValueError(f"names {unknown}, the model predicts {tuple(actions)}")
+    return ScoringConfig(weights={**default_weights(actions), **overrides})
 
 
 @dataclass
@@ -199,8 +216,7 @@ class RecommendPipeline:
         self.actions = tuple(ranker.config.actions)
         if scorer is None:
             scorer = WeightedScorer(
-                ScoringConfig(weights=default_weights(
-                    self.actions + tuple(ranker.config.continuous_actions))),
+                scoring_config(self.actions + tuple(ranker.config.continuous_actions)),
                 self.actions, ranker.config.continuous_actions,
             )  # fmt: skip
         self.scorer = scorer

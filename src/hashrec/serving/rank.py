@@ -24,6 +24,7 @@ import torch
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.models.scoring import ScoringConfig, WeightedScorer
 from hashrec.nn.batch import RecsysBatch
+from hashrec.serving.pipeline import scoring_config
 
 __all__ = ["RankQuery", "RankResult", "RequestRanker", "to_batch"]
 
@@ -216,9 +217,9 @@ class RequestRanker:
         self.model = model.eval()
         self.history_len = history_len
         cfg = model.config
-        self.scorer = WeightedScorer(
-            scoring or ScoringConfig(), cfg.actions, cfg.continuous_actions
-        )
+        if scoring is None:  # X's weights, mapped onto the model's actions (like the pipeline)
+            scoring = scoring_config(tuple(cfg.actions) + tuple(cfg.continuous_actions))
+        self.scorer = WeightedScorer(scoring, cfg.actions, cfg.continuous_actions)
         self.device = next(model.parameters()).device
 
     @property

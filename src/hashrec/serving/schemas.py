@@ -9,7 +9,7 @@ booleans, NaN), unknown fields are refused, IDs lie in ``1 .. max_id``.
 function-local classes at class creation.)
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -33,6 +33,8 @@ class Limits:
     max_candidates: int = 1000
     max_body_bytes: int = 1 << 20
     max_id: int = INT64_MAX
+    max_k: int = 100  # /recommend: posts per answer (and never more than the corpus)
+    max_exclude: int = 10_000  # /recommend: exclude_post_ids per request
 
     def __post_init__(self) -> None:
         if self.max_history is not None and self.max_history < 0:
@@ -43,6 +45,10 @@ class Limits:
             raise ValueError(f"max_body_bytes must be >= 64, got {self.max_body_bytes}")
         if not 1 <= self.max_id <= INT64_MAX:
             raise ValueError(f"max_id must be in 1..2^63-1, got {self.max_id}")
+        if self.max_k < 1:
+            raise ValueError(f"max_k must be >= 1, got {self.max_k}")
+        if self.max_exclude < 0:
+            raise ValueError(f"max_exclude must be >= 0, got {self.max_exclude}")
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class Schemas:
     CandidateScore: type[BaseModel]
     RankResponse: type[BaseModel]
     Health: type[BaseModel]
+    RecommendRequest: type[BaseModel] | None = None
+    RecommendResponse: type[BaseModel] | None = None
 
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -72,8 +80,11 @@ def build_schemas(
     actions: tuple[str, ...],
     continuous_actions: tuple[str, ...],
     num_surfaces: int,
+    corpus_size: int | None = None,
 ) -> Schemas:
-    """Pydantic models for ``limits`` and a model with ``actions`` and ``num_surfaces``."""
+    """Pydantic models for ``limits`` and a model with ``actions`` and ``num_surfaces``; with
+    ``corpus_size`` (a retriever is served) also /recommend's, k bounded by
+    ``min(limits.max_k, corpus_size)``."""
     Id = Annotated[int, Field(ge=1, le=limits.max_id, description="raw ID, as in training")]
     Surface = Annotated[int, Field(ge=0, le=num_surfaces - 1, description="product surface")]
     Action = Literal.__getitem__(tuple(actions))
@@ -133,5 +144,46 @@ def build_schemas(
         continuous_actions: list[str]
         max_history: int
         max_candidates: int
+        corpus_size: int | None = Field(default=None, description="/recommend's corpus")
+        max_k: int | None = Field(default=None, description="/recommend's largest k")
 
-    return Schemas(HistoryEvent, Candidate, RankRequest, CandidateScore, RankResponse, Health)
+    schemas = Schemas(HistoryEvent, Candidate, RankRequest, CandidateScore, RankResponse, Health)
+    if corpus_size is None:
+        return schemas
+    max_k = min(limits.max_k, corpus_size)
+
+    class RecommendRequest(BaseModel):
+        """A user and the user's history (oldest first): the top k posts of the corpus."""
+
+        model_config = _STRICT
+        user_id: Id
+        history: list[HistoryEvent] = Field(default_factory=list, max_length=max_history)
+        exclude_post_ids: list[Id] = Field(  # type: ignore[valid-type]
+            default_factory=list,
+            max_length=limits.max_exclude,
+            description="posts not to recommend (the history's posts are excluded too)",
+        )
+        surface: Surface | None = Field(  # type: ignore[valid-type]
+            default=None, description="where the feed is served (default: the latest event's)"
+        )
+        k: int = Field(default=min(20, max_k), ge=1, le=max_k, description="posts to return")
+
+    class Recommendation(BaseModel):
+        post_id: int
+        author_id: int
+        score: float = Field(description="weighted score after author diversity")
+        probabilities: dict[str, float] = Field(description="per binary action")
+        retrieval_score: float | None = Field(
+            description="cosine score of the retriever (null on the cold-start path)"
+        )
+
+    class RecommendResponse(BaseModel):
+        """Posts best first; ``cold_start`` and ``notice`` tell when the user had neither a
+        known ID nor history (the most popular posts were ranked instead)."""
+
+        user_id: int
+        items: list[Recommendation]
+        cold_start: bool
+        notice: str | None
+
+    return replace(schemas, RecommendRequest=RecommendRequest, RecommendResponse=RecommendResponse)
