@@ -331,25 +331,26 @@ def test_healthz_metrics_and_openapi(served):
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_fuzz_never_5xx(served, mode):
+def test_fuzz_never_5xx(rec_served, mode):
     """Requests generated from /openapi.json by schemathesis (valid ones, and ones that break
-    the schema), a bounded number per operation: none gets a 5xx."""
+    the schema), a bounded number per operation: none gets a 5xx. The app serves a retriever
+    too, so /recommend is fuzzed with /rank."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
 
-    srv, _, _ = served
+    srv, _, _ = rec_served
     schema = schemathesis.openapi.from_url(f"{srv.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/rank", "/healthz", "/metrics"}
+    assert {op.path for op in operations} >= {"/rank", "/recommend", "/healthz", "/metrics"}
     calls = []
     for op in operations:
         if mode == "negative" and op.method.upper() != "POST":
             continue  # a GET without parameters has no invalid form
 
         @given(case=op.as_strategy(GenerationMode(mode)))
-        @settings(max_examples=40 if op.path == "/rank" else 5, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(max_examples=40 if op.method.upper() == "POST" else 5, deadline=None,
+                  database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
         def call(case):
             if mode == "positive":  # IDs must be JSON integers: a float loses digits past 2^53
                 case.body = _integral_floats_to_int(case.body)
@@ -358,11 +359,12 @@ def test_fuzz_never_5xx(served, mode):
             assert r.status_code < 500, (case.method, case.path, case.body, r.text[:300])
 
         call()
-    assert len(calls) >= 40
+    assert len(calls) >= 80 and {p for p, _ in calls} >= {"/rank", "/recommend"}
     if mode == "positive":  # every valid request is served
         assert {status for _, status in calls} == {200}, calls
     else:
-        assert all(400 <= status < 500 for path, status in calls if path == "/rank"), calls
+        posts = [status for path, status in calls if path in ("/rank", "/recommend")]
+        assert all(400 <= status < 500 for status in posts), calls
 
 
 def _integral_floats_to_int(x):
@@ -560,3 +562,254 @@ def test_batcher_refuses_beyond_max_queue():
 
     out = asyncio.run(main())
     assert out[:2] == [0, 1] and all(isinstance(e, QueueFull) for e in out[2:])
+
+
+# -- POST /recommend: retrieve -> rank -> score over a corpus -----------------------------------
+
+REC_LIMITS = Limits(max_candidates=40, max_body_bytes=20_000, max_id=10**12, max_k=12,
+                    max_exclude=40)  # fmt: skip
+CORPUS = Corpus(
+    post_ids=np.arange(1, 31) * 7,  # 7, 14, ..., 210
+    author_ids=np.arange(30) % 6 + 1,
+    popularity=np.random.default_rng(0).integers(0, 50, 30).astype(np.float64),
+)
+KNOWN_USERS = np.array([5, 6, 9])
+
+
+def tiny_retriever():
+    from hashrec.models.two_tower import TwoTowerConfig, TwoTowerRetriever
+
+    torch.manual_seed(1)
+    cfg = TwoTowerConfig(
+        hash=HashConfig.uniform(num_buckets=101),
+        transformer=TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1),
+        actions=ACTIONS,
+    )
+    return TwoTowerRetriever(cfg)
+
+
+@pytest.fixture(scope="module")
+def rec_served(checkpoint):
+    model, _ = load_checkpoint(checkpoint)
+    pipeline = RecommendPipeline(tiny_retriever(), model, CORPUS, retrieve_k=16)
+    app = create_app(RequestRanker(model, history_len=HISTORY_LEN),
+                     ServeConfig(limits=REC_LIMITS), pipeline, KNOWN_USERS)  # fmt: skip
+    srv = Server(app)
+    with srv as client:
+        yield srv, client, pipeline
+
+
+def user_request(req: dict) -> UserRequest:
+    """The JSON request as the library's ``UserRequest``, built by hand."""
+    hist = req.get("history", [])
+    posts = np.array([e["post_id"] for e in hist], np.int64)
+    return UserRequest(
+        user_id=req["user_id"],
+        actions=ACTIONS,
+        history_post_ids=posts,
+        history_author_ids=np.array([e["author_id"] for e in hist], np.int64),
+        history_actions=np.array(
+            [[float(a in e.get("actions", [])) for a in ACTIONS] for e in hist], np.float32
+        ).reshape(len(hist), len(ACTIONS)),
+        history_surface=np.array([e.get("surface", 0) for e in hist], np.int64),
+        seen_post_ids=np.union1d(posts, req.get("exclude_post_ids", [])).astype(np.int64),
+        surface=req.get("surface"),
+        known_user=req["user_id"] in KNOWN_USERS,
+    )
+
+
+def check_recommend(pipeline, req: dict, body: dict) -> None:
+    want = pipeline.recommend(user_request(req), req.get("k", 12))
+    assert body["user_id"] == want.user_id
+    assert body["cold_start"] == want.cold_start and body["notice"] == want.notice
+    got = body["items"]
+    assert [(i["post_id"], i["author_id"]) for i in got] == [
+        (w.post_id, w.author_id) for w in want.items
+    ]
+    np.testing.assert_allclose([i["score"] for i in got], [w.score for w in want.items],
+                               rtol=1e-6)  # fmt: skip
+    for g, w in zip(got, want.items, strict=True):
+        assert g["probabilities"].keys() == w.probs.keys()
+        np.testing.assert_allclose(list(g["probabilities"].values()), list(w.probs.values()),
+                                   rtol=1e-6)  # fmt: skip
+        if w.retrieval_score is None:
+            assert g["retrieval_score"] is None
+        else:
+            assert g["retrieval_score"] == pytest.approx(w.retrieval_score, rel=1e-6)
+
+
+REC_REQUESTS = {
+    "known user with history": {
+        "user_id": 5,
+        "history": [
+            {"post_id": 14, "author_id": 2, "actions": ["click", "like"], "surface": 3},
+            {"post_id": 70, "author_id": 4, "actions": []},
+            {"post_id": 999, "author_id": 8, "actions": ["hate"], "surface": 1},
+        ],
+        "k": 8,
+    },
+    "unknown user with history": {
+        "user_id": 123456789,
+        "history": [{"post_id": 21, "author_id": 3, "actions": ["click"]}],
+        "exclude_post_ids": [7, 28, 500],
+        "surface": 2,
+    },
+    "known user without history": {"user_id": 9, "k": 3},
+    "all defaults": {"user_id": 6},
+}
+
+
+@pytest.mark.parametrize("name", list(REC_REQUESTS))
+def test_recommend_equals_the_pipeline(rec_served, name):
+    _, client, pipeline = rec_served
+    req = REC_REQUESTS[name]
+    r = client.post("/recommend", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["items"]) == req.get("k", 12) and not body["cold_start"]
+    assert all(i["retrieval_score"] is not None for i in body["items"])
+    check_recommend(pipeline, req, body)
+    hist = {e["post_id"] for e in req.get("history", [])}
+    assert not hist & {i["post_id"] for i in body["items"]}  # the history's posts are seen
+
+
+def test_recommend_honours_exclusions(rec_served):
+    _, client, pipeline = rec_served
+    req = {"user_id": 5, "history": [{"post_id": 14, "author_id": 2}], "k": 5}
+    first = [i["post_id"] for i in client.post("/recommend", json=req).json()["items"]]
+    assert len(first) == 5
+    req = {**req, "exclude_post_ids": first[:3]}
+    body = client.post("/recommend", json=req).json()
+    again = [i["post_id"] for i in body["items"]]
+    assert len(again) == 5 and not set(first[:3]) & set(again)
+    check_recommend(pipeline, req, body)
+    # everything excluded but 2 posts: k = 5 gets those 2; nothing left: an empty list
+    rest = [int(p) for p in CORPUS.post_ids if p not in (7, 210)]
+    body = client.post("/recommend", json={"user_id": 6, "exclude_post_ids": rest}).json()
+    assert sorted(i["post_id"] for i in body["items"]) == [7, 210]
+    req = {"user_id": 6, "exclude_post_ids": [int(p) for p in CORPUS.post_ids]}
+    r = client.post("/recommend", json=req)
+    assert r.status_code == 200 and r.json()["items"] == [], r.text
+
+
+def test_recommend_cold_start(rec_served):
+    _, client, pipeline = rec_served
+    req = {"user_id": 424242, "k": 4, "exclude_post_ids": [int(CORPUS.post_ids[0])]}
+    r = client.post("/recommend", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["cold_start"] is True and "cold start" in body["notice"]
+    assert all(i["retrieval_score"] is None for i in body["items"])
+    # ranked from the most popular unseen posts
+    unseen = [(-pop, pid) for pid, pop in zip(CORPUS.post_ids, CORPUS.popularity, strict=True)
+              if pid != CORPUS.post_ids[0]]  # fmt: skip
+    popular = {int(pid) for _, pid in sorted(unseen)[:16]}
+    assert {i["post_id"] for i in body["items"]} <= popular
+    check_recommend(pipeline, req, body)
+
+
+def rec_body(extra: str = "", user: str = "5") -> str:
+    return f'{{"user_id": {user}{extra}}}'
+
+
+BAD_RECOMMEND = {
+    "k zero": rec_body(', "k": 0'),
+    "k negative": rec_body(', "k": -3'),
+    "k above max_k": rec_body(', "k": 13'),
+    "k float": rec_body(', "k": 5.0'),
+    "k string": rec_body(', "k": "5"'),
+    "k bool": rec_body(', "k": true'),
+    "k NaN": rec_body(', "k": NaN'),
+    "k huge": rec_body(', "k": 1e400'),
+    "k above int64": rec_body(f', "k": {2**64}'),
+    "k 5000 digits": rec_body(f', "k": {BIG}'),
+    "user NaN": rec_body(user="NaN"),
+    "user zero": rec_body(user="0"),
+    "user above max_id": rec_body(user=str(10**12 + 1)),
+    "missing user": '{"k": 3}',
+    "unknown field": rec_body(', "candidates": []'),
+    "unknown history field": rec_body(', "history": [{"post_id": 1, "author_id": 1, "t": 1}]'),
+    "history too long": rec_body(', "history": [' + ",".join([ONE] * (HISTORY_LEN + 1)) + "]"),
+    "unknown action": rec_body(', "history": [{"post_id": 1, "author_id": 1, "actions": ["x"]}]'),
+    "too many exclusions": rec_body(', "exclude_post_ids": [' + ",".join(["7"] * 41) + "]"),
+    "exclusion zero": rec_body(', "exclude_post_ids": [0]'),
+    "exclusion float": rec_body(', "exclude_post_ids": [7.5]'),
+    "surface out of range": rec_body(', "surface": 16'),
+    "surface negative": rec_body(', "surface": -1'),
+    "malformed json": '{"user_id": 5, "k": ',
+    "not an object": "[5]",
+    "empty body": "",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_RECOMMEND))
+def test_recommend_bad_input_gets_a_4xx(rec_served, name):
+    _, client, _ = rec_served
+    r = client.post("/recommend", content=BAD_RECOMMEND[name],
+                    headers={"content-type": "application/json"})  # fmt: skip
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert "detail" in r.json()
+    assert client.get("/healthz").status_code == 200
+
+
+def test_recommend_limits_in_openapi_healthz_and_http_errors(rec_served):
+    _, client, _ = rec_served
+    comp = client.get("/openapi.json").json()["components"]["schemas"]
+    req = comp["RecommendRequest"]
+    assert req["additionalProperties"] is False and req["properties"]["k"]["maximum"] == 12
+    assert req["properties"]["exclude_post_ids"]["maxItems"] == REC_LIMITS.max_exclude
+    health = client.get("/healthz").json()
+    assert health["corpus_size"] == len(CORPUS) and health["max_k"] == 12
+    r = client.post("/recommend", content=rec_body(), headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    assert client.get("/recommend").status_code == 405
+    big = rec_body(', "exclude_post_ids": [' + ",".join(["7"] * 12_000) + "]")
+    assert len(big) > REC_LIMITS.max_body_bytes
+    assert client.post("/recommend", content=big).status_code == 413
+    metrics = client.get("/metrics").text
+    assert 'hashrec_requests_total{route="/recommend",status="413"}' in metrics
+
+
+def test_recommend_is_absent_without_a_retriever(served):
+    _, client, _ = served
+    assert client.post("/recommend", json={"user_id": 1}).status_code == 404
+    assert "/recommend" not in client.get("/openapi.json").json()["paths"]
+    assert client.get("/healthz").json()["max_k"] is None
+
+
+def test_serve_cli_builds_the_corpus_from_data(checkpoint, tmp_path):
+    """``hashrec serve --retriever --data``: the corpus is every post of the log, its users are
+    known, k is bounded by the corpus; answers equal a pipeline built from the same log."""
+    from hashrec.cli import serve
+    from hashrec.cli.dispatch import build_parser
+    from hashrec.data import LogSchema, load_log
+
+    from conftest import SCHEMA_JSON, write_synthetic_log
+
+    log_file = tmp_path / "log.csv"
+    write_synthetic_log(log_file)
+    retriever = tmp_path / "retriever.safetensors"
+    save_checkpoint(retriever, tiny_retriever())
+    args = build_parser().parse_args(
+        ["serve", "--ranker", str(checkpoint), "--retriever", str(retriever), "--data",
+         str(log_file), "--schema", SCHEMA_JSON, "--max-k", "1000", "--retrieve-k", "10"]
+    )  # fmt: skip
+    app = serve.build(args)
+    log = load_log(str(log_file), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
+    corpus = Corpus.from_log(log)
+    model, _ = load_checkpoint(checkpoint)
+    retr, _ = load_checkpoint(retriever)
+    pipeline = RecommendPipeline(retr, model, corpus, retrieve_k=10)
+    user = int(log.user[0])
+    with Server(app) as client:
+        assert client.get("/healthz").json()["corpus_size"] == len(corpus)
+        for req, cold in (({"user_id": user, "k": 4}, False), ({"user_id": 10**9, "k": 4}, True)):
+            r = client.post("/recommend", json=req)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["cold_start"] is cold
+            want = pipeline.recommend(UserRequest(req["user_id"], tuple(log.actions),
+                                                  known_user=not cold), 4)  # fmt: skip
+            assert [i["post_id"] for i in body["items"]] == [w.post_id for w in want.items]
+        r = client.post("/recommend", json={"user_id": user, "k": len(corpus) + 1})
+        assert r.status_code == 422 and "less than or equal to" in r.text, r.text
