@@ -770,6 +770,16 @@ def test_recommend_limits_in_openapi_healthz_and_http_errors(rec_served):
     assert 'hashrec_requests_total{route="/recommend",status="413"}' in metrics
 
 
+def test_recommend_json_example_in_readme_is_valid(rec_served):
+    _, client, pipeline = rec_served
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("<!-- recommend-example -->")
+    req = json.loads(readme[start:].split("```json\n", 1)[1].split("```", 1)[0])
+    r = client.post("/recommend", json=req)
+    assert r.status_code == 200, r.text
+    check_recommend(pipeline, req, r.json())
+
+
 def test_recommend_is_absent_without_a_retriever(served):
     _, client, _ = served
     assert client.post("/recommend", json={"user_id": 1}).status_code == 404
