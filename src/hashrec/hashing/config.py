@@ -8,6 +8,7 @@ order. Hash value h (1 .. N-1) of an entity maps to row ``offset + h``; 0 stays 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -19,6 +20,7 @@ from hashrec.hashing.functions import (
     phoenix_hash,
     phoenix_hash_torch,
 )
+from hashrec.hashing.layouts import LAYOUTS, Layout, local_indices
 
 __all__ = ["PHOENIX_ENTITIES", "EntityHash", "HashConfig"]
 
@@ -27,10 +29,17 @@ Scheme = Literal["phoenix", "default"]
 
 @dataclass(frozen=True)
 class EntityHash:
-    """How one entity type hashes: k functions into N buckets.
+    """How one entity type hashes: k functions into N buckets, laid out by ``layout``.
+
+    ``layout`` (``hashrec.hashing.layouts``): ``multihash`` (Phoenix, the default), ``hybrid``
+    (``head_ids`` own private rows), ``qr`` (``extra_rows`` quotient rows) or ``weighted``
+    (``extra_rows`` importance-weight rows). The block holds ``block_rows`` = N + extra rows.
 
     >>> EntityHash("post", num_hashes=2, num_buckets=1000).hash([0, 42]).shape
     (2, 2)
+    >>> hybrid = EntityHash("post", 2, 1000, layout="hybrid", head_ids=(42,))
+    >>> hybrid.local([0, 42]).tolist(), hybrid.block_rows
+    ([[0, 0], [1000, 1000]], 1001)
     """
 
     name: str
@@ -41,8 +50,12 @@ class EntityHash:
     biases: tuple[int, ...] = ()
     modulus: int = 0
     seed: int = 0
+    layout: Layout = "multihash"
+    head_ids: tuple[int, ...] = ()
+    extra_rows: int = 0
 
     def __post_init__(self) -> None:
+        self._check_layout()
         if self.num_hashes < 1:
             raise ValueError(f"{self.name}: num_hashes must be >= 1, got {self.num_hashes}")
         if self.num_buckets < 2:
@@ -65,6 +78,51 @@ class EntityHash:
                 f"{self.name}: scheme must be 'phoenix', 'default' or 'identity', "
                 f"got {self.scheme!r}"
             )
+
+    def _check_layout(self) -> None:
+        n, lay = self.name, self.layout
+        if lay not in LAYOUTS:
+            raise ValueError(f"{n}: layout must be one of {LAYOUTS}, got {lay!r}")
+        if lay != "multihash" and self.scheme == "identity":
+            raise ValueError(f"{n}: the identity scheme has no {lay} layout (it needs none)")
+        if lay != "hybrid" and self.head_ids:
+            raise ValueError(f"{n}: head_ids are for the hybrid layout, got layout {lay!r}")
+        if lay == "hybrid":
+            object.__setattr__(self, "head_ids", tuple(int(i) for i in self.head_ids))
+            head = np.asarray(self.head_ids, dtype=np.int64)
+            if len(head) and (head[0] == 0 or not (head[1:] > head[:-1]).all()):
+                raise ValueError(f"{n}: head_ids must be sorted, unique and non-zero")
+            if head.min(initial=1) == 0:
+                raise ValueError(f"{n}: head_ids must not hold 0 (padding)")
+        if lay in ("qr", "weighted") and self.extra_rows < 1:
+            raise ValueError(f"{n}: the {lay} layout needs extra_rows >= 1, got {self.extra_rows}")
+        if lay in ("multihash", "hybrid") and self.extra_rows:
+            raise ValueError(f"{n}: extra_rows is for qr/weighted, got {self.extra_rows} ({lay})")
+        if lay == "qr" and self.num_hashes != 2:
+            raise ValueError(
+                f"{n}: the qr layout has 2 slots (num_hashes=2), got {self.num_hashes}"
+            )
+        if lay == "qr" and self.extra_rows * (self.num_buckets - 1) >= 2**31:
+            raise ValueError(f"{n}: qr needs extra_rows * (num_buckets - 1) < 2^31")
+
+    @property
+    def block_rows(self) -> int:
+        """Rows of this entity's block: N hashed rows (local 0 unused) + the layout's extra."""
+        return self.num_buckets + len(self.head_ids) + self.extra_rows
+
+    @property
+    def num_slots(self) -> int:
+        """Indices per ID in a batch: k, plus the importance-weight row of ``weighted``."""
+        return self.num_hashes + (self.layout == "weighted")
+
+    @cached_property
+    def head_array(self) -> np.ndarray:
+        """``head_ids`` as a sorted int64 array (the hybrid's frequency map)."""
+        return np.asarray(self.head_ids, dtype=np.int64)
+
+    def local(self, ids: np.ndarray | list) -> np.ndarray:
+        """Block-local indices under the layout, int64 ``ids.shape + (num_slots,)``."""
+        return local_indices(self, ids)
 
     def hash(self, ids: np.ndarray | list) -> np.ndarray:
         """Block-local hashes (0 = padding, else 1 .. N-1), int64 ``ids.shape + (k,)``."""
@@ -195,32 +253,46 @@ class HashConfig:
         for e in self.entities:
             if e.name == name:
                 return start
-            start += e.num_buckets
+            start += e.block_rows
         raise KeyError(f"no entity {name!r}; configured: {[e.name for e in self.entities]}")
 
     @property
     def num_rows(self) -> int:
-        return 1 + self.reserved_rows + sum(e.num_buckets for e in self.entities)
+        return 1 + self.reserved_rows + sum(e.block_rows for e in self.entities)
 
     def row_range(self, name: str) -> tuple[int, int]:
         """Valid non-padding rows of the entity: [lo, hi] inclusive."""
         off = self.offset(name)
-        return off + 1, off + self[name].num_buckets - 1
+        return off + 1, off + self[name].block_rows - 1
 
     def rows(self, name: str, ids: np.ndarray | list) -> np.ndarray:
-        """Raw IDs -> rows of the fused table, int64 ``ids.shape + (k,)`` (0 stays 0)."""
-        h = self[name].hash(ids)
+        """Raw IDs -> rows of the fused table, int64 ``ids.shape + (num_slots,)`` (0 stays 0)."""
+        h = self[name].local(ids)
         return np.where(h == 0, 0, h + self.offset(name))
 
     def rows_torch(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        h = self[name].hash_torch(ids)
+        """``rows`` for tensors; layouts other than multihash compute on the host."""
+        if self[name].layout != "multihash":
+            h = torch.from_numpy(self[name].local(ids.cpu().numpy())).to(ids.device)
+        else:
+            h = self[name].hash_torch(ids)
         return torch.where(h == 0, h, h + self.offset(name))
+
+    @property
+    def frequency_map_bytes(self) -> int:
+        """Bytes of the hybrid layouts' head-ID maps (sorted int64 IDs)."""
+        return sum(8 * len(e.head_ids) for e in self.entities)
 
     def to_dict(self) -> dict:
         return {
             "reserved_rows": self.reserved_rows,
             "entities": [
-                {**e.__dict__, "scales": list(e.scales), "biases": list(e.biases)}
+                {
+                    **{f: getattr(e, f) for f in e.__dataclass_fields__},
+                    "scales": list(e.scales),
+                    "biases": list(e.biases),
+                    "head_ids": list(e.head_ids),
+                }
                 for e in self.entities
             ],
         }
@@ -228,7 +300,14 @@ class HashConfig:
     @classmethod
     def from_dict(cls, d: dict) -> HashConfig:
         ents = tuple(
-            EntityHash(**{**e, "scales": tuple(e["scales"]), "biases": tuple(e["biases"])})
+            EntityHash(
+                **{
+                    **e,
+                    "scales": tuple(e["scales"]),
+                    "biases": tuple(e["biases"]),
+                    "head_ids": tuple(e.get("head_ids", ())),
+                }
+            )
             for e in d["entities"]
         )
         return cls(entities=ents, reserved_rows=d["reserved_rows"])

@@ -22,6 +22,7 @@ from hashrec.nn.blocks import (
     BlockHistoryReduce,
     BlockUserReduce,
 )
+from hashrec.nn.layouts import apply_layouts
 from hashrec.nn.table import FusedEmbeddingTable
 from hashrec.nn.transformer import AttentionKernel, Transformer, TransformerConfig
 
@@ -327,7 +328,7 @@ class PhoenixRanker(nn.Module):
         batch.validate(c.hash, num_actions=c.num_actions, num_surfaces=c.num_surfaces)
         if batch.user_hashes.device != self.device:
             batch = batch.to(self.device)
-        emb = self.table.lookup(batch)
+        emb = apply_layouts(c.hash, batch, self.table.lookup(batch))
         user, user_mask = self.user_reduce(batch.user_hashes, emb.user_embeddings)
         hist, hist_mask = self.history_reduce(
             batch.history_post_hashes,

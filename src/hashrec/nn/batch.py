@@ -253,7 +253,7 @@ class RecsysBatch:
                 )
             if f.kind == "hash" and hash_config is not None:
                 t = getattr(self, f.name)
-                k = hash_config[f.entity].num_hashes
+                k = hash_config[f.entity].num_slots
                 if t.shape[-1] != k:
                     raise ValueError(
                         f"{f.name} has {t.shape[-1]} hashes per {f.entity}, config expects {k}"

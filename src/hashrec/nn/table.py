@@ -69,25 +69,28 @@ def gather_rows(weight: torch.Tensor, idx: torch.Tensor, sparse: bool = True) ->
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Bytes held by a table and its optimizer state."""
+    """Bytes held by a table, its optimizer state and any frequency map (hybrid layouts)."""
 
     rows: int
     dim: int
     dtype: str
     table_bytes: int
     optimizer_bytes: int
+    frequency_map_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.table_bytes + self.optimizer_bytes
+        return self.table_bytes + self.optimizer_bytes + self.frequency_map_bytes
 
     def __str__(self) -> str:
         mib = 1024**2
-        return (
-            f"table {self.rows:,} x {self.dim} {self.dtype}: {self.table_bytes / mib:.1f} MiB, "
-            f"optimizer state {self.optimizer_bytes / mib:.1f} MiB, "
-            f"total {self.total_bytes / mib:.1f} MiB"
-        )
+        parts = [
+            f"table {self.rows:,} x {self.dim} {self.dtype}: {self.table_bytes / mib:.1f} MiB",
+            f"optimizer state {self.optimizer_bytes / mib:.1f} MiB",
+        ]
+        if self.frequency_map_bytes:
+            parts.append(f"frequency map {self.frequency_map_bytes / mib:.2f} MiB")
+        return ", ".join([*parts, f"total {self.total_bytes / mib:.1f} MiB"])
 
 
 class FusedEmbeddingTable(nn.Module):
@@ -173,7 +176,8 @@ class FusedEmbeddingTable(nn.Module):
         return RecsysEmbeddings(**looked_up)
 
     def memory_report(self, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
-        """Bytes of the table and of the optimizer state held for it."""
+        """Bytes of the table, of the optimizer state held for it, and of the frequency map of
+        a hybrid layout (``HashConfig.frequency_map_bytes``)."""
         opt_bytes = 0
         if optimizer is not None:
             state = optimizer.state.get(self.weight, {})
@@ -181,12 +185,14 @@ class FusedEmbeddingTable(nn.Module):
                 v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v)
             )
         w = self.weight
+        config = getattr(self, "hash_config", None)
         return MemoryReport(
             rows=self.num_rows,
             dim=self.dim,
             dtype=str(w.dtype).removeprefix("torch."),
             table_bytes=w.numel() * w.element_size(),
             optimizer_bytes=opt_bytes,
+            frequency_map_bytes=config.frequency_map_bytes if config is not None else 0,
         )
 
     def extra_repr(self) -> str:

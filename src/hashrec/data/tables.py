@@ -1,0 +1,103 @@
+"""Table layouts at a byte budget, and the hybrid's frequency map, from a log's training days.
+
+Every scheme gets the same bytes per entity: ``fraction`` x the full table's rows (one row per
+distinct ID), counted as table rows plus their row-wise Adagrad state plus, for the hybrid, its
+frequency map (8 bytes per head ID). IDs are counted on the training rows only, so nothing about
+the evaluation days leaks into the layout; IDs first seen later fall to the hashed tail.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from hashrec.data.schema import InteractionLog
+from hashrec.hashing.config import EntityHash, HashConfig
+from hashrec.hashing.layouts import LAYOUTS
+
+__all__ = ["TABLE_SCHEMES", "frequency_map", "row_bytes", "table_config"]
+
+ENTITIES = ("user", "post", "author")
+TABLE_SCHEMES: tuple[str, ...] = LAYOUTS
+HEAD_SHARE = 0.5  # hybrid: share of an entity's budget spent on private rows (fixed, not tuned)
+WEIGHT_SHARE = 0.25  # weighted: share of the budget spent on importance-weight rows
+
+
+def row_bytes(dim: int, dtype_bytes: int = 4) -> int:
+    """Bytes one table row costs: D values plus its fp32 row-wise Adagrad accumulator."""
+    return dim * dtype_bytes + 4
+
+
+def frequency_map(ids: np.ndarray, top: int) -> np.ndarray:
+    """The ``top`` most frequent non-zero IDs of ``ids`` (ties: smaller ID first), sorted.
+
+    >>> frequency_map(np.array([7, 7, 3, 9, 9, 9, 0, 0, 0, 0]), top=2).tolist()
+    [7, 9]
+    """
+    u, c = np.unique(ids[ids != 0], return_counts=True)
+    order = np.lexsort((u, -c))  # by count descending, then ID
+    return np.sort(u[order[:top]])
+
+
+def _entity(
+    name: str, scheme: str, budget: int, k: int, hash_scheme: str, seed: int,
+    train_ids: np.ndarray, rb: int,
+) -> EntityHash:  # fmt: skip
+    # the same hash functions as HashConfig.sized (entity i seeded seed + i)
+    base = HashConfig.sized(dict.fromkeys(ENTITIES, 2), k if scheme != "qr" else 2,
+                            hash_scheme, seed)[name]  # fmt: skip
+    if scheme == "multihash":
+        return _with(base, num_buckets=max(2, budget))
+    if scheme == "hybrid":
+        per_head = 1 + 8 / rb  # a private row plus its 8-byte entry in the frequency map
+        top = min(int(HEAD_SHARE * budget / per_head), len(np.unique(train_ids[train_ids != 0])))
+        head = frequency_map(train_ids, top)
+        n = max(2, budget - len(head) - math.ceil(8 * len(head) / rb))
+        return _with(base, num_buckets=n, layout="hybrid", head_ids=tuple(head.tolist()))
+    if scheme == "qr":
+        n = max(2, math.ceil(budget / 2))
+        return _with(base, num_hashes=2, num_buckets=n, layout="qr",
+                     extra_rows=max(1, budget - n))  # fmt: skip
+    if scheme == "weighted":
+        w = max(1, math.ceil(WEIGHT_SHARE * budget))
+        return _with(base, num_buckets=max(2, budget - w), layout="weighted", extra_rows=w)
+    raise ValueError(f"table scheme must be one of {TABLE_SCHEMES}, got {scheme!r}")
+
+
+def _with(base: EntityHash, **changes) -> EntityHash:
+    return replace(base, **changes)
+
+
+def table_config(
+    log: InteractionLog,
+    train_mask: np.ndarray,
+    scheme: str = "multihash",
+    fraction: float = 0.25,
+    num_hashes: int = 2,
+    dim: int = 32,
+    hash_scheme: str = "default",
+    seed: int = 1,
+) -> HashConfig:
+    """A ``HashConfig`` of ``scheme`` whose every entity block costs ``fraction`` x the bytes of
+    a one-row-per-ID table (distinct IDs of the whole log, as ``collision_free_config``).
+
+    ``multihash``: k hashes into ``fraction x n`` rows (Phoenix). ``hybrid``: half the bytes
+    buy private rows for the most frequent training IDs, the rest a k-hashed tail. ``qr``: half
+    remainder rows, half quotient rows. ``weighted``: a quarter importance-weight rows.
+    """
+    if scheme not in TABLE_SCHEMES:
+        raise ValueError(f"table scheme must be one of {TABLE_SCHEMES}, got {scheme!r}")
+    if not fraction > 0:
+        raise ValueError(f"fraction must be > 0, got {fraction}")
+    if len(train_mask) != len(log.user):
+        raise ValueError(f"train_mask has {len(train_mask)} rows, the log {len(log.user)}")
+    rb = row_bytes(dim)
+    ents = []
+    for name in ENTITIES:
+        ids = getattr(log, name)
+        budget = max(2, math.ceil(fraction * len(np.unique(ids))))
+        ents.append(_entity(name, scheme, budget, num_hashes, hash_scheme, seed,
+                            ids[train_mask], rb))  # fmt: skip
+    return HashConfig(entities=tuple(ents))
