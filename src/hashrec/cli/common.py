@@ -33,6 +33,10 @@ __all__ = [
     "whole",
 ]
 
+# Table layouts (hashrec.hashing.layouts); listed here so that --help imports no torch.
+TABLE_SCHEMES = ("multihash", "hybrid", "weighted", "qr")
+DEFAULT_TABLE_SCHEME = "multihash"
+
 
 class UsageError(Exception):
     """Bad or conflicting options met past argparse: exit code 2."""
@@ -162,8 +166,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-heads", type=pos, default=1, help="key/value heads (GQA)")
     g.add_argument("--num-hashes", type=pos, default=2, help="hashes k per entity")
     g.add_argument("--table-fraction", type=number(0, 1e6), default=0.25,
-                   help="rows per entity block as a fraction of its distinct IDs")  # fmt: skip
-    g.add_argument("--scheme", choices=("default", "phoenix"), default="default")
+                   help="bytes per entity block as a fraction of a one-row-per-ID table "
+                   "(for multihash: rows as a fraction of distinct IDs)")  # fmt: skip
+    g.add_argument("--table-scheme", choices=TABLE_SCHEMES, default=DEFAULT_TABLE_SCHEME,
+                   help="table layout: multihash (plain Phoenix), hybrid (private rows for the "
+                   "most frequent training IDs, hashed tail), weighted (importance-weighted "
+                   "hash embeddings), qr (quotient-remainder); default %(default)s")  # fmt: skip
+    g.add_argument("--scheme", choices=("default", "phoenix"), default="default",
+                   help="hash functions: splitmix64 or X's phoenix constants")  # fmt: skip
     g.add_argument("--history-len", type=nonneg, default=32)
     g.add_argument("--max-candidates", type=pos, default=16)
     g.add_argument("--slate-window", type=number(0), default=3600.0, help="seconds (> 0)")
@@ -275,10 +285,14 @@ def weights_option(text: str | None) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in w.items()}
 
 
-def experiment_specs(args: argparse.Namespace, log) -> tuple[Any, Any, Any]:
-    """(ModelSpec, ExampleConfig, TrainConfig) from the model/training options."""
+def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, Any, Any]:
+    """(ModelSpec, ExampleConfig, TrainConfig) from the model/training options; ``split``'s
+    training days count the IDs of a hybrid table (default: every row of the log)."""
+    import numpy as np
+
     from hashrec.data import ExampleConfig
-    from hashrec.evaluation.experiment import ModelSpec, hashed_config
+    from hashrec.data.tables import table_config
+    from hashrec.evaluation.experiment import ModelSpec
     from hashrec.nn.transformer import TransformerConfig
     from hashrec.training.trainer import TrainConfig
 
@@ -291,12 +305,21 @@ def experiment_specs(args: argparse.Namespace, log) -> tuple[Any, Any, Any]:
                                  args.negatives)  # fmt: skip
         train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             table_lr=args.table_lr, seed=args.seed)  # fmt: skip
-        name = f"hashed k={args.num_hashes}, {args.table_fraction:.0%} rows"
-        spec = ModelSpec(name, hashed_config(log, args.table_fraction, args.num_hashes,
-                                             args.scheme), tf)  # fmt: skip
+        scheme = args.table_scheme
+        train_mask = split.masks(log)[0] if split is not None else np.ones(len(log.user), bool)
+        cfg = table_config(log, train_mask, scheme, args.table_fraction, args.num_hashes,
+                           dim=args.dim, hash_scheme=args.scheme)  # fmt: skip
+        spec = ModelSpec(spec_name(scheme, cfg["post"].num_hashes, args.table_fraction), cfg, tf)
     except ValueError as e:  # an option that makes no valid model: a usage error
         raise UsageError(str(e)) from e
     return spec, examples, train
+
+
+def spec_name(scheme: str, k: int, fraction: float) -> str:
+    """``hashed k=2, 25% rows`` for plain Phoenix; ``hashed hybrid k=2, 25% bytes`` otherwise."""
+    if scheme == "multihash":
+        return f"hashed k={k}, {fraction:.0%} rows"
+    return f"hashed {scheme}{'' if scheme == 'qr' else f' k={k}'}, {fraction:.0%} bytes"
 
 
 def split(args: argparse.Namespace, train_end: int):

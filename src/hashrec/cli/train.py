@@ -32,7 +32,7 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
 
     split = common.split(args, train_end)
     split.masks(log)  # fail before training if a split is empty
-    spec, examples, train_cfg = common.experiment_specs(args, log)
+    spec, examples, train_cfg = common.experiment_specs(args, log, split)
     experiment.ranker_config(log, spec)  # a log the model cannot take fails before any write
     out = common.out_folder(args.out)
     with RunLock(out, say=print):

@@ -1,0 +1,197 @@
+"""Table layouts: hybrid (frequency map), importance-weighted, quotient-remainder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
+from hashrec.data import LogSchema, load_log
+from hashrec.data.tables import frequency_map, row_bytes, table_config
+from hashrec.hashing.config import EntityHash
+from hashrec.hashing.layouts import local_indices_reference
+from hashrec.nn.layouts import weighted_combine, weighted_combine_reference
+from hashrec.nn.optim import RowWiseAdagrad
+from hashrec.training.checkpoint import load_checkpoint, save_checkpoint
+
+from conftest import SCHEMA_JSON, cli_error, make_batch, write_synthetic_log
+
+HEAD = (3, 17, 99, 2**40 + 5)
+ENTITIES = {
+    "multihash": EntityHash("post", 2, 50, seed=2),
+    "hybrid": EntityHash("post", 2, 50, seed=2, layout="hybrid", head_ids=HEAD),
+    "qr": EntityHash("post", 2, 20, seed=2, layout="qr", extra_rows=15),
+    "weighted": EntityHash("post", 3, 50, seed=2, layout="weighted", extra_rows=9),
+}
+
+
+def _config(layout: str, k: int = 2) -> HashConfig:
+    def ent(name, n, seed, head):
+        if layout == "hybrid":
+            return EntityHash(name, k, n, seed=seed, layout="hybrid", head_ids=head)
+        if layout in ("qr", "weighted"):
+            kk = 2 if layout == "qr" else k
+            return EntityHash(name, kk, n, seed=seed, layout=layout, extra_rows=n // 3)
+        return EntityHash(name, k, n, seed=seed)
+
+    ids = tuple(range(1, 10_000, 997))
+    return HashConfig(entities=(ent("user", 61, 1, ids), ent("post", 97, 2, ids),
+                                ent("author", 31, 3, ids[:3])))  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(ENTITIES))
+def test_local_indices_match_the_reference_and_stay_in_the_block(layout):
+    e = ENTITIES[layout]
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([[0, *HEAD], rng.integers(1, 2**62, 500), rng.integers(1, 200, 200)])
+    got = e.local(ids)
+    assert got.shape == (len(ids), e.num_slots)
+    assert got.tolist() == local_indices_reference(e, ids.tolist())
+    assert (got[0] == 0).all() and (got[1:] >= 1).all() and (got < e.block_rows).all()
+    cfg = HashConfig(entities=(EntityHash("user"), e, EntityHash("author", num_buckets=10)))
+    t = torch.from_numpy(ids)
+    assert torch.equal(cfg.rows_torch("post", t), torch.from_numpy(cfg.rows("post", ids)))
+
+
+def test_hybrid_head_ids_own_private_rows_and_unseen_ids_fall_to_the_tail():
+    e, plain = ENTITIES["hybrid"], ENTITIES["multihash"]
+    head = e.local(np.array(HEAD))
+    assert sorted(head[:, 0].tolist()) == list(range(50, 50 + len(HEAD)))  # one row each
+    assert (head == head[:, :1]).all()  # repeated in every slot
+    tail = np.array([4, 5, 1000, 2**50])
+    assert np.array_equal(e.local(tail), plain.local(tail))  # the Phoenix multi-hash
+    assert (e.local(tail) < 50).all()
+
+
+def test_qr_gives_distinct_ids_distinct_row_pairs_unless_their_mix_collides():
+    e = EntityHash("post", 2, 101, seed=5, layout="qr", extra_rows=100)  # U = 10,000
+    ids = np.arange(1, 301)
+    loc = e.local(ids)
+    pairs = {tuple(r) for r in loc.tolist()}
+    # 300 IDs into 10,000 values: a handful of collisions at most, far fewer than the rows shared
+    assert len(pairs) >= 290 and len(np.unique(loc[:, 0])) < 100
+    assert (loc[:, 0] < 101).all() and (loc[:, 1] >= 101).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layout": "cuckoo"}, "layout must be one of"),
+        ({"layout": "qr", "extra_rows": 0}, "needs extra_rows >= 1"),
+        ({"layout": "qr", "extra_rows": 5, "num_hashes": 3}, "has 2 slots"),
+        ({"layout": "hybrid", "head_ids": (5, 3)}, "sorted, unique and non-zero"),
+        ({"layout": "hybrid", "head_ids": (0, 3)}, "sorted, unique and non-zero"),
+        ({"head_ids": (5,)}, "head_ids are for the hybrid layout"),
+        ({"extra_rows": 5}, "extra_rows is for qr/weighted"),
+        ({"layout": "hybrid", "scheme": "identity", "num_hashes": 1}, "identity scheme has no"),
+    ],
+)
+def test_bad_layouts_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EntityHash("post", **{"num_buckets": 50, **kwargs})
+
+
+def test_weighted_combine_matches_the_reference_in_outputs_and_gradients():
+    torch.manual_seed(0)
+    rows = torch.randint(0, 1000, (3, 5, 3))  # K = 2 components + the weight row
+    v1 = torch.randn(3, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    v2 = v1.detach().clone().requires_grad_(True)
+    a, b = weighted_combine(rows, v1), weighted_combine_reference(rows, v2)
+    assert a.shape == (3, 5, 2, 8)
+    torch.testing.assert_close(a, b)
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    torch.testing.assert_close(v1.grad, v2.grad)
+    assert v1.grad[..., 2, :].abs().sum() > 0  # the weight row learns
+
+
+@pytest.mark.parametrize("layout", ["multihash", "hybrid", "qr", "weighted"])
+def test_ranker_trains_each_layout_in_one_fused_table(layout):
+    cfg = RankerConfig(
+        hash=_config(layout),
+        transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1),
+        actions=("click", "like"),
+        continuous_actions=(),
+    )
+    torch.manual_seed(0)
+    model = PhoenixRanker(cfg)
+    assert model.table.weight.shape[0] == cfg.hash.num_rows
+    batch = make_batch(cfg.hash, A=2)
+    opt = RowWiseAdagrad([model.table.weight], lr=0.1)
+    before = model.table.weight.detach().clone()
+    model(batch).logits.sum().backward()
+    opt.step()
+    changed = set((model.table.weight != before).any(1).nonzero().squeeze(1).tolist())
+    touched = set()
+    for f in ("user_hashes", "history_post_hashes", "history_author_hashes",
+              "candidate_post_hashes", "candidate_author_hashes"):  # fmt: skip
+        touched |= set(getattr(batch, f).unique().tolist())
+    assert changed and changed <= touched - {0}  # only touched rows move; padding never
+    assert (model.table.weight[0] == 0).all()
+
+
+def test_checkpoint_keeps_the_layout_and_the_frequency_map(tmp_path):
+    cfg = RankerConfig(
+        hash=_config("hybrid"),
+        transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1),
+        actions=("click",),
+        continuous_actions=(),
+    )
+    model = PhoenixRanker(cfg)
+    save_checkpoint(tmp_path / "m.safetensors", model)
+    loaded, _ = load_checkpoint(tmp_path / "m.safetensors")
+    assert loaded.config == cfg and loaded.config.hash["post"].head_ids == cfg.hash["post"].head_ids
+    batch = make_batch(cfg.hash, A=1)
+    model.eval(), loaded.eval()
+    assert torch.equal(model(batch).logits, loaded(batch).logits)
+    mem = model.table.memory_report()
+    assert mem.frequency_map_bytes == 8 * sum(len(e.head_ids) for e in cfg.hash.entities) > 0
+    assert mem.total_bytes == mem.table_bytes + mem.frequency_map_bytes
+    assert "frequency map" in str(mem)
+
+
+def test_frequency_map_counts_training_days_only(tmp_path):
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path)
+    log = load_log(str(path), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
+    train = log.days(None, 20220428)
+    cfg = table_config(log, train, "hybrid", fraction=0.5, num_hashes=2, dim=8)
+    head = set(cfg["post"].head_ids)
+    counts = {int(p): int((log.post[train] == p).sum()) for p in np.unique(log.post)}
+    assert head and all(counts[p] > 0 for p in head)  # never an ID seen only later
+    assert min(counts[p] for p in head) >= max(c for p, c in counts.items() if p not in head)
+    assert frequency_map(np.array([5, 5, 2, 2, 9]), 2).tolist() == [2, 5]  # ties: smaller ID
+
+
+@pytest.mark.parametrize("layout", ["multihash", "hybrid", "qr", "weighted"])
+def test_table_config_spends_equal_bytes(tmp_path, layout):
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path, n_users=300, n_posts=900)
+    log = load_log(str(path), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
+    train = log.days(None, 20220428)
+    rb = row_bytes(16)
+    plain = table_config(log, train, "multihash", 0.25, 2, dim=16)
+    cfg = table_config(log, train, layout, 0.25, 2, dim=16)
+    budget = plain.num_rows * rb
+    spent = cfg.num_rows * rb + cfg.frequency_map_bytes
+    assert budget - 3 * rb <= spent <= budget  # equal to within a row per entity
+
+
+def test_cli_table_scheme(tmp_path, capsys):
+    from hashrec.cli import main
+
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path)
+    out = tmp_path / "run"
+    tiny = ["--dim", "8", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--history-len",
+            "6", "--max-candidates", "4", "--batch-size", "16", "--epochs", "1"]  # fmt: skip
+    base = ["train", "--data", str(path), "--schema", SCHEMA_JSON, "--train-end", "2022-04-28",
+            "--eval-start", "2022-04-29", "--out", str(out), *tiny]  # fmt: skip
+    assert main([*base, "--table-scheme", "hybrid"]) == 0
+    assert "| hashed hybrid k=2, 25% bytes |" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())["hash"]["entities"]
+    assert all(e["layout"] == "hybrid" and e["head_ids"] for e in saved)
+    err = cli_error([*base, "--table-scheme", "bloom"], capsys, 2)
+    assert "invalid choice: 'bloom'" in err
