@@ -195,3 +195,23 @@ def test_cli_table_scheme(tmp_path, capsys):
     assert all(e["layout"] == "hybrid" and e["head_ids"] for e in saved)
     err = cli_error([*base, "--table-scheme", "bloom"], capsys, 2)
     assert "invalid choice: 'bloom'" in err
+
+
+def test_collisions_hybrid_reports_private_row_impressions(tmp_path, capsys):
+    from hashrec.cli import main
+
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path)
+    out = tmp_path / "out"
+    argv = ["collisions", "--hybrid", "0.5", "--data", str(path), "--schema", SCHEMA_JSON,
+            "--train-end", "2022-04-28", "--eval-start", "2022-04-29", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "| post |" in capsys.readouterr().out
+    rows = {r["entity"]: r for r in json.loads((out / "hybrid.json").read_text())}
+    log = load_log(str(path), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
+    train = log.days(None, 20220428)
+    head = table_config(log, train, "hybrid", 0.5, 2, dim=32)["post"].head_ids
+    assert rows["post"]["train_private"] == int(np.isin(log.post[train], head).sum()) > 0
+    assert rows["post"]["train_impressions"] == int(train.sum())
+    err = cli_error([*argv[:3], "--csv", "x.csv"], capsys, 2)
+    assert "--hybrid reads a log" in err
