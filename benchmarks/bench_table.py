@@ -14,6 +14,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: see README "Performance"
 
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hashrec.hashing.config import PHOENIX_ENTITIES
+from hashrec.data.tables import frequency_map
+from hashrec.hashing.config import PHOENIX_ENTITIES, EntityHash, HashConfig
 from hashrec.hashing.functions import (
     default_hash,
     default_hash_torch,
@@ -29,6 +31,7 @@ from hashrec.hashing.functions import (
     phoenix_hash_reference,
     phoenix_hash_torch,
 )
+from hashrec.nn.layouts import weighted_combine
 from hashrec.nn.optim import RowWiseAdagrad
 from hashrec.nn.table import FusedEmbeddingTable, MultiHashEmbedding
 
@@ -257,10 +260,141 @@ def bench_table(n_ids: int, vocab: int, dim: int, repeats: int, skew: bool) -> N
     table_rows(out, f"Training step (fwd + bwd + optimizer), {kind}")
 
 
+def layout_entities(ids: np.ndarray, budget: int) -> dict[str, EntityHash]:
+    """Each table scheme at ``budget`` rows (the shares of ``hashrec.data.tables``)."""
+    head = frequency_map(ids, budget // 2)
+    return {
+        "multihash k=2 (Phoenix, baseline)": EntityHash("post", 2, budget, seed=2),
+        "multihash k=1": EntityHash("post", 1, budget, seed=2),
+        "hybrid k=2": EntityHash("post", 2, budget - len(head) - len(head) * 8 // 260 - 1,
+                                 seed=2, layout="hybrid", head_ids=tuple(head.tolist())),
+        "weighted k=2": EntityHash("post", 2, budget - budget // 4, seed=2, layout="weighted",
+                                   extra_rows=budget // 4),
+        "qr": EntityHash("post", 2, budget // 2, seed=2, layout="qr", extra_rows=budget // 2),
+    }  # fmt: skip
+
+
+def bench_layouts(n_ids: int, budget: int, dim: int, repeats: int) -> None:
+    """Every table scheme at the same bytes: index computation (raw IDs -> rows, numpy, in the
+    data loader), lookup (rows -> K vectors, with the importance weights where there are) and
+    the training step (lookup + backward + row-wise Adagrad)."""
+    rng = np.random.default_rng(2)
+    ids = make_ids(n_ids, 20 * budget, True, 0.03, rng)
+    small = (EntityHash("user", 1, 2, seed=1), EntityHash("author", 1, 2, seed=3))
+    fns: dict[str, list] = {}
+    for name, ent in layout_entities(ids, budget).items():
+        cfg = HashConfig(entities=(small[0], ent, small[1]), reserved_rows=0)
+        rows = torch.from_numpy(cfg.rows("post", ids))  # [n, slots]
+        torch.manual_seed(0)
+        table = FusedEmbeddingTable(cfg.num_rows, dim)
+        opt = RowWiseAdagrad(table.parameters(), lr=0.01)
+        weighted = ent.layout == "weighted"
+        flat = rows.reshape(-1)
+
+        def lookup(rows=rows, flat=flat, table=table, weighted=weighted) -> torch.Tensor:
+            v = table(flat).view(*rows.shape, dim)
+            return weighted_combine(rows, v) if weighted else v
+
+        seed = torch.randn(n_ids, ent.num_hashes, dim)
+
+        def step(lookup=lookup, seed=seed, opt=opt) -> None:
+            (lookup() * seed).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def lookup_nograd(lookup=lookup) -> None:
+            with torch.inference_mode():
+                lookup()
+
+        fns[name] = [lambda cfg=cfg: cfg.rows("post", ids), lookup_nograd, step]
+    # interleaved: round r times every scheme once, so load changes hit all schemes alike
+    times = {name: [[], [], []] for name in fns}
+    for r in range(repeats + 1):
+        for name, fs in fns.items():
+            for j, f in enumerate(fs):
+                t0 = time.perf_counter()
+                f()
+                if r:  # round 0 warms up
+                    times[name][j].append(time.perf_counter() - t0)
+    idx_t, look_t, step_t = (
+        [(name, float(np.median(times[name][j]))) for name in fns] for j in range(3)
+    )
+    for title, ts in (("Index computation (raw IDs -> rows, numpy)", idx_t),
+                      ("Lookup (rows -> K vectors)", look_t),
+                      ("Training step (lookup + backward + RowWiseAdagrad)", step_t)):  # fmt: skip
+        base = ts[0][1]
+        out = [(n, n_ids / t / 1e6, f"M IDs/s  {t * 1e3:8.1f} ms  {t / base:5.2f}x the time "
+                "of multihash k=2") for n, t in ts]  # fmt: skip
+        table_rows(out, f"{title}: each scheme at {budget:,} rows x D={dim}, {n_ids:,} "
+                   "Zipf-like IDs per call")  # fmt: skip
+
+
+def bench_layout_ranker(budget: int, repeats: int, batch_size: int = 128) -> None:
+    """The ranker's whole training step (the demo's model, D=32) under each table scheme, on
+    random Zipf-like requests: what a training run pays for the layout."""
+    from hashrec.models.ranker import PhoenixRanker, RankerConfig
+    from hashrec.nn.batch import RecsysBatch
+    from hashrec.nn.transformer import TransformerConfig
+
+    rng = np.random.default_rng(3)
+    B, S, C, A = batch_size, 32, 16, 8
+    raw = {e: make_ids(B * (S + C) + B, 20 * budget, True, 0.0, rng) for e in ("u", "p", "a")}
+    ents = {n: layout_entities(raw["p"], budget)[n] for n in layout_entities(raw["p"], budget)}
+    fns = {}
+    for name, post in ents.items():
+        user = replace(post, name="user", seed=1, head_ids=tuple(
+            frequency_map(raw["u"], len(post.head_ids)).tolist()))  # fmt: skip
+        author = replace(post, name="author", seed=3, head_ids=tuple(
+            frequency_map(raw["a"], len(post.head_ids)).tolist()))  # fmt: skip
+        cfg = HashConfig(entities=(user, post, author))
+        tf = TransformerConfig(dim=32, num_layers=2, num_q_heads=2, num_kv_heads=1,
+                               widening_factor=2.0)  # fmt: skip
+        torch.manual_seed(0)
+        model = PhoenixRanker(RankerConfig(hash=cfg, transformer=tf, actions=tuple("abcdefgh"),
+                                           continuous_actions=()))  # fmt: skip
+        p_rows = cfg.rows("post", raw["p"][: B * (S + C)]).reshape(B, S + C, -1)
+        a_rows = cfg.rows("author", raw["a"][: B * (S + C)]).reshape(B, S + C, -1)
+        batch = RecsysBatch(
+            torch.from_numpy(cfg.rows("user", raw["u"][:B])),
+            torch.from_numpy(p_rows[:, :S]), torch.from_numpy(a_rows[:, :S]),
+            torch.from_numpy(rng.random((B, S, A)) < 0.2),
+            torch.from_numpy(rng.integers(0, 16, (B, S))),
+            torch.from_numpy(p_rows[:, S:]), torch.from_numpy(a_rows[:, S:]),
+            torch.from_numpy(rng.integers(0, 16, (B, C))),
+        )  # fmt: skip
+        dense = torch.optim.AdamW(model.dense_parameters(), lr=1e-3)
+        table = RowWiseAdagrad(model.table.parameters(), lr=0.05)
+        target = torch.from_numpy(rng.random((B, C, A)) < 0.3).float()
+
+        def step(model=model, batch=batch, dense=dense, table=table, target=target) -> None:
+            logits = model(batch).logits
+            torch.nn.functional.binary_cross_entropy_with_logits(logits, target).backward()
+            dense.step()
+            table.step()
+            dense.zero_grad(set_to_none=True)
+            table.zero_grad(set_to_none=True)
+
+        fns[name] = step
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for r in range(repeats + 1):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    ts = [(n, float(np.median(v))) for n, v in times.items()]
+    base = ts[0][1]
+    out = [(n, B / t, f"requests/s  {t * 1e3:8.1f} ms  {t / base:5.2f}x the time of multihash "
+            "k=2") for n, t in ts]  # fmt: skip
+    table_rows(out, f"Ranker training step (D=32, 2 layers, B={B}, S={S}, C={C}): each scheme "
+               f"at {budget:,} rows per entity")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--layouts-only", action="store_true", help="only the table-scheme rows")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     n_hash = 200_000 if args.quick else 4_000_000
@@ -269,9 +403,12 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}"
     )
-    bench_hashing(n_hash, args.repeats)
-    for skew in (True, False):
-        bench_table(n_ids, vocab, 64, args.repeats, skew)
+    if not args.layouts_only:
+        bench_hashing(n_hash, args.repeats)
+        for skew in (True, False):
+            bench_table(n_ids, vocab, 64, args.repeats, skew)
+    bench_layouts(n_ids, vocab // 4, 64, args.repeats)
+    bench_layout_ranker(vocab // 4, args.repeats)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,28 @@ from hashrec.nn.batch import HASH_FIELDS, RecsysBatch, RecsysEmbeddings
 __all__ = ["apply_layouts", "weighted_combine", "weighted_combine_reference"]
 
 
+class _WeightedCombine(torch.autograd.Function):
+    """out_j = v_j * (1 + w[cols_j]); backward writes both gradients into one [..., K+1, D]."""
+
+    @staticmethod
+    def forward(ctx, vectors: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        K = cols.shape[-1]
+        comp = vectors[..., :K, :]
+        scale = vectors[..., K, :].gather(-1, cols).add_(1.0)  # [..., K]
+        ctx.save_for_backward(vectors, cols, scale)
+        return comp * scale.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        vectors, cols, scale = ctx.saved_tensors
+        K = cols.shape[-1]
+        grad = torch.empty_like(vectors)
+        torch.mul(g, scale.unsqueeze(-1), out=grad[..., :K, :])
+        gw = torch.linalg.vecdot(g, vectors[..., :K, :])  # [..., K]: d out / d w_j
+        grad[..., K, :].zero_().scatter_(-1, cols, gw)
+        return grad, None
+
+
 def weighted_combine(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """Importance-weighted components: rows [..., K+1] int, vectors [..., K+1, D] -> [..., K, D].
 
@@ -33,8 +55,7 @@ def weighted_combine(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     G = D // K
     group = rows[..., :K].sum(-1) % G  # [...]
     cols = group.unsqueeze(-1) * K + torch.arange(K, device=rows.device)  # [..., K]
-    w = vectors[..., K, :].gather(-1, cols)  # [..., K]
-    return vectors[..., :K, :] * (1.0 + w).unsqueeze(-1)
+    return _WeightedCombine.apply(vectors, cols)
 
 
 def weighted_combine_reference(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
