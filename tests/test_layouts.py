@@ -215,3 +215,36 @@ def test_collisions_hybrid_reports_private_row_impressions(tmp_path, capsys):
     assert rows["post"]["train_impressions"] == int(train.sum())
     err = cli_error([*argv[:3], "--csv", "x.csv"], capsys, 2)
     assert "--hybrid reads a log" in err
+
+
+def test_demo_path_shows_the_scheme_and_plain_phoenix(tmp_path, capsys):
+    from hashrec.cli import common
+    from hashrec.cli.dispatch import build_parser
+    from hashrec.cli.train import run_experiment
+
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path)
+    tiny = ["--dim", "8", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--history-len",
+            "6", "--max-candidates", "4", "--batch-size", "16", "--epochs", "1"]  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--data",
+            str(path),
+            "--schema",
+            SCHEMA_JSON,
+            "--eval-start",
+            "2022-04-29",
+            "--out",
+            str(tmp_path / "run"),
+            "--table-scheme",
+            "qr",
+            *tiny,
+        ]
+    )
+    run_experiment(args, common.load_data(args), 20220428, with_full_table=False,
+                   with_phoenix=True)  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| hashed qr, 25% bytes |" in out and "| hashed k=2, 25% rows |" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]
+    assert {"hashed qr, 25% bytes", "hashed k=2, 25% rows"} <= set(metrics)

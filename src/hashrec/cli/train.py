@@ -24,9 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_table: bool,
-                   resume: bool = False) -> None:  # fmt: skip
+                   resume: bool = False, with_phoenix: bool = False) -> None:  # fmt: skip
     """Shared by ``train`` and ``demo``: resolve and check everything, then (holding the run
-    folder's lock) decide on resuming, write config.json, run, print."""
+    folder's lock) decide on resuming, write config.json, run, print. ``with_phoenix``: also
+    train plain Phoenix multi-hash at the same bytes when the table scheme is another one, so
+    the table shows both."""
     from hashrec.evaluation import experiment
     from hashrec.training.runlock import RunLock
 
@@ -34,6 +36,10 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
     split.masks(log)  # fail before training if a split is empty
     spec, examples, train_cfg = common.experiment_specs(args, log, split)
     experiment.ranker_config(log, spec)  # a log the model cannot take fails before any write
+    also = []
+    if with_phoenix and args.table_scheme != "multihash":
+        phoenix = argparse.Namespace(**{**vars(args), "table_scheme": "multihash"})
+        also.append(common.experiment_specs(phoenix, log, split)[0])
     out = common.out_folder(args.out)
     with RunLock(out, say=print):
         checkpoint = out / "checkpoint.safetensors"
@@ -47,7 +53,7 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
                     "transformer": asdict(spec.transformer), "device": args.device}  # fmt: skip
         write_json_atomic(out / "config.json", resolved)
         res = experiment.run(log, split, spec, examples, train_cfg, out,
-                             with_full_table=with_full_table, resume=resume,
+                             with_full_table=with_full_table, also=also, resume=resume,
                              device=args.device, say=lambda m: print(m, flush=True))  # fmt: skip
     common.print_experiment(res)
     print(f"wrote {out}/metrics.json, results.md, results.png, checkpoint.safetensors")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -264,6 +264,10 @@ class ExperimentResult:
     wall_s: float
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
 def run(
     log: InteractionLog,
     split: Split,
@@ -273,24 +277,30 @@ def run(
     out: Path,
     *,
     with_full_table: bool = False,
+    also: Sequence[ModelSpec] = (),
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> ExperimentResult:
-    """Train ``spec`` (and the collision-free table), score the baselines, evaluate all of them
-    on the same impressions; write ``metrics.json``, ``results.md`` and ``results.png`` to
-    ``out`` (the checkpoint lands there while training)."""
+    """Train ``spec`` (then each of ``also``, then the collision-free table), score the
+    baselines, evaluate all of them on the same impressions; write ``metrics.json``,
+    ``results.md`` and ``results.png`` to ``out`` (``spec``'s checkpoint lands there while
+    training, the others' in subfolders)."""
     from hashrec.evaluation.report import format_results, plot_run
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    specs = [spec] + ([collision_free_spec(log, spec.transformer)] if with_full_table else [])
+    specs = [spec, *also] + (
+        [collision_free_spec(log, spec.transformer)] if with_full_table else []
+    )
     preds, losses, info = {}, {}, {}
     rows = reqs = None
     for sp in specs:
         say(f"training {sp.name} ...")
-        sub = out if sp is spec else out / "full_table"
+        sub = (
+            out if sp is spec else out / ("full_table" if sp.vocab is not None else _slug(sp.name))
+        )
         r = run_model(log, split, sp, examples, train_cfg, sub, resume=resume and sp is spec,
                       progress=progress, device=device)  # fmt: skip
         if rows is not None and not np.array_equal(rows, r.predictions.rows):
