@@ -55,7 +55,8 @@ def jobs(args) -> list[tuple[str, float | None, int]]:
     """Seed-major order, so that every scheme has one seed before any has three."""
     out = []
     for seed in args.seeds:
-        out.append(("full table", None, seed))
+        if not args.no_full:
+            out.append(("full table", None, seed))
         for f in args.fractions:
             out += [(s, f, seed) for s in args.schemes]
     return out
@@ -186,6 +187,7 @@ def main() -> None:
     p.add_argument("--fractions", default="0.25,0.1")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--schemes", default="multihash k=2,hybrid k=2,weighted k=2,qr,multihash k=1")
+    p.add_argument("--no-full", action="store_true", help="skip the full-table runs")
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args()
