@@ -248,3 +248,12 @@ def test_demo_path_shows_the_scheme_and_plain_phoenix(tmp_path, capsys):
     assert "| hashed qr, 25% bytes |" in out and "| hashed k=2, 25% rows |" in out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]
     assert {"hashed qr, 25% bytes", "hashed k=2, 25% rows"} <= set(metrics)
+
+
+def test_hybrid_is_the_default_and_plain_phoenix_one_flag_away():
+    from hashrec.cli.dispatch import build_parser
+
+    parser = build_parser()
+    for cmd in ("train", "demo"):
+        assert parser.parse_args([cmd]).table_scheme == "hybrid"
+        assert parser.parse_args([cmd, "--table-scheme", "multihash"]).table_scheme == "multihash"
