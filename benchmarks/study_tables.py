@@ -151,8 +151,11 @@ def plot(summary: list[dict], full: dict | None, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    axes = axes.ravel()
+    ticks = sorted({s["total_bytes"] / 2**20 for s in summary})
     schemes = [s for s in dict.fromkeys(x["scheme"] for x in summary) if s != "full table"]
     for ax, (i, (kind, action)) in zip(axes, enumerate(METRICS), strict=True):
         for scheme in schemes:
@@ -167,10 +170,13 @@ def plot(summary: list[dict], full: dict | None, path: Path) -> None:
                         linestyle="none", label="full table")  # fmt: skip
             ax.axhline(full["mean"][i], color="black", linestyle=":", alpha=0.5)
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("table + optimizer + frequency map (MiB)")
         ax.set_title(f"{kind.upper()} {action}")
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("evaluation days 05-03..05-05 (mean of seeds, bar = half range)")
+    for ax in axes[::2]:
+        ax.set_ylabel("05-03..05-05, mean of seeds (bar: half range)")
     axes[-1].legend(fontsize=8)
     fig.suptitle("KuaiRand-Pure: quality against bytes, one line per table scheme")
     fig.tight_layout()
