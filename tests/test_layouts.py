@@ -22,6 +22,7 @@ ENTITIES = {
     "multihash": EntityHash("post", 2, 50, seed=2),
     "hybrid": EntityHash("post", 2, 50, seed=2, layout="hybrid", head_ids=HEAD),
     "qr": EntityHash("post", 2, 20, seed=2, layout="qr", extra_rows=15),
+    "qr, two hashes": EntityHash("post", 2, 100_000, seed=2, layout="qr", extra_rows=90_000),
     "weighted": EntityHash("post", 3, 50, seed=2, layout="weighted", extra_rows=9),
 }
 

@@ -102,8 +102,6 @@ class EntityHash:
             raise ValueError(
                 f"{n}: the qr layout has 2 slots (num_hashes=2), got {self.num_hashes}"
             )
-        if lay == "qr" and self.extra_rows * (self.num_buckets - 1) >= 2**31:
-            raise ValueError(f"{n}: qr needs extra_rows * (num_buckets - 1) < 2^31")
 
     @property
     def block_rows(self) -> int:

@@ -10,7 +10,9 @@ follow at N .. N + extra - 1. An ID yields ``num_slots`` block-local indices:
   in all k slots; every other ID (the tail, and IDs first seen after training) is multi-hashed.
 * ``qr`` (quotient-remainder, Shi et al. 2020): the ID is mixed into u in [0, Q * (N - 1)), then
   slot 0 is the remainder row 1 + u mod (N - 1) and slot 1 the quotient row N + u // (N - 1)
-  (Q = ``extra_rows``); two IDs share both rows only if their u collide. Two slots.
+  (Q = ``extra_rows``); two IDs share both rows only if their u collide. Two slots. Past 2^31
+  values of u (the hash's range), remainder and quotient come from two independent hashes:
+  the same uniform pairs.
 * ``weighted`` (hash embeddings with importance weights, Svenstrup et al. 2017): k hashes into
   the N component rows, plus one slot naming an importance-weight row N + (hash mod W)
   (W = ``extra_rows``). A weight row of D columns packs G = D // k weight vectors of k entries;
@@ -39,6 +41,7 @@ LAYOUTS: tuple[str, ...] = ("multihash", "hybrid", "qr", "weighted")
 # Seed offsets of the layouts' own hashes, apart from the entity's k hash functions.
 _QR_SALT = 0x5152
 _WEIGHT_SALT = 0x4957
+_QR_ONE_HASH = 2**31 - 1  # below this Q (N - 1), u is one hash; above, q and r hash apart
 
 
 def _mixed(entity: EntityHash, ids: np.ndarray, salt: int, buckets: int) -> np.ndarray:
@@ -63,8 +66,13 @@ def local_indices(entity: EntityHash, ids: np.ndarray | list) -> np.ndarray:
         return np.where(is_head[..., None], N + pos_c[..., None], h)
     if entity.layout == "qr":
         Q = entity.extra_rows
-        u = _mixed(entity, x, _QR_SALT, Q * (N - 1) + 1) - 1  # 0 .. Q(N-1)-1
-        out = np.stack([1 + u % (N - 1), N + u // (N - 1)], axis=-1)
+        if Q * (N - 1) < _QR_ONE_HASH:
+            u = _mixed(entity, x, _QR_SALT, Q * (N - 1) + 1) - 1  # 0 .. Q(N-1)-1
+            r, q = u % (N - 1), u // (N - 1)
+        else:  # u past the hash's range: two independent hashes give the same uniform pairs
+            r = _mixed(entity, x, _QR_SALT, N) - 1
+            q = _mixed(entity, x, _QR_SALT + 1, Q + 1) - 1
+        out = np.stack([1 + r, N + q], axis=-1)
         out[x == 0] = 0
         return out
     if entity.layout == "weighted":
@@ -89,10 +97,14 @@ def local_indices_reference(entity: EntityHash, ids: list[int]) -> list[list[int
             head = list(entity.head_ids)
             out.append([N + head.index(i)] * entity.num_hashes if i in head else h)
         elif entity.layout == "qr":
-            Q = entity.extra_rows
-            u = int(default_hash(np.array([i]), 1, Q * (N - 1) + 1, entity.seed + _QR_SALT)[0, 0])
-            u -= 1
-            out.append([1 + u % (N - 1), N + u // (N - 1)])
+            Q, s = entity.extra_rows, entity.seed + _QR_SALT
+            if Q * (N - 1) < _QR_ONE_HASH:
+                u = int(default_hash(np.array([i]), 1, Q * (N - 1) + 1, s)[0, 0]) - 1
+                r, q = u % (N - 1), u // (N - 1)
+            else:
+                r = int(default_hash(np.array([i]), 1, N, s)[0, 0]) - 1
+                q = int(default_hash(np.array([i]), 1, Q + 1, s + 1)[0, 0]) - 1
+            out.append([1 + r, N + q])
         else:
             W = entity.extra_rows
             w = int(default_hash(np.array([i]), 1, W + 1, entity.seed + _WEIGHT_SALT)[0, 0])
