@@ -27,8 +27,12 @@ def run(tmp_path_factory):
     log_file = root / "log.csv"
     write_synthetic_log(log_file)
     data = ["--data", str(log_file), "--schema", SCHEMA_JSON]
+    # plain multi-hash: the hybrid's tiny tail here gives two posts identical rows, hence exactly
+    # equal scores, and the pipeline does not break ties deterministically (their order then
+    # follows the retriever's candidate order)
     rc = main(["train", *data, *SPLIT, *ARCH, "--max-candidates", "4", "--batch-size", "16",
-               "--epochs", "1", "--out", str(root / "ranker")])  # fmt: skip
+               "--epochs", "1", "--table-scheme", "multihash",
+               "--out", str(root / "ranker")])  # fmt: skip
     assert rc == 0
     rc = main(["train-retrieval", *data, *SPLIT, *ARCH, "--batch-size", "16", "--epochs", "2",
                "--out", str(root / "retriever")])  # fmt: skip
