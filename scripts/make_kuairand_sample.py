@@ -3,7 +3,8 @@
     python scripts/make_kuairand_sample.py [--source ../shared/data/kuairand-pure] [--users 8000]
 
 Keeps every impression of a seeded random subset of users, in the official column layout
-(gzipped), and the video table rows of the videos they saw. KuaiRand (Gao et al., CIKM 2022) is
+(gzipped), the video table rows of the videos they saw and the user table rows of those users
+(the side features ``load_kuairand`` reads). KuaiRand (Gao et al., CIKM 2022) is
 CC BY-SA 4.0: the LICENSE and attribution travel with the sample.
 """
 
@@ -23,9 +24,9 @@ DEST = Path(__file__).resolve().parents[1] / "src/hashrec/datasets/kuairand_samp
 README = """# KuaiRand-Pure sample
 
 A sample of KuaiRand-Pure: every standard-feed impression of {users:,} randomly chosen users
-(seed {seed}) over 2022-04-25 .. 2022-05-05 ({rows:,} rows), and the video-table rows of the
-{videos:,} videos they saw, in the official column layout. Built by
-`scripts/make_kuairand_sample.py`.
+(seed {seed}) over 2022-04-25 .. 2022-05-05 ({rows:,} rows), the video-table rows of the
+{videos:,} videos they saw and the user-table rows of those users, in the official column
+layout. Built by `scripts/make_kuairand_sample.py`.
 
 Source: KuaiRand, Gao et al., "KuaiRand: An Unbiased Sequential Recommendation Dataset with
 Randomly Exposed Videos", CIKM 2022 (doi 10.1145/3511808.3557624). License: CC BY-SA 4.0
@@ -58,9 +59,14 @@ def main() -> None:
     videos = videos.filter(
         pc.is_in(videos.column("video_id"), value_set=pc.unique(log.column("video_id")))
     )
+    users_table = pacsv.read_csv(src / "user_features_pure.csv")
+    users_table = users_table.filter(
+        pc.is_in(users_table.column("user_id"), value_set=pc.unique(log.column("user_id")))
+    )
     DEST.mkdir(parents=True, exist_ok=True)
     write_gz(log, DEST / "log_standard_4_25_to_5_05_sample.csv.gz")
     write_gz(videos, DEST / "video_features_basic_sample.csv.gz")
+    write_gz(users_table, DEST / "user_features_sample.csv.gz")
     shutil.copy(src / "LICENSE", DEST / "LICENSE")
     (DEST / "README.md").write_text(
         README.format(users=args.users, seed=args.seed, rows=log.num_rows, videos=videos.num_rows)

@@ -190,7 +190,7 @@ def test_cli_table_scheme(tmp_path, capsys):
             "6", "--max-candidates", "4", "--batch-size", "16", "--epochs", "1"]  # fmt: skip
     base = ["train", "--data", str(path), "--schema", SCHEMA_JSON, "--train-end", "2022-04-28",
             "--eval-start", "2022-04-29", "--out", str(out), *tiny]  # fmt: skip
-    assert main([*base, "--table-scheme", "hybrid"]) == 0
+    assert main([*base, "--table-scheme", "hybrid", "--entity-weights", "none"]) == 0
     assert "| hashed hybrid k=2, 25% bytes |" in capsys.readouterr().out
     saved = json.loads((out / "config.json").read_text())["hash"]["entities"]
     assert all(e["layout"] == "hybrid" and e["head_ids"] for e in saved)

@@ -127,7 +127,10 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="KuaiRand folder, or a CSV/Parquet log with --schema "
                    "(default: the KuaiRand sample shipped with hashrec)")  # fmt: skip
     p.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
-    p.add_argument("--authors", help="table mapping post -> author, if the log lacks authors")
+    p.add_argument("--authors", help="table keyed by post: its author (if the log lacks authors) "
+                   "and the post side features the schema declares")  # fmt: skip
+    p.add_argument("--users", help="table keyed by user: the user side features the schema "
+                   "declares")  # fmt: skip
     p.add_argument(
         "--with-random-log",
         action="store_true",
@@ -157,7 +160,35 @@ def apply_threads(args: argparse.Namespace) -> None:
     torch.set_num_threads(threads)
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def name_values(text: str) -> dict[str, float]:
+    """'like=3,follow=2' -> {"like": 3.0, "follow": 2.0}; '' or 'none' -> {}."""
+    if text.strip().lower() in ("", "none"):
+        return {}
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated name=number pairs, got {text!r}"
+            ) from None
+    return out
+
+
+# Defaults chosen by the validation sweep of benchmarks/study_ranker.py (never on evaluation
+# days); README "Choosing the defaults" has the figures.
+DEFAULT_ENTITY_WEIGHTS = "user=1,post=4,author=2,feature=2"
+DEFAULT_DROPOUT = 0.1
+DEFAULT_WEIGHT_DECAY = 0.01
+DEFAULT_EPOCHS = 3
+DEFAULT_ACTION_WEIGHTS = ""
+DEFAULT_RATE_FEATURES = False
+
+
+def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
     g = p.add_argument_group("model")
     pos, nonneg = whole(1), whole(0)
     g.add_argument("--dim", type=pos, default=32, help="embedding / transformer width D")
@@ -174,17 +205,59 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    "hash embeddings), qr (quotient-remainder); default %(default)s")  # fmt: skip
     g.add_argument("--scheme", choices=("default", "phoenix"), default="default",
                    help="hash functions: splitmix64 or X's phoenix constants")  # fmt: skip
+    g.add_argument("--entity-weights", type=name_values, default=DEFAULT_ENTITY_WEIGHTS,
+                   help="how the rows are shared: entity=weight per distinct ID (user, post, "
+                   f"author, feature); 'none': every entity gets --table-fraction of its IDs "
+                   f"(default {DEFAULT_ENTITY_WEIGHTS})")  # fmt: skip
+    g.add_argument(
+        "--no-side-features",
+        action="store_true",
+        help="ignore the log's side features (video/user fields, history signals)",
+    )
+    g.add_argument("--rate-features", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT_RATE_FEATURES,
+                   help="feed the ranker the baselines' time-respecting smoothed user / post / "
+                   "author rates of every action as numeric side features")  # fmt: skip
+    g.add_argument("--dropout", type=float, default=DEFAULT_DROPOUT,
+                   help="dropout on the input tokens and candidate outputs")  # fmt: skip
     g.add_argument("--history-len", type=nonneg, default=32)
     g.add_argument("--max-candidates", type=pos, default=16)
     g.add_argument("--slate-window", type=number(0), default=3600.0, help="seconds (> 0)")
     g.add_argument("--negatives", type=nonneg, default=0, help="sampled negatives per request")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=pos, default=2)
+    t.add_argument(
+        "--epochs",
+        type=pos,
+        default=DEFAULT_EPOCHS,
+        help="at most this many epochs (early stopping on the validation split)",
+    )
     t.add_argument("--batch-size", type=pos, default=128, help="requests per step")
     t.add_argument("--lr", type=number(0, 10), default=2e-3, help="AdamW learning rate (dense)")
     t.add_argument("--table-lr", type=number(0, 100), default=0.05,
                    help="row-wise Adagrad (table)")  # fmt: skip
+    t.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                   help="AdamW weight decay (dense weights)")  # fmt: skip
+    t.add_argument(
+        "--action-weights",
+        type=name_values,
+        default=DEFAULT_ACTION_WEIGHTS,
+        help="loss weight per action, e.g. like=3,follow=3 (default 1 each)",
+    )
+    t.add_argument("--val-days", type=nonneg, default=1,
+                   help="last training days held out for early stopping and best-epoch "
+                   "selection (0: none)")  # fmt: skip
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this last fraction of the training impressions instead",
+    )
+    t.add_argument("--patience", type=pos, default=1,
+                   help="epochs without validation improvement before stopping")  # fmt: skip
     t.add_argument("--seed", type=nonneg, default=0)
+    t.add_argument("--seeds", type=pos, default=seeds,
+                   help="train this many seeds (seed, seed+1, ...); figures are their mean "
+                   f"and std (default {seeds})")  # fmt: skip
     add_device_option(p)
 
 
@@ -226,7 +299,11 @@ def load_data(args: argparse.Namespace):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data {path}: no such file or folder")
     if os.path.isdir(path):
-        for given, flag in ((args.schema, "--schema"), (args.authors, "--authors")):
+        for given, flag in (
+            (args.schema, "--schema"),
+            (args.authors, "--authors"),
+            (getattr(args, "users", None), "--users"),
+        ):
             if given:
                 raise UsageError(f"--data {path} is a KuaiRand folder; {flag} is for a log file")
         return load_kuairand(path, with_random=getattr(args, "with_random_log", False), say=say)
@@ -237,7 +314,13 @@ def load_data(args: argparse.Namespace):
             f"--data {path} is a file: give --schema (JSON file or string) mapping its "
             "columns, or a KuaiRand folder"
         )
-    return load_log(path, parse_schema(args.schema), authors=args.authors, say=say)
+    return load_log(
+        path,
+        parse_schema(args.schema),
+        authors=args.authors,
+        users=getattr(args, "users", None),
+        say=say,
+    )
 
 
 def load_checkpoint_of(path: str, expected: str, device: Any = "cpu", option: str = "") -> tuple:
@@ -298,18 +381,33 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
 
     if not 0 < args.table_fraction < math.inf:
         raise UsageError(f"--table-fraction must be a finite number > 0, got {args.table_fraction}")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     try:
         tf = TransformerConfig(dim=args.dim, num_layers=args.layers, num_q_heads=args.heads,
                                num_kv_heads=args.kv_heads, widening_factor=2.0)  # fmt: skip
         examples = ExampleConfig(args.history_len, args.max_candidates, args.slate_window,
                                  args.negatives)  # fmt: skip
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            table_lr=args.table_lr, seed=args.seed)  # fmt: skip
+                            table_lr=args.table_lr, seed=args.seed,
+                            weight_decay=args.weight_decay, action_weights=args.action_weights,
+                            val_days=args.val_days, val_fraction=args.val_fraction,
+                            patience=args.patience)  # fmt: skip
+        unknown = set(args.action_weights) - set(log.actions)
+        if unknown:
+            raise ValueError(f"--action-weights names {sorted(unknown)}; the log's actions are "
+                             f"{list(log.actions)}")  # fmt: skip
+        weights = args.entity_weights or None
         scheme = args.table_scheme
         train_mask = split.masks(log)[0] if split is not None else np.ones(len(log.user), bool)
         cfg = table_config(log, train_mask, scheme, args.table_fraction, args.num_hashes,
-                           dim=args.dim, hash_scheme=args.scheme)  # fmt: skip
-        spec = ModelSpec(spec_name(scheme, cfg["post"].num_hashes, args.table_fraction), cfg, tf)
+                           dim=args.dim, hash_scheme=args.scheme, weights=weights)  # fmt: skip
+        spec = ModelSpec(spec_name(scheme, cfg["post"].num_hashes, args.table_fraction), cfg, tf,
+                         dropout=args.dropout,
+                         side_features=not args.no_side_features,
+                         rate_features=args.rate_features)  # fmt: skip
     except ValueError as e:  # an option that makes no valid model: a usage error
         raise UsageError(str(e)) from e
     return spec, examples, train
@@ -337,7 +435,11 @@ def print_experiment(res) -> None:
     for name, i in res.models.items():
         print(
             f"{name}: {i['examples_per_s']:,.0f} training examples/s, "
-            f"table {i['table_rows']:,} rows ({i['table_bytes'] / 2**20:.1f} MiB)"
+            f"table {i['table_rows']:,} rows ({i['table_bytes'] / 2**20:.1f} MiB, "
+            f"{i['table_share_of_full']:.0%} of the collision-free table), best epochs "
+            f"{[e + 1 for e in i['best_epochs']]}"
         )
+    seeds = ", ".join(map(str, res.seeds))
+    print(f"ranker figures: mean ± std over seeds {seeds}; baselines are deterministic")
     print(f"evaluated on {res.eval_impressions:,} impressions of {res.eval_users:,} users; "
           f"wall time {res.wall_s:.0f} s")  # fmt: skip

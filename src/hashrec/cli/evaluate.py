@@ -44,7 +44,17 @@ def run(args: argparse.Namespace) -> int:
         )
     split = common.split(args, train_end)
     examples = ExampleConfig(**{**extra.get("examples", {}), "negatives_per_request": 0})
-    _, ev = split.masks(log)
+    train, ev = split.masks(log)
+    if extra.get("side_features") is False:
+        from dataclasses import replace
+
+        from hashrec.data import SideColumns
+
+        log = replace(log, side=SideColumns.empty(len(log)))
+    if extra.get("rate_features"):  # the same time-respecting encodings as in training
+        from hashrec.evaluation.experiment import with_rate_features
+
+        log = with_rate_features(log, train)
     if model.config.hash.entities[0].scheme == "identity":
         raise ValueError("evaluate full-table checkpoints with the run that trained them")
     hashes = RowHashes(log, model.config.hash)
@@ -54,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         extra.get("model", "ranker"): pred.probs,
     }
     results = evaluate_predictions(log, pred.rows, pred.requests, preds)
-    print(format_results(results, log.actions))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    positives = dict(zip(log.actions, log.labels[pred.rows].sum(0).tolist(), strict=True))
+    print(format_results(results, log.actions, positives))
     write_json_atomic(out, {"results": results, "eval_impressions": len(pred.rows),
                             "checkpoint": str(args.checkpoint)})  # fmt: skip
     print(f"wrote {out}")

@@ -50,11 +50,15 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
         resolved = {"command": args.command, "data": args.data or "kuairand sample",
                     "split": asdict(split), "examples": asdict(examples),
                     "train": asdict(train_cfg), "hash": spec.hash_config.to_dict(),
-                    "transformer": asdict(spec.transformer), "device": args.device}  # fmt: skip
+                    "transformer": asdict(spec.transformer), "device": args.device,
+                    "dropout": spec.dropout, "side_features": spec.side_features,
+                    "rate_features": spec.rate_features, "seeds": args.seeds}  # fmt: skip
         write_json_atomic(out / "config.json", resolved)
+        seeds = tuple(range(args.seed, args.seed + args.seeds))
         res = experiment.run(log, split, spec, examples, train_cfg, out,
                              with_full_table=with_full_table, also=also, resume=resume,
-                             device=args.device, say=lambda m: print(m, flush=True))  # fmt: skip
+                             device=args.device, say=lambda m: print(m, flush=True),
+                             seeds=seeds)  # fmt: skip
     common.print_experiment(res)
     print(f"wrote {out}/metrics.json, results.md, results.png, checkpoint.safetensors")
 

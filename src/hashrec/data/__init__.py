@@ -1,6 +1,7 @@
 """Layer 5: interaction logs -> time-ordered requests -> hashed batches."""
 
 from hashrec.data.collate import LabelledBatch, RowHashes, batches, collision_free_config
+from hashrec.data.features import SideColumns
 from hashrec.data.io import load_kuairand, load_log, read_columns, sorted_lookup
 from hashrec.data.requests import ExampleConfig, Requests, build_requests
 from hashrec.data.schema import KUAIRAND_SCHEMA, InteractionLog, LogSchema
@@ -13,6 +14,7 @@ __all__ = [
     "LogSchema",
     "Requests",
     "RowHashes",
+    "SideColumns",
     "batches",
     "build_requests",
     "collision_free_config",

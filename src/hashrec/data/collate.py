@@ -13,6 +13,7 @@ from hashrec.data.requests import Requests
 from hashrec.data.schema import InteractionLog
 from hashrec.hashing.config import EntityHash, HashConfig
 from hashrec.nn.batch import BATCH_FIELDS, RecsysBatch
+from hashrec.nn.side import SideBatch
 
 __all__ = ["LabelledBatch", "RowHashes", "batches", "collision_free_config", "dense_ids"]
 
@@ -27,6 +28,9 @@ def collision_free_config(log: InteractionLog, reserved_rows: int = 64) -> tuple
         "post": np.unique(log.post),
         "author": np.unique(log.author),
     }
+    if log.side.num_fields:  # categorical side values: one row each too
+        values = np.unique(np.concatenate([log.side.user_cat.ravel(), log.side.post_cat.ravel()]))
+        vocab["feature"] = values[values != 0]
     ents = tuple(EntityHash(name, 1, len(v) + 1, "identity") for name, v in vocab.items())
     return HashConfig(entities=ents, reserved_rows=reserved_rows), vocab
 
@@ -40,7 +44,9 @@ def dense_ids(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 class RowHashes:
-    """Fused-table rows of every log row's user, post and author, hashed once."""
+    """Fused-table rows of every log row's user, post and author, hashed once; and of its
+    categorical side values (``user_features`` [n, Fu, K], ``post_features`` [n, Fp, K]) when
+    the config has a ``feature`` entity."""
 
     def __init__(self, log: InteractionLog, config: HashConfig, vocab: dict | None = None):
         def ids(entity: str, raw: np.ndarray) -> np.ndarray:
@@ -50,6 +56,14 @@ class RowHashes:
         self.user = config.rows("user", ids("user", log.user))
         self.post = config.rows("post", ids("post", log.post))
         self.author = config.rows("author", ids("author", log.author))
+        n = len(log)
+        has = "feature" in [e.name for e in config.entities] and log.side.num_fields > 0
+        K = config["feature"].num_hashes if has else 1
+        self.user_features = np.zeros((n, log.side.user_cat.shape[1], K), np.int64)
+        self.post_features = np.zeros((n, log.side.post_cat.shape[1], K), np.int64)
+        if has:
+            self.user_features = config.rows("feature", ids("feature", log.side.user_cat))
+            self.post_features = config.rows("feature", ids("feature", log.side.post_cat))
 
 
 def _gather(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -65,7 +79,7 @@ class LabelledBatch:
 
     labels [B, C, A] float 0/1; label_mask [B, C, A] bool (False: no loss); continuous
     [B, C, Ac] float; candidate_rows [B, C] int64 numpy, the log row of each candidate (-1 for
-    padding and sampled negatives).
+    padding and sampled negatives); side: the side features, when the log has any.
     """
 
     batch: RecsysBatch
@@ -73,12 +87,14 @@ class LabelledBatch:
     label_mask: torch.Tensor
     continuous: torch.Tensor
     candidate_rows: np.ndarray
+    side: SideBatch | None = None
 
     def to(self, device: torch.device | str) -> LabelledBatch:
         """Tensors moved to ``device`` (the rows stay in numpy on the host)."""
         return LabelledBatch(self.batch.to(device), self.labels.to(device),
                              self.label_mask.to(device), self.continuous.to(device),
-                             self.candidate_rows)  # fmt: skip
+                             self.candidate_rows,
+                             self.side.to(device) if self.side is not None else None)  # fmt: skip
 
 
 def batches(
@@ -118,5 +134,17 @@ def batches(
         cont = _gather(log.continuous, cand)
         cont[is_neg] = 0.0
         rows = np.where(is_neg, -1, cand)
+        side = None
+        if log.side.any:
+            t = torch.from_numpy
+            sd = log.side
+            side = SideBatch(
+                user_feature_rows=t(hashes.user_features[r.user_row]),
+                user_numeric=t(sd.user_num[r.user_row]),
+                history_signals=t(_gather(sd.signals, r.history)),
+                candidate_feature_rows=t(_gather(hashes.post_features, cand)),
+                candidate_numeric=t(_gather(sd.post_num, cand)),
+            )
         yield LabelledBatch(batch, torch.from_numpy(labels).float(),
-                            torch.from_numpy(label_mask), torch.from_numpy(cont), rows)  # fmt: skip
+                            torch.from_numpy(label_mask), torch.from_numpy(cont), rows,
+                            side)  # fmt: skip

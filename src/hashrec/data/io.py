@@ -9,10 +9,12 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import numpy as np
 
+from hashrec.data.features import SideColumns, read_side_table
 from hashrec.data.schema import KUAIRAND_SCHEMA, InteractionLog, LogSchema
 
 __all__ = [
@@ -230,8 +232,9 @@ def _post_authors(path: str, posts: np.ndarray, authors: np.ndarray, post_col: s
 def _read_log_file(path: str, schema: LogSchema, authors_known: bool,
                    extra: tuple[str, ...]) -> dict[str, np.ndarray]:  # fmt: skip
     """One log file's columns, IDs and times checked and converted; row numbers are the file's."""
-    ids = [schema.user, schema.post] + ([] if authors_known else [schema.author])
-    cols = [*ids, schema.time, *(c for _, c in schema.actions)]
+    ids = [schema.user, schema.post] + ([] if authors_known or not schema.author
+                                        else [schema.author])  # fmt: skip
+    cols = [*ids, schema.time, *(c for _, c, _, _ in schema.label_rules())]
     cols += [c for _, c, _ in schema.continuous] + list(extra)
     if schema.surface:
         cols.append(schema.surface)
@@ -262,6 +265,11 @@ def _read_log_file(path: str, schema: LogSchema, authors_known: bool,
     return data
 
 
+_OPS = {
+    ">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less, "==": np.equal,
+}  # fmt: skip
+
+
 def _column_names(path: str) -> list[str]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -278,6 +286,7 @@ def load_log(
     authors: str | None = None,
     extra: tuple[str, ...] = (),
     say: Callable[[str], None] | None = None,
+    users: str | None = None,
 ) -> InteractionLog:
     """Read an interaction log through ``schema``; ``authors`` is a table (post -> author).
 
@@ -286,7 +295,14 @@ def load_log(
     count. Every ID, time, date and label is checked (see ``id_column``); rows come sorted by
     (time, user) with ties in a canonical order, so the result never depends on the input's row
     order.
+
+    ``authors`` is a table keyed by post: its author and the post's side features; ``users``
+    a table keyed by user with the user's side features. Side-feature columns come from those
+    tables when they have them, else from the log; a declared column found nowhere is skipped
+    (side features are optional). An action may be a threshold rule (``"rating >= 4"``); a
+    schema with ``author`` None gives every row author 0 (no author tokens).
     """
+    rules = schema.label_rules()
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     if not paths:
         raise ValueError("load_log: no log file given")
@@ -310,7 +326,9 @@ def load_log(
     data = {c: np.concatenate([d[c] for d in parts]) for c in parts[0]}
     where = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more)"
     post = data[schema.post]
-    if authors is not None:
+    if not schema.author:
+        author = np.zeros_like(post)
+    elif authors is not None:
         table = read_columns(authors, [schema.post, schema.author], kinds="iufOUS")
         keys, vals = _post_authors(
             authors,
@@ -329,11 +347,17 @@ def load_log(
     else:
         author = data[schema.author]
         _post_authors(where, post, author, schema.post, schema.author)
-    labels = np.stack([data[c] for _, c in schema.actions], axis=1)
-    bad = ~np.isin(labels, (0, 1))
-    if bad.any():
-        col = schema.actions[int(np.nonzero(bad.any(0))[0][0])][1]
-        raise ValueError(f"{where}: action column {col} holds values other than 0/1")
+    labels = np.zeros((len(post), len(rules)), np.uint8)
+    for a, (_, col, op, threshold) in enumerate(rules):
+        if op is None:
+            if not np.isin(data[col], (0, 1)).all():
+                raise ValueError(
+                    f"{where}: action column {col} holds values other than 0/1 (give a rule "
+                    f"such as '{col} >= 4' to threshold it)"
+                )
+            labels[:, a] = data[col]
+        else:
+            labels[:, a] = _OPS[op](data[col], threshold)
     time = data[schema.time]
     day = data[schema.date] if schema.date else _days_from_time(time)
     cont = (
@@ -353,12 +377,132 @@ def load_log(
         day=day,
         labels=labels.astype(np.uint8),
         continuous=cont,
-        actions=tuple(a for a, _ in schema.actions),
+        actions=tuple(a for a, *_ in rules),
         negative_actions=schema.negative_actions,
         continuous_actions=tuple(a for a, _, _ in schema.continuous),
         extra={c: data[c].astype(np.float64) for c in extra},
+        side=_side_columns(paths, schema, data, time, authors, users)
+        if schema.has_side_features
+        else None,
     )
     return log.take(canonical_order(log))
+
+
+def _side_columns(
+    paths: list[str],
+    schema: LogSchema,
+    data: dict[str, np.ndarray],
+    time: np.ndarray,
+    posts: str | None,
+    users: str | None,
+) -> SideColumns:
+    """Side features of every log row, from the side tables or the log files (see
+    ``load_log``); side-table keys go through the same ID checks and offset as the log's."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    path = paths[0]
+    signal_cols = [c for _, num, den in schema.history_signals for c in (num, den) if c]
+    post = data[schema.post]
+    n = len(post)
+
+    def keyed(table: str, key: str, cat: tuple, num: tuple):
+        keys, cats, nums = read_side_table(table, key, cat, num)
+        keys = id_column(table, key, keys, schema.id_offset)
+        order = np.argsort(keys, kind="stable")
+        return keys[order], {k: v[order] for k, v in cats.items()}, {
+            k: v[order] for k, v in nums.items()}  # fmt: skip
+
+    p_num = (*schema.post_numeric, *((schema.post_time,) if schema.post_time else ()))
+    pc, pn, uc, un = {}, {}, {}, {}
+    for table, key_col, raw, cat, num, c_out, n_out in (
+        (posts, schema.post, post, schema.post_categorical, p_num, pc, pn),
+        (users, schema.user, data[schema.user], schema.user_categorical,
+         schema.user_numeric, uc, un),
+    ):  # fmt: skip
+        if table is None:
+            continue
+        keys, cats, nums = keyed(table, key_col, cat, num)
+        pos, found = sorted_lookup(keys, raw)
+        for k, v in cats.items():
+            c_out[k] = np.where(found, v[pos], 0)
+        for k, v in nums.items():
+            n_out[k] = np.where(found, v[pos], np.nan)
+    names = set(_column_names(path))
+    want_cat = [c for c in (*schema.post_categorical, *schema.user_categorical)
+                if c in names and c not in pc and c not in uc]  # fmt: skip
+    want_num = [c for c in (*p_num, *schema.user_numeric) if c in names and c not in pn
+                and c not in un]  # fmt: skip
+    from_posts = [c for c in signal_cols if c not in names]  # e.g. a duration of the post
+    sig_posts = {}
+    if from_posts and posts is not None:
+        keys, _, found_nums = keyed(posts, schema.post, (), tuple(from_posts))
+        pos, found = sorted_lookup(keys, post)
+        sig_posts = {k: np.where(found, v[pos], np.nan) for k, v in found_nums.items()}
+    missing = [c for c in from_posts if c not in sig_posts]
+    if missing:
+        raise ValueError(
+            f"{path}: history_signals name columns {missing} found neither in the log nor in "
+            "the post table"
+        )
+    log_signals = [c for c in signal_cols if c in names]
+    if want_cat or want_num or log_signals:
+        cols = list(dict.fromkeys([*want_cat, *want_num, *log_signals]))
+        table = pa.concat_tables(
+            [pq.read_table(p, columns=cols) if p.endswith(".parquet")
+             else pacsv.read_csv(p, convert_options=_include(cols)) for p in paths],
+            promote_options="permissive",
+        )  # fmt: skip
+        _, cats, nums = read_side_table(path, None, tuple(want_cat),
+                                        tuple(dict.fromkeys([*want_num, *log_signals])),
+                                        table=table)  # fmt: skip
+        for k, v in cats.items():
+            (pc if k in schema.post_categorical else uc)[k] = v
+        for k, v in nums.items():
+            if k in want_num:
+                (pn if k in p_num else un)[k] = v
+    else:
+        nums = {}
+    nums = {**nums, **sig_posts}
+    if schema.post_time and schema.post_time in pn:  # the post's age at the impression, days
+        created = pn.pop(schema.post_time)
+        if schema.time_unit == "s" and not _is_date_column(path, posts, schema.post_time):
+            created = created * 1000
+        pn["post_age_days"] = np.maximum(time - created, 0) / 86_400_000
+    signals = {}
+    for name, num, den in schema.history_signals:
+        x = np.maximum(np.nan_to_num(nums[num]), 0)
+        if den:
+            x = x / np.maximum(np.nan_to_num(nums[den]), 1)
+        signals[name] = np.log1p(x)
+    order = lambda d, decl: {k: d[k] for k in decl if k in d}  # noqa: E731 - declared order
+    return SideColumns.build(
+        order(uc, schema.user_categorical), order(pc, schema.post_categorical),
+        order(un, schema.user_numeric), order(pn, (*schema.post_numeric, "post_age_days")),
+        signals, n,
+    )  # fmt: skip
+
+
+def _include(cols: list[str]):
+    import pyarrow.csv as pacsv
+
+    return pacsv.ConvertOptions(include_columns=cols)
+
+
+def _is_date_column(path: str, posts: str | None, column: str) -> bool:
+    """Whether the post-time column holds date strings (already epoch ms once read)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    src = posts or path
+    if src.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        t = pq.read_schema(src).field(column).type
+    else:
+        t = pacsv.open_csv(src).schema.field(column).type
+    return pa.types.is_string(t) or pa.types.is_date(t) or pa.types.is_timestamp(t)
 
 
 def canonical_order(log: InteractionLog) -> np.ndarray:
@@ -370,11 +514,14 @@ def canonical_order(log: InteractionLog) -> np.ndarray:
     return np.lexsort(keys)
 
 
-def _find(folder: str, pattern: str) -> list[str]:
-    """Every file matching ``pattern`` .csv / .csv.gz / .parquet; one stem in two forms refused."""
+def _find(folder: str, pattern: str, required: bool = True) -> list[str]:
+    """Every file matching ``pattern`` .csv / .csv.gz / .parquet; one stem in two forms refused.
+    None found: an error, or [] when not ``required``."""
     hits = []
     for ext in (".csv", ".csv.gz", ".parquet"):
         hits += sorted(glob.glob(os.path.join(folder, pattern + ext)))
+    if not hits and not required:
+        return []
     if not hits:
         raise FileNotFoundError(f"{folder}: no file matching {pattern}.csv[.gz] (KuaiRand layout)")
     stems: dict[str, str] = {}
@@ -390,17 +537,29 @@ def _find(folder: str, pattern: str) -> list[str]:
 
 
 def load_kuairand(
-    folder: str, with_random: bool = False, say: Callable[[str], None] | None = None
+    folder: str,
+    with_random: bool = False,
+    say: Callable[[str], None] | None = None,
+    side_features: bool = True,
 ) -> InteractionLog:
     """KuaiRand: every ``log_standard_*`` file (the official KuaiRand-Pure download ships two,
     4_08_to_4_21 and 4_22_to_5_08), plus ``log_random_*`` (randomly exposed videos) only when
-    ``with_random``; joined with ``video_features_basic*`` for authors. Keeps ``duration_ms``
-    for the baselines. ``say`` hears each file's row count. License: CC BY-SA 4.0 (Gao et al.
-    2022)."""
+    ``with_random``; joined with ``video_features_basic*`` for authors and video features, and
+    ``user_features*`` for user features when present (the side features of
+    ``KUAIRAND_SCHEMA``; ``side_features=False`` reads none). Keeps ``duration_ms`` for the
+    baselines. ``say`` hears each file's row count. License: CC BY-SA 4.0 (Gao et al. 2022)."""
     logs = _find(folder, "log_standard_*")
     if with_random:
         logs += _find(folder, "log_random_*")
     videos = _find(folder, "video_features_basic*")
     if len(videos) > 1:
         raise ValueError(f"{folder}: several video feature tables {videos}: keep one")
-    return load_log(logs, KUAIRAND_SCHEMA, authors=videos[0], extra=("duration_ms",), say=say)
+    schema, users = KUAIRAND_SCHEMA, None
+    if side_features:
+        found = _find(folder, "user_features*", required=False)
+        users = found[0] if found else None
+    else:
+        schema = replace(schema, user_categorical=(), user_numeric=(), post_categorical=(),
+                         post_numeric=(), post_time=None, history_signals=())  # fmt: skip
+    return load_log(logs, schema, authors=videos[0], extra=("duration_ms",), say=say,
+                    users=users)  # fmt: skip

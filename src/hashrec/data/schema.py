@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from hashrec.data.features import SideColumns
 
 __all__ = ["KUAIRAND_SCHEMA", "InteractionLog", "LogSchema"]
 
 
 @dataclass(frozen=True)
 class LogSchema:
-    """Which column holds what. ``actions`` maps action name -> 0/1 label column.
+    """Which column holds what. ``actions`` maps action name -> 0/1 label column, or to a
+    threshold rule on a numeric column (``"rating >= 4"``; operators >=, >, <=, <, ==).
 
-    ``author`` may live in a separate table joined on ``post`` (``load_log(authors=...)``).
+    ``author`` may live in a separate table joined on ``post`` (``load_log(authors=...)``), or be
+    ``None``: a log without authors trains without author tokens.
     ``date`` (yyyymmdd integers) is optional; without it days come from ``time`` in UTC.
     ``continuous`` maps a continuous action to a column, modelled as log1p(value / scale).
     ``id_offset`` is added to every user/post/author ID, so that a real ID 0 (KuaiRand has one)
     does not become padding.
+
+    Side features (all optional; see ``hashrec.data.features``): ``user_categorical`` /
+    ``post_categorical`` columns are hashed into the fused table's ``feature`` block and
+    reduced into the user / post tokens; ``user_numeric`` / ``post_numeric`` columns are
+    log-scaled (and bucketised into extra categorical values); ``post_time`` (the post's
+    creation time: a date string or a timestamp in ``time_unit``) gives the post's age at each
+    impression; ``history_signals`` (name, column, denominator column or "") are continuous
+    signals of history events, log1p(column / denominator), e.g. play time / duration. Side
+    columns come from the log, or from the ``posts=`` / ``users=`` tables of ``load_log``.
+
+    >>> LogSchema(actions={"like": "rating >= 4"}, author=None).label_rules()
+    (('like', 'rating', '>=', 4.0),)
     """
 
     user: str = "user_id"
     post: str = "post_id"
-    author: str = "author_id"
+    author: str | None = "author_id"
     surface: str | None = None
     time: str = "time_ms"
     time_unit: str = "ms"
@@ -31,13 +48,33 @@ class LogSchema:
     negative_actions: tuple[str, ...] = ()
     continuous: tuple[tuple[str, str, float], ...] = ()
     id_offset: int = 0
+    user_categorical: tuple[str, ...] = ()
+    user_numeric: tuple[str, ...] = ()
+    post_categorical: tuple[str, ...] = ()
+    post_numeric: tuple[str, ...] = ()
+    post_time: str | None = None
+    history_signals: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("user", "post", "author", "time", "time_unit"):
+        if isinstance(self.actions, dict):
+            object.__setattr__(self, "actions", tuple(self.actions.items()))
+        for name in ("user_categorical", "user_numeric", "post_categorical", "post_numeric"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"{name} must be a list of column names, got the string {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        signals = tuple(tuple(s) + ("",) * (3 - len(s)) for s in self.history_signals)
+        if any(len(s) != 3 for s in signals):
+            raise ValueError(
+                f"history_signals entries are (name, column, denominator), got {signals}"
+            )
+        object.__setattr__(self, "history_signals", signals)
+        self.label_rules()  # a malformed rule fails here, at the boundary
+        for name in ("user", "post", "time", "time_unit"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"schema field {name!r} must be a column name (a non-empty "
                                  f"string), got {getattr(self, name)!r}")  # fmt: skip
-        for name in ("surface", "date"):
+        for name in ("author", "surface", "date"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"schema field {name!r} must be a column name or null, got "
                                  f"{getattr(self, name)!r}")  # fmt: skip
@@ -84,12 +121,40 @@ class LogSchema:
                 if isinstance(d["negative_actions"], str):
                     raise TypeError("a list of action names")
                 d["negative_actions"] = tuple(d["negative_actions"])
+            if "history_signals" in d:
+                d["history_signals"] = tuple(tuple(x) for x in d["history_signals"])
         except TypeError as e:
             raise ValueError(f"schema: bad actions/continuous/negative_actions ({e})") from e
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown schema fields {sorted(unknown)}")
         return cls(**d)
+
+    def label_rules(self) -> tuple[tuple[str, str, str | None, float | None], ...]:
+        """(action, column, operator, threshold) per action; operator None = a 0/1 column."""
+        rules = []
+        for action, spec in self.actions:
+            m = _RULE.match(spec)
+            if m is None:
+                if not spec or any(op in spec for op in ("<", ">", "=")):
+                    raise ValueError(
+                        f"action {action!r}: expected a column name or a rule like "
+                        f"'rating >= 4', got {spec!r}"
+                    )
+                rules.append((action, spec, None, None))
+            else:
+                rules.append((action, m.group(1), m.group(2), float(m.group(3))))
+        return tuple(rules)
+
+    @property
+    def has_side_features(self) -> bool:
+        return bool(self.user_categorical or self.user_numeric or self.post_categorical
+                    or self.post_numeric or self.post_time or self.history_signals)  # fmt: skip
+
+
+_RULE = re.compile(
+    r"^\s*([^<>=\s]+)\s*(>=|<=|==|>|<)\s*(-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$"
+)
 
 
 # KuaiRand-Pure (Gao et al., CIKM 2022): the official column names.
@@ -113,7 +178,20 @@ KUAIRAND_SCHEMA = LogSchema(
     negative_actions=("hate",),
     continuous=(("dwell_time", "play_time_ms", 1000.0),),
     id_offset=1,
-)
+    # side features (Gao et al. 2022, video_features_basic / user_features): used when present
+    post_categorical=("video_type", "upload_type", "music_type", "music_id", "tag"),
+    post_numeric=("duration_ms",),
+    post_time="upload_dt",
+    user_categorical=(
+        "user_active_degree", "is_lowactive_period", "is_live_streamer", "is_video_author",
+        "follow_user_num_range", "fans_user_num_range", "friend_user_num_range",
+        "register_days_range", *(f"onehot_feat{i}" for i in range(18)),
+    ),
+    user_numeric=("follow_user_num", "fans_user_num", "friend_user_num", "register_days"),
+    history_signals=(
+        ("play_ratio", "play_time_ms", "duration_ms"), ("play_time", "play_time_ms", ""),
+    ),
+)  # fmt: skip
 
 
 @dataclass
@@ -132,6 +210,11 @@ class InteractionLog:
     negative_actions: tuple[str, ...] = ()
     continuous_actions: tuple[str, ...] = ()
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. duration for baselines
+    side: SideColumns | None = None  # side features (``hashrec.data.features``)
+
+    def __post_init__(self) -> None:
+        if self.side is None:
+            self.side = SideColumns.empty(len(self.user))
 
     def __len__(self) -> int:
         return len(self.user)
@@ -142,7 +225,7 @@ class InteractionLog:
             self.user[idx], self.post[idx], self.author[idx], self.surface[idx], self.time[idx],
             self.day[idx], self.labels[idx], self.continuous[idx], self.actions,
             self.negative_actions, self.continuous_actions,
-            {k: v[idx] for k, v in self.extra.items()},
+            {k: v[idx] for k, v in self.extra.items()}, self.side.take(idx),
         )  # fmt: skip
 
     def days(self, start: int | None = None, end: int | None = None) -> np.ndarray:

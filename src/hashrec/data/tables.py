@@ -17,10 +17,19 @@ from hashrec.data.schema import InteractionLog
 from hashrec.hashing.config import EntityHash, HashConfig
 from hashrec.hashing.layouts import LAYOUTS
 
-__all__ = ["TABLE_SCHEMES", "frequency_map", "row_bytes", "table_config"]
+__all__ = [
+    "ENTITY_WEIGHTS",
+    "TABLE_SCHEMES",
+    "entity_budgets",
+    "frequency_map",
+    "row_bytes",
+    "table_config",
+]
 
 ENTITIES = ("user", "post", "author")
 TABLE_SCHEMES: tuple[str, ...] = LAYOUTS
+# default row sharing between entities (--entity-weights): rows per distinct ID, relative
+ENTITY_WEIGHTS: dict[str, float] = {"user": 1.0, "post": 4.0, "author": 2.0, "feature": 2.0}
 HEAD_SHARE = 0.5  # hybrid: share of an entity's budget spent on private rows (fixed, not tuned)
 WEIGHT_SHARE = 0.25  # weighted: share of the budget spent on importance-weight rows
 
@@ -70,6 +79,38 @@ def _with(base: EntityHash, **changes) -> EntityHash:
     return replace(base, **changes)
 
 
+def entity_budgets(
+    log: InteractionLog, fraction: float, weights: dict[str, float] | None = None
+) -> dict[str, int]:
+    """Rows per entity block (user, post, author, and ``feature`` when the log has categorical
+    side values).
+
+    Without ``weights``: ``fraction`` x the entity's distinct IDs. With ``weights`` (entity ->
+    weight; missing ones 1): the whole table, reserved rows included, holds at most ``fraction``
+    of the collision-free table's rows (on a tiny log where the reserved rows alone would fill
+    that, half of ``fraction`` x the IDs), shared out so that a block is proportional to
+    weight x its distinct IDs (posts decide within-user ranking, so they get more rows per ID
+    than users, whose history speaks for them).
+    """
+    ids = {name: len(np.unique(getattr(log, name))) for name in ENTITIES}
+    values = np.unique(np.concatenate([log.side.user_cat.ravel(), log.side.post_cat.ravel()]))
+    if (values != 0).any():
+        ids["feature"] = int((values != 0).sum())
+    if weights is None:
+        return {e: max(2, math.ceil(fraction * n)) for e, n in ids.items()}
+    unknown = set(weights) - set(ENTITY_WEIGHTS)
+    if unknown:
+        raise ValueError(f"weights names {sorted(unknown)}; entities: {list(ENTITY_WEIGHTS)}")
+    reserved = HashConfig().reserved_rows + 1
+    n_ids = sum(ids.values())
+    budget = fraction * (n_ids + reserved) - reserved - len(ids)
+    # a tiny log, where the reserved rows alone fill the share: keep half the per-ID share
+    # rather than blocks of 2 rows in which every ID collides
+    budget = max(budget, 0.5 * fraction * n_ids)
+    scale = budget / sum(weights.get(e, 1.0) * n for e, n in ids.items())
+    return {e: max(2, int(max(0.0, scale * weights.get(e, 1.0)) * n) + 1) for e, n in ids.items()}
+
+
 def table_config(
     log: InteractionLog,
     train_mask: np.ndarray,
@@ -79,13 +120,16 @@ def table_config(
     dim: int = 32,
     hash_scheme: str = "default",
     seed: int = 1,
+    weights: dict[str, float] | None = None,
 ) -> HashConfig:
-    """A ``HashConfig`` of ``scheme`` whose every entity block costs ``fraction`` x the bytes of
-    a one-row-per-ID table (distinct IDs of the whole log, as ``collision_free_config``).
+    """A ``HashConfig`` of ``scheme`` whose entity blocks cost ``entity_budgets`` rows' worth of
+    bytes (without ``weights``: ``fraction`` x the bytes of a one-row-per-ID table each).
 
-    ``multihash``: k hashes into ``fraction x n`` rows (Phoenix). ``hybrid``: half the bytes
-    buy private rows for the most frequent training IDs, the rest a k-hashed tail. ``qr``: half
-    remainder rows, half quotient rows. ``weighted``: a quarter importance-weight rows.
+    ``multihash``: k hashes into the budget's rows (Phoenix). ``hybrid``: half the bytes buy
+    private rows for the most frequent training IDs, the rest a k-hashed tail. ``qr``: half
+    remainder rows, half quotient rows. ``weighted``: a quarter importance-weight rows. The
+    log's categorical side values get a ``feature`` block (plain multi-hash, the default hash:
+    X publishes no constants for it).
     """
     if scheme not in TABLE_SCHEMES:
         raise ValueError(f"table scheme must be one of {TABLE_SCHEMES}, got {scheme!r}")
@@ -94,10 +138,12 @@ def table_config(
     if len(train_mask) != len(log.user):
         raise ValueError(f"train_mask has {len(train_mask)} rows, the log {len(log.user)}")
     rb = row_bytes(dim)
-    ents = []
-    for name in ENTITIES:
-        ids = getattr(log, name)
-        budget = max(2, math.ceil(fraction * len(np.unique(ids))))
-        ents.append(_entity(name, scheme, budget, num_hashes, hash_scheme, seed,
-                            ids[train_mask], rb))  # fmt: skip
+    budgets = entity_budgets(log, fraction, weights)
+    ents = [
+        _entity(name, scheme, budgets[name], num_hashes, hash_scheme, seed,
+                getattr(log, name)[train_mask], rb)
+        for name in ENTITIES
+    ]  # fmt: skip
+    if "feature" in budgets:
+        ents.append(EntityHash("feature", num_hashes, budgets["feature"], "default", seed=4))
     return HashConfig(entities=tuple(ents))

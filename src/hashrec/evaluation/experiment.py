@@ -7,10 +7,9 @@ baseline is scored on the same evaluation impressions in the same run.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,24 @@ from hashrec.data import (
     ExampleConfig,
     InteractionLog,
     RowHashes,
+    SideColumns,
     build_requests,
     collision_free_config,
 )
-from hashrec.evaluation.baselines import LogisticBaseline, popularity
+from hashrec.data.tables import ENTITY_WEIGHTS, table_config
+from hashrec.evaluation.baselines import (
+    GBDTBaseline,
+    LogisticBaseline,
+    _logit,
+    gbdt_available,
+    popularity,
+    smoothed_rates,
+)
 from hashrec.evaluation.metrics import auc, calibration, gauc, ndcg_at_k
 from hashrec.files import write_json_atomic, write_text_atomic
 from hashrec.hashing.config import HashConfig
 from hashrec.models.ranker import PhoenixRanker, RankerConfig
+from hashrec.nn.side import SideConfig
 from hashrec.nn.table import MemoryReport
 from hashrec.nn.transformer import TransformerConfig
 from hashrec.training.checkpoint import read_checkpoint_metadata
@@ -41,6 +50,7 @@ from hashrec.training.trainer import (
 )
 
 __all__ = [
+    "ENTITY_WEIGHTS",
     "ExperimentResult",
     "ModelRun",
     "ModelSpec",
@@ -55,6 +65,9 @@ __all__ = [
     "run",
     "run_model",
     "run_record",
+    "side_config",
+    "validation_split",
+    "with_rate_features",
 ]
 
 
@@ -94,27 +107,47 @@ class ModelSpec:
     transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(
         dim=32, num_layers=2, num_q_heads=2, num_kv_heads=1, widening_factor=2.0))  # fmt: skip
     vocab: dict | None = None  # set for the collision-free table
+    dropout: float = 0.0
+    side_features: bool = True  # use the log's side features (when it has any)
+    rate_features: bool = False  # add time-respecting smoothed rates (``with_rate_features``)
 
 
 def hashed_config(
-    log: InteractionLog, table_fraction: float, num_hashes: int, scheme: str = "default"
+    log: InteractionLog,
+    table_fraction: float,
+    num_hashes: int,
+    scheme: str = "default",
+    weights: dict[str, float] | None = None,
 ) -> HashConfig:
-    """N per entity = ``table_fraction`` x distinct IDs (k hashes share that block)."""
-    sizes = {
-        name: max(2, math.ceil(table_fraction * len(np.unique(getattr(log, name)))))
-        for name in ("user", "post", "author")
-    }
-    return HashConfig.sized(sizes, num_hashes, scheme, seed=1)
+    """Plain Phoenix multi-hash for ``log`` (``hashrec.data.tables.table_config`` with
+    ``multihash``): blocks sized by ``entity_budgets``, a ``feature`` block for categorical
+    side values."""
+    every_row = np.ones(len(log.user), dtype=bool)
+    return table_config(log, every_row, "multihash", table_fraction, num_hashes,
+                        hash_scheme=scheme, weights=weights)  # fmt: skip
 
 
 def collision_free_spec(
-    log: InteractionLog, transformer: TransformerConfig | None = None
+    log: InteractionLog, transformer: TransformerConfig | None = None, dropout: float = 0.0
 ) -> ModelSpec:
     cfg, vocab = collision_free_config(log)
-    spec = ModelSpec("full table", cfg, vocab=vocab)
+    spec = ModelSpec("full table", cfg, vocab=vocab, dropout=dropout)
     if transformer is not None:
         spec.transformer = transformer
     return spec
+
+
+def side_config(log: InteractionLog, hash_config: HashConfig) -> SideConfig:
+    """The ``SideConfig`` of a log's side features (categorical ones need a feature block)."""
+    sd = log.side
+    has_block = "feature" in [e.name for e in hash_config.entities]
+    return SideConfig(
+        user_fields=sd.user_cat.shape[1] if has_block else 0,
+        post_fields=sd.post_cat.shape[1] if has_block else 0,
+        user_numeric=sd.user_num.shape[1],
+        post_numeric=sd.post_num.shape[1],
+        history_signals=sd.signals.shape[1],
+    )
 
 
 def ranker_config(log: InteractionLog, spec: ModelSpec) -> RankerConfig:
@@ -125,6 +158,8 @@ def ranker_config(log: InteractionLog, spec: ModelSpec) -> RankerConfig:
         transformer=spec.transformer,
         actions=log.actions,
         continuous_actions=log.continuous_actions,
+        side=side_config(log, spec.hash_config),
+        dropout=spec.dropout,
     )
     if len(log) and int(log.surface.max()) >= cfg.num_surfaces:
         row = int(np.argmax(log.surface))
@@ -147,10 +182,12 @@ def data_fingerprint(log: InteractionLog, rows: np.ndarray) -> str:
 
 def run_record(log: InteractionLog, split: Split, spec: ModelSpec, examples: ExampleConfig) -> dict:
     """What a run's checkpoint records besides the model and training settings (compared on
-    resume): split, example settings, model name, fingerprint of the training rows."""
+    resume): split, example settings, model name, fingerprint of the training rows, and
+    whether side and rate features were used (``evaluate`` rebuilds the same inputs)."""
     train, _ = split.masks(log)
     return {"split": asdict(split), "examples": asdict(examples), "model": spec.name,
-            "data": data_fingerprint(log, train)}  # fmt: skip
+            "data": data_fingerprint(log, train), "side_features": spec.side_features,
+            "rate_features": spec.rate_features}  # fmt: skip
 
 
 def check_resume(
@@ -195,21 +232,31 @@ def run_model(
     progress: bool = True,
     device: str | None = None,
 ) -> ModelRun:
-    """Train ``spec`` on the training days, predict the evaluation days."""
+    """Train ``spec`` on the training days (less the validation part, see ``TrainConfig``),
+    predict the evaluation days."""
     train, ev = split.masks(log)
+    if not spec.side_features:
+        log = replace(log, side=SideColumns.empty(len(log)))
+    if spec.rate_features:
+        log = with_rate_features(log, train)
     set_seed(train_cfg.seed)
     hashes = RowHashes(log, spec.hash_config, spec.vocab)
-    train_req = build_requests(log, train, examples, negative_pool=np.flatnonzero(train),
+    fit, val = validation_split(log, train, train_cfg)
+    no_neg = ExampleConfig(**{**asdict(examples), "negatives_per_request": 0})
+    train_req = build_requests(log, fit, examples, negative_pool=np.flatnonzero(fit),
                                seed=train_cfg.seed)  # fmt: skip
-    eval_req = build_requests(
-        log, ev, ExampleConfig(**{**asdict(examples), "negatives_per_request": 0})
-    )
+    val_req = build_requests(log, val, no_neg) if val.any() else None
+    eval_req = build_requests(log, ev, no_neg)
     model = PhoenixRanker(ranker_config(log, spec))
     trainer = Trainer(model, train_cfg, run_dir, progress=progress, device=device)
-    trainer.extra = run_record(log, split, spec, examples)
+    trainer.extra = {
+        **run_record(log, split, spec, examples),
+        "side_features": spec.side_features,
+        "rate_features": spec.rate_features,
+    }
     if resume:
         trainer.resume()
-    state = trainer.fit(log, hashes, train_req)
+    state = trainer.fit(log, hashes, train_req, val_req)
     return ModelRun(
         model=model,
         state=state,
@@ -217,6 +264,68 @@ def run_model(
         memory=model.table.memory_report(trainer.table),
         train_examples=int((train_req.candidates >= 0).sum()),
     )
+
+
+def with_rate_features(log: InteractionLog, train: np.ndarray) -> InteractionLog:
+    """``log`` with the logistic baseline's target encodings as numeric side features: smoothed
+    per-user rates of every action (user fields) and per-post and per-author rates (post
+    fields), as standardised logits.
+
+    Time-respecting like the baseline: a row on training day d is encoded from the training
+    rows of days before d, any later row from the training rows only, so no row's own label and
+    no evaluation label reaches a feature.
+    """
+    y = log.labels.astype(np.float64)
+    A = y.shape[1]
+    user, post = np.zeros((len(log), A)), np.zeros((len(log), 2 * A))
+    last = log.day[train].max()
+    for d in np.unique(log.day):
+        rows = np.flatnonzero(log.day == d)
+        hist = train & (log.day < d) if d <= last else train
+        prior = y[hist].mean(0) if hist.any() else np.full(A, 0.5)  # day 1: no past
+
+        def rates(entity: str, rows=rows, hist=hist, prior=prior) -> np.ndarray:
+            ids = getattr(log, entity)
+            return _logit(smoothed_rates(ids[hist], y[hist], ids[rows], prior))
+
+        user[rows] = rates("user")
+        post[rows] = np.concatenate([rates("post"), rates("author")], axis=1)
+
+    def std(x: np.ndarray) -> np.ndarray:
+        return ((x - x.mean(0)) / np.maximum(x.std(0), 1e-6)).astype(np.float32)
+
+    sd = log.side
+    names = dict(sd.names)
+    names["user_num"] = (*names.get("user_num", ()), *(f"user_rate:{a}" for a in log.actions))
+    names["post_num"] = (*names.get("post_num", ()), *(f"post_rate:{a}" for a in log.actions),
+                         *(f"author_rate:{a}" for a in log.actions))  # fmt: skip
+    side = SideColumns(sd.user_cat, sd.post_cat, np.concatenate([sd.user_num, std(user)], 1),
+                       np.concatenate([sd.post_num, std(post)], 1), sd.signals, names)  # fmt: skip
+    return replace(log, side=side)
+
+
+def validation_split(
+    log: InteractionLog, train: np.ndarray, config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, validation rows) of the training rows: the last ``val_fraction`` of them by
+    time, else the last ``val_days`` days; none held out when both are 0."""
+    if config.val_fraction > 0:
+        t = log.time[train]
+        cut = np.quantile(t, 1.0 - config.val_fraction)
+        val = train & (log.time > cut)
+    elif config.val_days > 0:
+        days = np.unique(log.day[train])
+        if len(days) <= config.val_days:
+            raise ValueError(
+                f"val_days={config.val_days} leaves no training day (training has {len(days)})"
+            )
+        val = train & (log.day > days[-config.val_days - 1])
+    else:
+        val = np.zeros_like(train)
+    fit = train & ~val
+    if val.any() and not fit.any():
+        raise ValueError("the validation split leaves no training rows")
+    return fit, val
 
 
 def evaluate_predictions(
@@ -243,12 +352,16 @@ def evaluate_predictions(
 
 
 def baseline_predictions(
-    log: InteractionLog, split: Split, rows: np.ndarray
+    log: InteractionLog, split: Split, rows: np.ndarray, gbdt: bool | None = None
 ) -> dict[str, np.ndarray]:
+    """Popularity, logistic regression and (``gbdt``; default: when LightGBM is installed)
+    LightGBM, fitted on the training days, predicting ``rows``."""
     train, _ = split.masks(log)
     preds = {"popularity": popularity(log, train, rows)}
     if len(np.unique(log.day[train])) >= 2:
         preds["logistic regression"] = LogisticBaseline().fit(log, train).predict(log, train, rows)
+        if gbdt_available() if gbdt is None else gbdt:
+            preds["LightGBM"] = GBDTBaseline().fit(log, train).predict(log, train, rows)
     return preds
 
 
@@ -256,12 +369,13 @@ def baseline_predictions(
 class ExperimentResult:
     """What ``run`` measured: metrics per model and baseline, and facts about the run."""
 
-    results: dict[str, dict]  # model or baseline name -> {"auc": {action: v}, "gauc": ...}
+    results: dict[str, dict]  # name -> {"auc": {action: mean}, "auc_std": ..., "seeds": n, ...}
     models: dict[str, dict]  # trained model name -> throughput and table size
     table: str  # the Markdown results table
     eval_impressions: int
     eval_users: int
     wall_s: float
+    seeds: tuple[int, ...] = (0,)
 
 
 def _slug(name: str) -> str:
@@ -282,49 +396,65 @@ def run(
     device: str | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    seeds: tuple[int, ...] | None = None,
 ) -> ExperimentResult:
-    """Train ``spec`` (then each of ``also``, then the collision-free table), score the
-    baselines, evaluate all of them on the same impressions; write ``metrics.json``,
-    ``results.md`` and ``results.png`` to ``out`` (``spec``'s checkpoint lands there while
-    training, the others' in subfolders)."""
-    from hashrec.evaluation.report import format_results, plot_run
+    """Train ``spec`` (then each of ``also``, then the collision-free table) once per seed,
+    score the baselines,
+    evaluate all of them on the same impressions; write ``metrics.json``, ``results.md`` and
+    ``results.png`` to ``out``. Figures are the mean over ``seeds`` (default: the training
+    seed alone) with their std. The first seed's checkpoint lands in ``out``, the others' in
+    ``out/seed_<s>``."""
+    from hashrec.evaluation.report import aggregate_seeds, format_results, plot_run
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    specs = [spec, *also] + (
-        [collision_free_spec(log, spec.transformer)] if with_full_table else []
-    )
-    preds, losses, info = {}, {}, {}
+    seeds = tuple(seeds) if seeds else (train_cfg.seed,)
+    full = collision_free_spec(log, spec.transformer, spec.dropout)
+    full.side_features = spec.side_features
+    specs = [spec, *also] + ([full] if with_full_table else [])
+    runs: dict[str, list[dict]] = {}
+    losses, info = {}, {}
     rows = reqs = None
-    for sp in specs:
-        say(f"training {sp.name} ...")
-        sub = (
-            out if sp is spec else out / ("full_table" if sp.vocab is not None else _slug(sp.name))
-        )
-        r = run_model(log, split, sp, examples, train_cfg, sub, resume=resume and sp is spec,
-                      progress=progress, device=device)  # fmt: skip
-        if rows is not None and not np.array_equal(rows, r.predictions.rows):
-            raise RuntimeError("models were evaluated on different rows")
-        rows, reqs = r.predictions.rows, r.predictions.requests
-        preds[sp.name], losses[sp.name] = r.predictions.probs, r.state.losses
-        info[sp.name] = {"examples_per_s": r.state.examples_per_s,
-                         "train_examples": r.train_examples,
-                         "table_bytes": r.memory.table_bytes,
-                         "table_rows": r.memory.rows}  # fmt: skip
+    full_rows = collision_free_config(log)[0].num_rows
+    for i, seed in enumerate(seeds):
+        cfg = replace(train_cfg, seed=seed)
+        for sp in specs:
+            say(f"training {sp.name}, seed {seed} ({i + 1}/{len(seeds)}) ...")
+            sub = out if sp is spec else out / ("full_table" if sp is full else _slug(sp.name))
+            sub = sub if i == 0 else sub / f"seed_{seed}"
+            r = run_model(log, split, sp, examples, cfg, sub, resume=resume and sp is spec,
+                          progress=progress, device=device)  # fmt: skip
+            if rows is not None and not np.array_equal(rows, r.predictions.rows):
+                raise RuntimeError("models were evaluated on different rows")
+            rows, reqs = r.predictions.rows, r.predictions.requests
+            m = evaluate_predictions(log, rows, reqs, {sp.name: r.predictions.probs})[sp.name]
+            runs.setdefault(sp.name, []).append(m)
+            if i == 0:
+                losses[sp.name] = r.state.losses
+                info[sp.name] = {"examples_per_s": r.state.examples_per_s,
+                                 "train_examples": r.train_examples,
+                                 "table_bytes": r.memory.table_bytes,
+                                 "table_rows": r.memory.rows,
+                                 "table_share_of_full": r.memory.rows / full_rows,
+                                 "best_epochs": []}  # fmt: skip
+            info[sp.name]["best_epochs"].append(r.state.best_epoch)
     assert rows is not None and reqs is not None
     say("scoring baselines ...")
-    preds = {**baseline_predictions(log, split, rows), **preds}
-    results = evaluate_predictions(log, rows, reqs, preds)
+    base = evaluate_predictions(log, rows, reqs, baseline_predictions(log, split, rows))
+    results = aggregate_seeds({**{k: [v] for k, v in base.items()}, **runs})
+    positives = dict(zip(log.actions, log.labels[rows].sum(0).tolist(), strict=True))
     res = ExperimentResult(
         results=results,
         models=info,
-        table=format_results(results, log.actions),
+        table=format_results(results, log.actions, positives),
         eval_impressions=len(rows),
         eval_users=len(np.unique(log.user[rows])),
         wall_s=time.perf_counter() - t0,
+        seeds=seeds,
     )
     write_json_atomic(out / "metrics.json", {"results": results, "models": info,
+                      "per_seed": runs, "seeds": list(seeds), "positives": positives,
                       "eval_impressions": res.eval_impressions, "wall_s": res.wall_s})  # fmt: skip
     write_text_atomic(out / "results.md", res.table + "\n")
-    plot_run(results, losses, log.actions, out / "results.png")
+    plot_run(results, losses, log.actions, out / "results.png", positives)
     return res

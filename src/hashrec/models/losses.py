@@ -18,6 +18,7 @@ def ranking_loss(
     label_mask: torch.Tensor | None = None,
     continuous_targets: torch.Tensor | None = None,
     continuous_weight: float = 0.1,
+    action_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean BCE over (valid candidate, action) pairs, plus ``continuous_weight`` * mean abs error.
 
@@ -27,6 +28,8 @@ def ranking_loss(
         label_mask: optional [B, C, A] bool; False drops an entry (e.g. negative-feedback
             actions on sampled negatives, which were never shown).
         continuous_targets: [B, C, Ac] for the continuous heads, when the model has them.
+        action_weights: optional [A] weight of each action's BCE (e.g. > 1 for rare actions);
+            the loss stays normalised by the number of valid entries.
 
     >>> mask = torch.tensor([[True, False]])
     >>> out = RankerOutput(torch.zeros(1, 2, 1), torch.zeros(1, 2, 0), mask)
@@ -45,7 +48,15 @@ def ranking_loss(
         mask = mask & label_mask.bool()
     w = mask.float()
     bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
-    loss = (bce * w).sum() / w.sum().clamp(min=1.0)
+    aw = 1.0
+    if action_weights is not None:
+        if action_weights.shape != (logits.shape[-1],):
+            raise ValueError(
+                f"action_weights has shape {list(action_weights.shape)}, expected "
+                f"[{logits.shape[-1]}]"
+            )
+        aw = action_weights.to(bce.device, bce.dtype)
+    loss = (bce * w * aw).sum() / w.sum().clamp(min=1.0)
     Ac = output.continuous.shape[-1]
     if Ac and continuous_targets is not None:
         if continuous_targets.shape != output.continuous.shape:

@@ -23,6 +23,7 @@ from hashrec.nn.blocks import (
     BlockUserReduce,
 )
 from hashrec.nn.layouts import apply_layouts
+from hashrec.nn.side import SideBatch, SideConfig, SideReduce
 from hashrec.nn.table import FusedEmbeddingTable
 from hashrec.nn.transformer import AttentionKernel, Transformer, TransformerConfig
 
@@ -109,7 +110,9 @@ class RankerConfig:
     ``transformer.dim``. ``history_dwell`` adds Phoenix's dwell-time token part (dwell seconds
     clipped to ``dwell_norm_scale``, scaled to [0, 1], 1 -> ``continuous_hidden`` -> D with a
     GELU); ``post_age_granularity_mins`` > 0 adds its candidate post-age embedding.
-    ``RankerConfig.phoenix_mini()`` is X's released mini Phoenix, op for op.
+    ``RankerConfig.phoenix_mini()`` is X's released mini Phoenix, op for op. ``side``: how
+    many side features the model takes (categorical fields hash into the ``feature`` entity of
+    ``hash``). ``dropout``: on the input tokens and on the candidate outputs.
 
     >>> cfg = RankerConfig(actions=("click", "like"), continuous_actions=())
     >>> cfg.num_actions, cfg.dim
@@ -128,8 +131,20 @@ class RankerConfig:
     dwell_norm_scale: float = 30.0
     post_age_granularity_mins: int = 0
     continuous_head: Literal["mlp", "linear"] = "mlp"
+    side: SideConfig = field(default_factory=SideConfig)
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.side, dict):
+            self.side = SideConfig(**self.side)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.side.user_fields or self.side.post_fields:
+            names = [e.name for e in self.hash.entities]
+            if "feature" not in names:
+                raise ValueError(
+                    f"side has categorical fields but hash has no 'feature' entity (it has {names})"
+                )
         self.actions = tuple(self.actions)
         self.continuous_actions = tuple(self.continuous_actions)
         if not self.actions:
@@ -234,6 +249,7 @@ class RankerConfig:
                 **d,
                 "hash": HashConfig.from_dict(d["hash"]),
                 "transformer": TransformerConfig(**d["transformer"]),
+                "side": SideConfig(**d.get("side", {})),
             }
         )
 
@@ -307,6 +323,18 @@ class PhoenixRanker(nn.Module):
                 nn.Linear(config.continuous_hidden, Ac),
                 nn.Softplus(),
             )
+        sc = config.side
+        Kf = h["feature"].num_hashes if (sc.user_fields or sc.post_fields) else 1
+        self.user_side = (SideReduce(sc.user_fields, Kf, sc.user_numeric, D)
+                          if sc.user_fields or sc.user_numeric else None)  # fmt: skip
+        self.post_side = (SideReduce(sc.post_fields, Kf, sc.post_numeric, D)
+                          if sc.post_fields or sc.post_numeric else None)  # fmt: skip
+        self.history_signal_projection = (
+            nn.Parameter(torch.randn(sc.history_signals, D) / sc.history_signals**0.5)
+            if sc.history_signals
+            else None
+        )
+        self.dropout = nn.Dropout(config.dropout)
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every parameter but the hash table (AdamW takes these; RowWiseAdagrad the table)."""
@@ -316,8 +344,14 @@ class PhoenixRanker(nn.Module):
     def device(self) -> torch.device:
         return self.table.weight.device
 
-    def forward(self, batch: RecsysBatch, kernel: AttentionKernel | None = None) -> RankerOutput:
-        """Score every candidate of every request; ``kernel`` overrides the attention kernel.
+    def forward(
+        self,
+        batch: RecsysBatch,
+        kernel: AttentionKernel | None = None,
+        side: SideBatch | None = None,
+    ) -> RankerOutput:
+        """Score every candidate of every request; ``kernel`` overrides the attention kernel;
+        ``side``: the batch's side features (required when ``config.side`` declares any).
 
         The batch is checked against the config from the values it recorded when built (no
         host sync) and moved to the model's device if it is elsewhere; outputs stay there.
@@ -328,6 +362,10 @@ class PhoenixRanker(nn.Module):
         batch.validate(c.hash, num_actions=c.num_actions, num_surfaces=c.num_surfaces)
         if batch.user_hashes.device != self.device:
             batch = batch.to(self.device)
+        if c.side.any and side is None:
+            raise ValueError(f"the model takes side features ({c.side}); pass side=SideBatch")
+        if side is not None and side.user_numeric.device != self.device:
+            side = side.to(self.device)
         emb = apply_layouts(c.hash, batch, self.table.lookup(batch))
         user, user_mask = self.user_reduce(batch.user_hashes, emb.user_embeddings)
         hist, hist_mask = self.history_reduce(
@@ -345,10 +383,13 @@ class PhoenixRanker(nn.Module):
             batch.candidate_product_surface,
             extra=[self._post_age_embedding(batch)] if c.post_age_granularity_mins else (),
         )
-        x = torch.cat([user, hist, cand], dim=1)  # [B, 1+S+C, D]
+        if side is not None and c.side.any:
+            user, hist, cand = self._add_side(side, user, hist, cand)
+        x = self.dropout(torch.cat([user, hist, cand], dim=1))  # [B, 1+S+C, D]
         valid = torch.cat([user_mask, hist_mask, cand_mask], dim=1)  # [B, 1+S+C]
         C = cand.shape[1]
         out = self.transformer(x, valid, num_candidates=C, kernel=kernel)[:, x.shape[1] - C :]
+        out = self.dropout(out)
         logits = out @ self.unembeddings  # [B, C, A]
         if self.continuous_head is not None:
             continuous = self.continuous_head(out)
@@ -382,3 +423,21 @@ class PhoenixRanker(nn.Module):
                 self.config.post_age_granularity_mins,
             )
         return self.post_age_embedding_table(buckets)
+
+    def _add_side(
+        self, side: SideBatch, user: torch.Tensor, hist: torch.Tensor, cand: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Side features added to the user [B, 1, D] (user fields), history [B, S, D] (event
+        signals) and candidate [B, C, D] (post fields) tokens."""
+        B, S, C = user.shape[0], hist.shape[1], cand.shape[1]
+        side.validate(self.config.side, B, S, C)
+        if self.user_side is not None:
+            emb = self.table(side.user_feature_rows)  # [B, Fu, K, D]
+            user = user + self.user_side(emb, side.user_numeric)[:, None]
+        if self.post_side is not None:
+            cand = cand + self.post_side(self.table(side.candidate_feature_rows),
+                                         side.candidate_numeric)  # fmt: skip
+        if self.history_signal_projection is not None:
+            sig = side.history_signals.to(self.history_signal_projection.dtype)
+            hist = hist + sig @ self.history_signal_projection
+        return user, hist, cand

@@ -51,6 +51,8 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
     examples_per_s: float = 0.0
     done: bool = False
+    validation: list[float] = field(default_factory=list)  # score after each epoch
+    best_epoch: int = -1  # epoch (0-based) of the best validation score; -1: none yet
 
     def record_loss(self, loss: float) -> None:
         self.losses.append(loss)
@@ -298,4 +300,5 @@ def load_checkpoint(
         extra=json.loads(meta["extra"]),
         model_class=meta["model_class"],
     )
+    model.eval()  # loaded for inference: dropout off (a Trainer switches to train mode itself)
     return model, info

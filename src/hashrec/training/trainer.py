@@ -36,6 +36,7 @@ __all__ = [
     "predict",
     "resolve_device",
     "set_seed",
+    "validation_score",
 ]
 
 
@@ -52,8 +53,27 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500  # steps; a checkpoint is also written after every epoch
     max_steps: int | None = None  # stop early (the run can be resumed)
+    # action -> loss weight (default 1); e.g. {"like": 2.0} for a rare action
+    action_weights: tuple[tuple[str, float], ...] = ()
+    # validation: the last ``val_days`` training days (or, if > 0, the last ``val_fraction`` of
+    # the training impressions by time) are held out; after each epoch the model is scored on
+    # them, the best epoch's weights are kept and training stops after ``patience`` epochs
+    # without improvement. 0 and 0.0: no validation, every epoch trains, the last one is kept.
+    val_days: int = 0
+    val_fraction: float = 0.0
+    patience: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.action_weights, dict):
+            self.action_weights = tuple(self.action_weights.items())
+        self.action_weights = tuple((str(a), float(w)) for a, w in self.action_weights)
+        if any(w < 0 for _, w in self.action_weights):
+            raise ValueError(f"action_weights must be >= 0, got {dict(self.action_weights)}")
+        if self.val_days < 0 or not 0.0 <= self.val_fraction < 1.0 or self.patience < 1:
+            raise ValueError(
+                f"need val_days >= 0, 0 <= val_fraction < 1, patience >= 1; got "
+                f"{self.val_days}, {self.val_fraction}, {self.patience}"
+            )
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(
                 f"need epochs >= 1 and batch_size >= 1, got {self.epochs}, {self.batch_size}"
@@ -136,6 +156,23 @@ class Trainer:
         return NonFiniteError(f"training stopped at step {self.state.global_step + 1}: {what}; "
                               f"{kept}. Lower learning rates may help")  # fmt: skip
 
+    @property
+    def best_path(self) -> Path:
+        """The best validation epoch's weights (written when validation is on)."""
+        return self.run_dir / "best.safetensors"
+
+    def _action_weights(self) -> torch.Tensor | None:
+        weights = dict(self.config.action_weights)
+        unknown = set(weights) - set(self.model.config.actions)
+        if unknown:
+            raise ValueError(
+                f"action_weights names {sorted(unknown)}, not among the model's actions "
+                f"{list(self.model.config.actions)}"
+            )
+        if not weights:
+            return None
+        return torch.tensor([weights.get(a, 1.0) for a in self.model.config.actions])
+
     def save(self) -> None:
         """Checkpoint the run; refuses (``NonFiniteError``) weights that are not finite."""
         for name, p in self.model.named_parameters():
@@ -172,12 +209,26 @@ class Trainer:
         self._saved_step = self.state.global_step
         return True
 
-    def fit(self, log: InteractionLog, hashes: RowHashes, requests: Requests) -> TrainState:
+    def fit(
+        self,
+        log: InteractionLog,
+        hashes: RowHashes,
+        requests: Requests,
+        validation: Requests | None = None,
+    ) -> TrainState:
+        """Train on ``requests``; with ``validation``, score it after each epoch, keep the best
+        epoch's weights (``best.safetensors``), stop after ``patience`` epochs without
+        improvement and end with the best weights loaded (and, once the run is done, saved in
+        its checkpoint)."""
         c, st = self.config, self.state
         n_steps = math.ceil(len(requests) / c.batch_size)
+        action_weights = self._action_weights()
         self.model.train()
         seen, t0 = 0, time.perf_counter()
         for epoch in range(st.epoch, c.epochs):
+            if validation is not None and st.best_epoch >= 0:
+                if epoch - 1 - st.best_epoch >= c.patience:
+                    break  # resumed after the stopping point
             perm = np.random.default_rng([c.seed, epoch]).permutation(len(requests))
             start = st.step_in_epoch
             bar = tqdm(total=n_steps, initial=start, desc=f"epoch {epoch + 1}/{c.epochs}",
@@ -185,10 +236,9 @@ class Trainer:
             stream = batches(log, hashes, requests, c.batch_size, perm[start * c.batch_size :])
             for i, lb in enumerate(stream):
                 lb = lb.to(self.device)
-                out = self.model(lb.batch)
-                loss = ranking_loss(
-                    out, lb.labels, lb.label_mask, lb.continuous, c.continuous_weight
-                )
+                out = self.model(lb.batch, side=lb.side)
+                loss = ranking_loss(out, lb.labels, lb.label_mask, lb.continuous,
+                                    c.continuous_weight, action_weights)  # fmt: skip
                 value = loss.item()
                 if not math.isfinite(value):  # stop before the step spoils the weights
                     bar.close()
@@ -216,8 +266,43 @@ class Trainer:
             bar.close()
             st.epoch, st.step_in_epoch = epoch + 1, 0
             st.done = st.epoch == c.epochs  # the last epoch's checkpoint marks the run done
+            stop = False
+            if validation is not None:
+                score = validation_score(log, predict(self.model, log, hashes, validation))
+                self.model.train()
+                st.validation.append(score)
+                if st.best_epoch < 0 or score > st.validation[st.best_epoch]:
+                    st.best_epoch = epoch
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    save_checkpoint(self.best_path, self.model, extra=self.extra)
+                stop = epoch - st.best_epoch >= c.patience
+                st.done = st.done or stop
             self.save()
+            if stop:
+                break
+        if validation is not None and self.best_path.exists():
+            best, _ = load_checkpoint(self.best_path, map_location=self.device)
+            self.model.load_state_dict(best.state_dict())
+            if st.done:  # a finished run's checkpoint holds the selected weights
+                self.save()
         return st
+
+
+def validation_score(
+    log: InteractionLog, predictions: Predictions, min_positives: int = 50
+) -> float:
+    """Mean AUC over the actions with >= ``min_positives`` positives among the predicted rows
+    (every action if none has that many): what early stopping maximises."""
+    from hashrec.evaluation.metrics import auc
+
+    y = log.labels[predictions.rows]
+    pos = y.sum(0)
+    use = np.flatnonzero(pos >= min_positives)
+    if len(use) == 0:
+        use = np.flatnonzero((pos > 0) & (pos < len(y)))
+    if len(use) == 0:
+        return 0.0
+    return float(np.mean([auc(y[:, a], predictions.probs[:, a]) for a in use]))
 
 
 @dataclass
@@ -246,7 +331,8 @@ def predict(
     rows, reqs, probs = [], [], []
     offset = 0
     for lb in batches(log, hashes, requests, batch_size):
-        p = model(lb.batch.to(device)).probs.float().cpu().numpy()
+        lb = lb.to(device)
+        p = model(lb.batch, side=lb.side).probs.float().cpu().numpy()
         cand_rows = lb.candidate_rows
         keep = cand_rows >= 0
         rows.append(cand_rows[keep])
