@@ -195,11 +195,15 @@ def test_history_reduce_swapped_surface_and_actions_is_a_clear_error():
 def test_history_reduce_bad_surface_or_actions_name_the_field():
     red = BlockHistoryReduce(2, 2, 8, num_actions=19)
     hashes, post, author, surface, actions = _history_inputs()
-    with pytest.raises(ValueError, match=r"history_product_surface has shape \[2, 3\], expected \[2, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"history_product_surface has shape \[2, 3\], expected \[2, 4\]"
+    ):
         red(hashes, post, author, surface[:, :3], actions)
     with pytest.raises(ValueError, match="history_product_surface has dtype torch.float32"):
         red(hashes, post, author, surface.float(), actions)
-    with pytest.raises(ValueError, match=r"history_actions has shape \[2, 4\], expected \[2, 4, 19\]"):
+    with pytest.raises(
+        ValueError, match=r"history_actions has shape \[2, 4\], expected \[2, 4, 19\]"
+    ):
         red(hashes, post, author, surface, actions[..., 0])  # 2-D actions, 2-D surface
     with pytest.raises(ValueError, match="actions has 18 actions, expected 19"):
         red(hashes, post, author, surface, actions[..., :18])
