@@ -240,7 +240,13 @@ class RankerConfig:
 
 @dataclass
 class RankerOutput:
-    """logits [B, C, A] (binary actions), continuous [B, C, Ac] (>= 0), candidate_mask [B, C]."""
+    """logits [B, C, A] (binary actions), continuous [B, C, Ac] (>= 0), candidate_mask [B, C].
+
+    >>> out = RankerOutput(torch.zeros(1, 2, 3), torch.zeros(1, 2, 0),
+    ...                    torch.ones(1, 2, dtype=torch.bool))
+    >>> out.probs[0, 0].tolist()  # sigmoid of the logits
+    [0.5, 0.5, 0.5]
+    """
 
     logits: torch.Tensor
     continuous: torch.Tensor
