@@ -15,8 +15,9 @@ import hashrec
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Public classes whose modules are being reworked on main; their examples land with that work.
-PENDING_EXAMPLES = {"hashrec.nn.batch.RecsysEmbeddings", "hashrec.nn.table.MemoryReport"}
+# Public classes in modules the batch/table rework owns (nn/batch.py, nn/table.py); their
+# examples land with that work, and this list must shrink to empty.
+PENDING_EXAMPLES = {"hashrec.nn.batch.BatchField", "hashrec.nn.table.MemoryReport"}
 
 
 def _public_classes() -> dict[str, type]:
