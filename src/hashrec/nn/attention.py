@@ -58,18 +58,14 @@ def candidate_isolation_mask(
 
 @dataclass
 class AttentionLayout:
-<<<<<<< HEAD
     """What a kernel needs beyond q, k, v: candidate count, key validity, causality, soft-cap,
-    and the q.k multiplier (None = 1/sqrt(head_dim))."""
-=======
-    """What a kernel needs beyond q, k, v: candidate count, key validity, causality, soft-cap.
+    and the q.k multiplier (None = 1/sqrt(head_dim)).
 
     >>> layout = AttentionLayout(torch.ones(1, 5, dtype=torch.bool), num_candidates=2,
     ...                          causal=False, cap=30.0)
     >>> layout.context_len  # user + history tokens
     3
     """
->>>>>>> 0152697 (API reference from the docstrings (pdoc, warnings fail the build, built by the tests); a runnable example in every public class's docstring; dev extra: pdoc, nbclient, nbformat, ipykernel)
 
     valid: torch.Tensor  # [B, T] bool
     num_candidates: int
