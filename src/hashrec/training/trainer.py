@@ -73,7 +73,11 @@ class TrainConfig:
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a NaN or infinite loss or weight; the last good checkpoint is kept."""
+    """Training produced a NaN or infinite loss or weight; the last good checkpoint is kept.
+
+    >>> issubclass(NonFiniteError, RuntimeError)  # callers may catch either
+    True
+    """
 
 
 def set_seed(seed: int) -> None:
