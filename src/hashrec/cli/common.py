@@ -46,12 +46,12 @@ class UsageError(Exception):
     >>> err = io.StringIO()
     >>> with contextlib.redirect_stderr(err):
     ...     try:
-    ...         main(["train", "--table-fraction", "0"])
+    ...         main(["collisions", "--column", "video_id"])  # a column needs --csv
     ...     except SystemExit as e:
     ...         print("exit code", e.code)
     exit code 2
     >>> err.getvalue().strip()
-    'hashrec train: error: --table-fraction must be > 0, got 0.0'
+    'hashrec collisions: error: --column needs --csv FILE'
     """
 
 
