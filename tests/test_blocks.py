@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from hashrec import (
@@ -49,8 +50,8 @@ def test_history_and_candidate_reduce_match_concat_formula(small_config):
         batch.history_post_hashes,
         e.history_post_embeddings,
         e.history_author_embeddings,
-        batch.history_actions,
         batch.history_product_surface,
+        batch.history_actions,
     )
     B, S = batch.history_product_surface.shape
     a = batch.history_actions
@@ -128,15 +129,15 @@ def test_notebook_code_runs_on_hashrec():
         batch.history_post_hashes,
         emb.history_post_embeddings,
         emb.history_author_embeddings,
-        batch.history_actions,
         batch.history_product_surface,
+        batch.history_actions,
     )
     h_float, _ = hist(
         batch.history_post_hashes,
         emb.history_post_embeddings,
         emb.history_author_embeddings,
-        batch.history_actions.float(),
         batch.history_product_surface,
+        batch.history_actions.float(),
     )
     torch.testing.assert_close(h_int, h_float)
     assert user_tok.shape == (B, 1, D) and h_int.shape == (B, S, D) and m.all()
@@ -145,3 +146,64 @@ def test_notebook_code_runs_on_hashrec():
     torch.testing.assert_close(emb.history_post_embeddings[..., 1, :], ref)
     (h_int.sum() + user_tok.sum()).backward()
     assert post_emb.weight.grad is not None and post_emb.weight.grad[0].abs().sum() == 0
+
+
+def _history_inputs(B=2, S=4, D=8, A=19, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    hashes = torch.randint(1, 50, (B, S, 2), generator=g)
+    hashes[:, -1] = 0
+    post = torch.randn(B, S, 2, D, generator=g)
+    author = torch.randn(B, S, 2, D, generator=g)
+    surface = torch.randint(0, 16, (B, S), generator=g)
+    actions = (torch.rand(B, S, A, generator=g) < 0.3).float()
+    return hashes, post, author, surface, actions
+
+
+def test_history_reduce_takes_phoenix_order_positionally_and_by_keyword():
+    """(hashes, post, author, surface, actions), as Phoenix's block_history_reduce and the lecture."""
+    torch.manual_seed(5)
+    red = BlockHistoryReduce(2, 2, 8, num_actions=19)
+    hashes, post, author, surface, actions = _history_inputs()
+    pos, pos_mask = red(hashes, post, author, surface, actions)
+    kw, kw_mask = red(
+        history_actions=actions,
+        history_product_surface=surface,
+        history_author_embeddings=author,
+        history_post_embeddings=post,
+        history_post_hashes=hashes,
+    )
+    torch.testing.assert_close(pos, kw)
+    assert torch.equal(pos_mask, kw_mask)
+    # the surface argument really is the surface: changing it changes exactly that term
+    other = (surface + 1) % 16
+    moved, _ = red(hashes, post, author, other, actions)
+    table = red.product_surface_embedding_table.weight
+    D = 8
+    delta = (table[other] - table[surface]) @ red.proj_mat_3[-D:]  # surface is the last block
+    torch.testing.assert_close(moved - pos, delta)
+
+
+def test_history_reduce_swapped_surface_and_actions_is_a_clear_error():
+    red = BlockHistoryReduce(2, 2, 8, num_actions=19)
+    hashes, post, author, surface, actions = _history_inputs()
+    with pytest.raises(ValueError, match="look swapped.*history_product_surface, history_actions"):
+        red(hashes, post, author, actions, surface)  # the pre-0.2 order
+    with pytest.raises(ValueError, match="look swapped"):
+        red(hashes, post, author, history_product_surface=actions, history_actions=surface)
+
+
+def test_history_reduce_bad_surface_or_actions_name_the_field():
+    red = BlockHistoryReduce(2, 2, 8, num_actions=19)
+    hashes, post, author, surface, actions = _history_inputs()
+    with pytest.raises(
+        ValueError, match=r"history_product_surface has shape \[2, 3\], expected \[2, 4\]"
+    ):
+        red(hashes, post, author, surface[:, :3], actions)
+    with pytest.raises(ValueError, match="history_product_surface has dtype torch.float32"):
+        red(hashes, post, author, surface.float(), actions)
+    with pytest.raises(
+        ValueError, match=r"history_actions has shape \[2, 4\], expected \[2, 4, 19\]"
+    ):
+        red(hashes, post, author, surface, actions[..., 0])  # 2-D actions, 2-D surface
+    with pytest.raises(ValueError, match="actions has 18 actions, expected 19"):
+        red(hashes, post, author, surface, actions[..., :18])

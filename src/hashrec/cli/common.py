@@ -39,7 +39,20 @@ DEFAULT_TABLE_SCHEME = "hybrid"  # the best at 25% in benchmarks/study_tables.py
 
 
 class UsageError(Exception):
-    """Bad or conflicting options met past argparse: exit code 2."""
+    """Bad or conflicting options met past argparse: exit code 2.
+
+    >>> import contextlib, io
+    >>> from hashrec.cli import main
+    >>> err = io.StringIO()
+    >>> with contextlib.redirect_stderr(err):
+    ...     try:
+    ...         main(["collisions", "--column", "video_id"])  # a column needs --csv
+    ...     except SystemExit as e:
+    ...         print("exit code", e.code)
+    exit code 2
+    >>> err.getvalue().strip()
+    'hashrec collisions: error: --column needs --csv FILE'
+    """
 
 
 def int_list(text: str) -> list[int]:

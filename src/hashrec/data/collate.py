@@ -46,7 +46,19 @@ def dense_ids(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
 class RowHashes:
     """Fused-table rows of every log row's user, post and author, hashed once; and of its
     categorical side values (``user_features`` [n, Fu, K], ``post_features`` [n, Fp, K]) when
-    the config has a ``feature`` entity."""
+    the config has a ``feature`` entity.
+
+    >>> import numpy as np
+    >>> log = InteractionLog(
+    ...     user=np.array([1, 1, 2, 1]), post=np.array([10, 11, 10, 12]),
+    ...     author=np.array([5, 6, 5, 6]), surface=np.zeros(4, dtype=np.int64),
+    ...     time=np.array([0, 1000, 2000, 9000]), day=np.full(4, 20220425),
+    ...     labels=np.array([[1], [0], [1], [1]], dtype=np.uint8),
+    ...     continuous=np.zeros((4, 0), dtype=np.float32), actions=("click",))
+    >>> hashes = RowHashes(log, HashConfig.uniform(num_buckets=101))
+    >>> hashes.post.shape  # [rows, k]
+    (4, 2)
+    """
 
     def __init__(self, log: InteractionLog, config: HashConfig, vocab: dict | None = None):
         def ids(entity: str, raw: np.ndarray) -> np.ndarray:
@@ -80,6 +92,19 @@ class LabelledBatch:
     labels [B, C, A] float 0/1; label_mask [B, C, A] bool (False: no loss); continuous
     [B, C, Ac] float; candidate_rows [B, C] int64 numpy, the log row of each candidate (-1 for
     padding and sampled negatives); side: the side features, when the log has any.
+
+    >>> import numpy as np
+    >>> log = InteractionLog(
+    ...     user=np.array([1, 1, 2, 1]), post=np.array([10, 11, 10, 12]),
+    ...     author=np.array([5, 6, 5, 6]), surface=np.zeros(4, dtype=np.int64),
+    ...     time=np.array([0, 1000, 2000, 9000]), day=np.full(4, 20220425),
+    ...     labels=np.array([[1], [0], [1], [1]], dtype=np.uint8),
+    ...     continuous=np.zeros((4, 0), dtype=np.float32), actions=("click",))
+    >>> from hashrec.data.requests import ExampleConfig, build_requests
+    >>> req = build_requests(log, log.time > 0, ExampleConfig(history_len=2, max_candidates=2))
+    >>> lb = next(batches(log, RowHashes(log, HashConfig.uniform(101)), req, batch_size=2))
+    >>> lb.labels.shape == lb.label_mask.shape == (*lb.batch.candidate_post_hashes.shape[:2], 1)
+    True
     """
 
     batch: RecsysBatch

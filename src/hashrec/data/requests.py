@@ -19,7 +19,11 @@ __all__ = ["ExampleConfig", "Requests", "build_requests"]
 
 @dataclass(frozen=True)
 class ExampleConfig:
-    """How requests are cut from a log."""
+    """How requests are cut from a log.
+
+    >>> ExampleConfig(history_len=8, max_candidates=4).negatives_per_request
+    0
+    """
 
     history_len: int = 32
     max_candidates: int = 16
@@ -43,6 +47,13 @@ class Requests:
 
     history [R, S] oldest -> newest; candidates [R, C] real impressions; negatives [R, Nn]
     sampled rows whose post/author/surface serve as unseen candidates (labels all 0).
+
+    >>> import numpy as np
+    >>> r = Requests(user_row=np.array([0, 2]), history=np.array([[-1, 0], [0, 1]]),
+    ...              candidates=np.array([[1, -1], [2, -1]]),
+    ...              negatives=np.zeros((2, 0), dtype=np.int64))
+    >>> len(r), r.take(np.array([1])).history.tolist()
+    (2, [[0, 1]])
     """
 
     user_row: np.ndarray

@@ -35,6 +35,9 @@ class LogSchema:
 
     >>> LogSchema(actions={"like": "rating >= 4"}, author=None).label_rules()
     (('like', 'rating', '>=', 4.0),)
+    >>> s = LogSchema.from_dict({"user": "uid", "post": "item", "actions": {"click": "clicked"}})
+    >>> s.user, s.actions
+    ('uid', (('click', 'clicked'),))
     """
 
     user: str = "user_id"
@@ -196,7 +199,18 @@ KUAIRAND_SCHEMA = LogSchema(
 
 @dataclass
 class InteractionLog:
-    """A log as column arrays, sorted by time (ties by user). Days are yyyymmdd integers."""
+    """A log as column arrays, sorted by time (ties by user). Days are yyyymmdd integers.
+
+    >>> import numpy as np
+    >>> log = InteractionLog(
+    ...     user=np.array([1, 1, 2, 1]), post=np.array([10, 11, 10, 12]),
+    ...     author=np.array([5, 6, 5, 6]), surface=np.zeros(4, dtype=np.int64),
+    ...     time=np.array([0, 1000, 2000, 9000]), day=np.full(4, 20220425),
+    ...     labels=np.array([[1], [0], [1], [1]], dtype=np.uint8),
+    ...     continuous=np.zeros((4, 0), dtype=np.float32), actions=("click",))
+    >>> len(log), int(log.days(20220425, 20220425).sum()), len(log.take(log.user == 2))
+    (4, 4, 1)
+    """
 
     user: np.ndarray
     post: np.ndarray

@@ -60,7 +60,21 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LogisticBaseline:
-    """One logistic regression per action on time-respecting target encodings."""
+    """One logistic regression per action on time-respecting target encodings.
+
+    >>> from hashrec.data import InteractionLog
+    >>> rng = np.random.default_rng(0)
+    >>> n = 200
+    >>> log = InteractionLog(user=rng.integers(1, 20, n), post=rng.integers(1, 30, n),
+    ...     author=rng.integers(1, 5, n), surface=np.zeros(n, dtype=np.int64),
+    ...     time=np.arange(n) * 1000, day=np.repeat([20220425, 20220426, 20220427, 20220428], 50),
+    ...     labels=rng.integers(0, 2, (n, 1)).astype(np.uint8),
+    ...     continuous=np.zeros((n, 0), dtype=np.float32), actions=("click",))
+    >>> train = log.day <= 20220427
+    >>> p = LogisticBaseline().fit(log, train).predict(log, train, np.flatnonzero(~train))
+    >>> p.shape, bool(((p > 0) & (p < 1)).all())
+    ((50, 1), True)
+    """
 
     num_surfaces: int = 16
     l2: float = 1e-4

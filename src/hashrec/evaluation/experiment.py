@@ -73,7 +73,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Split:
-    """Training days [train_start, train_end], evaluation days [eval_start, eval_end] (yyyymmdd)."""
+    """Training days [train_start, train_end], evaluation days [eval_start, eval_end] (yyyymmdd).
+
+    >>> Split(train_end=20220502, eval_start=20220503, eval_end=20220505).eval_start
+    20220503
+    >>> Split(train_end=20220503, eval_start=20220503)
+    Traceback (most recent call last):
+    ...
+    ValueError: eval_start 20220503 must come after train_end 20220503
+    """
 
     train_end: int
     eval_start: int
@@ -100,7 +108,12 @@ class Split:
 
 @dataclass
 class ModelSpec:
-    """What to train: table layout and architecture."""
+    """What to train: table layout and architecture.
+
+    >>> spec = ModelSpec("k=2, 1k rows", HashConfig.uniform(num_buckets=1000))
+    >>> spec.transformer.dim, spec.vocab is None
+    (32, True)
+    """
 
     name: str
     hash_config: HashConfig
@@ -212,7 +225,21 @@ def check_resume(
 
 @dataclass
 class ModelRun:
-    """One trained model and its predictions on the evaluation days."""
+    """One trained model and its predictions on the evaluation days (what ``run_model`` returns).
+
+    >>> from hashrec.datasets import kuairand_sample_dir
+    >>> from hashrec.data import ExampleConfig, load_kuairand
+    >>> from hashrec.training.trainer import TrainConfig
+    >>> import tempfile
+    >>> log = load_kuairand(kuairand_sample_dir())
+    >>> spec = ModelSpec("tiny", hashed_config(log, 0.25, 2),
+    ...                  TransformerConfig(dim=8, num_layers=1, num_q_heads=1, num_kv_heads=1))
+    >>> r = run_model(log, Split(train_end=20220426, eval_start=20220505), spec,
+    ...               ExampleConfig(history_len=4, max_candidates=4),
+    ...               TrainConfig(epochs=1, max_steps=2), tempfile.mkdtemp(), progress=False)
+    >>> r.predictions.probs.shape[1] == len(log.actions), r.state.global_step
+    (True, 2)
+    """
 
     model: PhoenixRanker
     state: TrainState
@@ -367,7 +394,14 @@ def baseline_predictions(
 
 @dataclass
 class ExperimentResult:
-    """What ``run`` measured: metrics per model and baseline, and facts about the run."""
+    """What ``run`` measured: metrics per model and baseline, and facts about the run.
+
+    >>> res = ExperimentResult(results={"popularity": {"auc": {"click": 0.64}}}, models={},
+    ...                        table="| model | AUC click |", eval_impressions=10, eval_users=3,
+    ...                        wall_s=1.0)
+    >>> res.results["popularity"]["auc"]["click"]
+    0.64
+    """
 
     results: dict[str, dict]  # name -> {"auc": {action: mean}, "auc_std": ..., "seeds": n, ...}
     models: dict[str, dict]  # trained model name -> throughput and table size

@@ -70,11 +70,11 @@ class PhoenixRetrieval(nn.Module):
         emb = self.table.lookup(batch)
         user, user_mask = self.user_reduce(batch.user_hashes, emb.user_embeddings)
         hist, hist_mask = self.history_reduce(
-            batch.history_post_hashes,
-            emb.history_post_embeddings,
-            emb.history_author_embeddings,
-            batch.history_actions,
-            batch.history_product_surface,
+            history_post_hashes=batch.history_post_hashes,
+            history_post_embeddings=emb.history_post_embeddings,
+            history_author_embeddings=emb.history_author_embeddings,
+            history_product_surface=batch.history_product_surface,
+            history_actions=batch.history_actions,
         )
         x = torch.cat([user, hist], dim=1)  # [B, 1+S, D]
         valid = torch.cat([user_mask, hist_mask], dim=1)  # [B, 1+S]

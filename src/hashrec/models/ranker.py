@@ -256,7 +256,13 @@ class RankerConfig:
 
 @dataclass
 class RankerOutput:
-    """logits [B, C, A] (binary actions), continuous [B, C, Ac] (>= 0), candidate_mask [B, C]."""
+    """logits [B, C, A] (binary actions), continuous [B, C, Ac] (>= 0), candidate_mask [B, C].
+
+    >>> out = RankerOutput(torch.zeros(1, 2, 3), torch.zeros(1, 2, 0),
+    ...                    torch.ones(1, 2, dtype=torch.bool))
+    >>> out.probs[0, 0].tolist()  # sigmoid of the logits
+    [0.5, 0.5, 0.5]
+    """
 
     logits: torch.Tensor
     continuous: torch.Tensor
@@ -369,11 +375,11 @@ class PhoenixRanker(nn.Module):
         emb = apply_layouts(c.hash, batch, self.table.lookup(batch))
         user, user_mask = self.user_reduce(batch.user_hashes, emb.user_embeddings)
         hist, hist_mask = self.history_reduce(
-            batch.history_post_hashes,
-            emb.history_post_embeddings,
-            emb.history_author_embeddings,
-            batch.history_actions,
-            batch.history_product_surface,
+            history_post_hashes=batch.history_post_hashes,
+            history_post_embeddings=emb.history_post_embeddings,
+            history_author_embeddings=emb.history_author_embeddings,
+            history_product_surface=batch.history_product_surface,
+            history_actions=batch.history_actions,
             extra=[self._dwell_embedding(batch)] if c.history_dwell else (),
         )
         cand, cand_mask = self.candidate_reduce(

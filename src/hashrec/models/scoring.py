@@ -49,6 +49,11 @@ class ScoringConfig:
 
     ``author_diversity_decay/floor`` and ``out_of_network_factor`` are hashrec defaults: X's code
     has the formulas, its production values are not published.
+
+    >>> ScoringConfig.x_home_mixer().weights["report"]
+    -234.0
+    >>> ScoringConfig(weights={"click": 1.0}, out_of_network_factor=1.0).weights
+    {'click': 1.0}
     """
 
     weights: dict[str, float] = field(default_factory=lambda: dict(X_HOME_MIXER_WEIGHTS))

@@ -179,11 +179,11 @@ class TwoTowerRetriever(nn.Module):
         post_emb, author_emb = emb.history_post_embeddings, emb.history_author_embeddings
         user, user_mask = self.user_reduce(batch.user_hashes, user_emb)
         hist, hist_mask = self.history_reduce(
-            batch.history_post_hashes,
-            post_emb,
-            author_emb,
-            batch.history_actions,
-            batch.history_product_surface,
+            history_post_hashes=batch.history_post_hashes,
+            history_post_embeddings=post_emb,
+            history_author_embeddings=author_emb,
+            history_product_surface=batch.history_product_surface,
+            history_actions=batch.history_actions,
         )
         x = torch.cat([user, hist], dim=1)  # [B, 1+S, D]
         valid = torch.cat([user_mask, hist_mask], dim=1)  # [B, 1+S]

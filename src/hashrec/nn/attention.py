@@ -59,7 +59,13 @@ def candidate_isolation_mask(
 @dataclass
 class AttentionLayout:
     """What a kernel needs beyond q, k, v: candidate count, key validity, causality, soft-cap,
-    and the q.k multiplier (None = 1/sqrt(head_dim))."""
+    and the q.k multiplier (None = 1/sqrt(head_dim)).
+
+    >>> layout = AttentionLayout(torch.ones(1, 5, dtype=torch.bool), num_candidates=2,
+    ...                          causal=False, cap=30.0)
+    >>> layout.context_len  # user + history tokens
+    3
+    """
 
     valid: torch.Tensor  # [B, T] bool
     num_candidates: int

@@ -57,6 +57,11 @@ class ActionEmbedding(nn.Module):
     """Signed multi-hot actions -> one vector: ``(2a - 1) @ action_projection``, 0 if no action.
 
     actions [..., A] (bool/int/float in [0, 1]) -> [..., D].
+
+    >>> act = ActionEmbedding(num_actions=3, dim=4)
+    >>> out = act(torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    >>> out.shape, bool(out[1].eq(0).all())  # no action set -> zero vector
+    (torch.Size([2, 4]), True)
     """
 
     def __init__(self, num_actions: int, dim: int) -> None:
@@ -108,10 +113,15 @@ class BlockHistoryReduce(nn.Module):
     signed multi-hot ``action_projection`` and the ``product_surface_embedding_table`` (pass it to
     ``BlockCandidateReduce`` to share it, as Phoenix does).
 
+    ``forward`` takes its arguments in the order of Phoenix's ``block_history_reduce`` and of the
+    lecture notebook: hashes, post vectors, author vectors, **surface, then actions**. A call with
+    the last two swapped is caught by shape (surface is [B, S], actions [B, S, A]).
+
     >>> red = BlockHistoryReduce(num_item_hashes=2, num_author_hashes=2, emb_size=8)
     >>> h = torch.tensor([[[1, 2], [0, 0]]])  # one user, S = 2, second event is padding
-    >>> tok, mask = red(h, torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8),
-    ...                 torch.zeros(1, 2, 19), torch.zeros(1, 2, dtype=torch.long))
+    >>> surface = torch.zeros(1, 2, dtype=torch.long)  # [B, S]
+    >>> actions = torch.zeros(1, 2, 19)  # [B, S, A]
+    >>> tok, mask = red(h, torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), surface, actions)
     >>> tok.shape, mask.tolist()
     (torch.Size([1, 2, 8]), [[True, False]])
     """
@@ -143,10 +153,27 @@ class BlockHistoryReduce(nn.Module):
         history_post_hashes: torch.Tensor,
         history_post_embeddings: torch.Tensor,
         history_author_embeddings: torch.Tensor,
-        history_actions: torch.Tensor,
         history_product_surface: torch.Tensor,
+        history_actions: torch.Tensor,
         extra: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reduce S history events to S tokens.
+
+        Args:
+            history_post_hashes: [B, S, Kp] int; 0 = padding event.
+            history_post_embeddings: [B, S, Kp, D].
+            history_author_embeddings: [B, S, Ka, D].
+            history_product_surface: [B, S] int surface index per event.
+            history_actions: [B, S, A] multi-hot (bool, int or float in [0, 1]).
+            extra: ``num_extra`` further [B, S, D] parts (keyword), e.g. dwell-time embeddings.
+
+        Returns:
+            tokens [B, S, D] and mask [B, S] bool (True = valid event).
+        """
+        B, S, Kp, D = history_post_embeddings.shape
+        _check_surface_and_actions(
+            (B, S), history_product_surface, history_actions, self.actions.num_actions
+        )
         _check_extra(self, extra)
         x = torch.cat(
             [
@@ -166,6 +193,40 @@ class BlockHistoryReduce(nn.Module):
         return x @ self.proj_mat_3, padding_mask(history_post_hashes)
 
 
+_ORDER_HINT = (
+    "forward takes (history_post_hashes, history_post_embeddings, history_author_embeddings, "
+    "history_product_surface, history_actions), as Phoenix's block_history_reduce"
+)
+
+
+def _check_surface_and_actions(
+    bs: tuple[int, int], surface: torch.Tensor, actions: torch.Tensor, num_actions: int
+) -> None:
+    """Surface must be int [B, S], actions [B, S, A]; a swapped pair names the right order."""
+    B, S = bs
+    swapped = surface.dim() == 3 and actions.dim() == 2
+    if swapped:
+        raise ValueError(
+            f"history_product_surface has shape {list(surface.shape)} and history_actions "
+            f"{list(actions.shape)}: they look swapped; {_ORDER_HINT}"
+        )
+    if tuple(surface.shape) != (B, S):
+        raise ValueError(
+            f"history_product_surface has shape {list(surface.shape)}, expected [{B}, {S}] "
+            f"(one surface index per event); {_ORDER_HINT}"
+        )
+    if surface.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"history_product_surface has dtype {surface.dtype}, expected torch.int32 or "
+            f"torch.int64 surface indices; {_ORDER_HINT}"
+        )
+    if actions.dim() != 3 or tuple(actions.shape[:2]) != (B, S):
+        raise ValueError(
+            f"history_actions has shape {list(actions.shape)}, expected [{B}, {S}, "
+            f"{num_actions}] (multi-hot per event); {_ORDER_HINT}"
+        )
+
+
 class BlockCandidateReduce(nn.Module):
     """Candidates -> tokens [B, C, D] and mask [B, C]: concat(post, author, surface) @ proj_mat_2.
 
@@ -173,6 +234,14 @@ class BlockCandidateReduce(nn.Module):
 
     Missing from the lecture notebook, present in Phoenix. ``product_surface_embedding_table``
     may be shared with ``BlockHistoryReduce``.
+
+    >>> hist = BlockHistoryReduce(num_item_hashes=2, num_author_hashes=2, emb_size=8)
+    >>> cand = BlockCandidateReduce(2, 2, 8, hist.product_surface_embedding_table)
+    >>> h = torch.tensor([[[4, 5], [6, 7], [0, 0]]])  # B = 1, C = 3, third slot is padding
+    >>> tok, mask = cand(h, torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8),
+    ...                  torch.zeros(1, 3, dtype=torch.long))
+    >>> tok.shape, mask.tolist()
+    (torch.Size([1, 3, 8]), [[True, True, False]])
     """
 
     def __init__(

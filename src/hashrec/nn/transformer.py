@@ -110,7 +110,12 @@ class TransformerConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale, computed in fp32."""
+    """x / rms(x) * scale, computed in fp32.
+
+    >>> y = RMSNorm(4)(torch.tensor([[3.0, 4.0, 0.0, 0.0]]))  # rms = 2.5
+    >>> [round(v, 3) for v in y[0].tolist()]
+    [1.2, 1.6, 0.0, 0.0]
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -139,7 +144,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class DecoderLayer(nn.Module):
-    """One Grok-style block: pre/post-norm GQA attention, pre/post-norm gated-GELU feed-forward."""
+    """One Grok-style block: pre/post-norm GQA attention, pre/post-norm gated-GELU feed-forward.
+
+    >>> from hashrec.nn.attention import AttentionLayout, full_mask_attention
+    >>> cfg = TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1)
+    >>> layer = DecoderLayer(cfg)
+    >>> rope = rotary_tables(torch.arange(5), cfg.head_dim, cfg.rope_base)
+    >>> layout = AttentionLayout(torch.ones(2, 5, dtype=torch.bool), 2, False, 30.0)
+    >>> layer(torch.randn(2, 5, 16), rope, layout, full_mask_attention).shape  # [B, T, D]
+    torch.Size([2, 5, 16])
+    """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()

@@ -30,7 +30,12 @@ Exclusions = Sequence[np.ndarray | torch.Tensor | Sequence[int]] | None
 @dataclass
 class SearchResult:
     """scores [B, k] float32 (descending per row), indices [B, k] int64 corpus positions (-1:
-    no post left to fill the slot)."""
+    no post left to fill the slot).
+
+    >>> r = SearchResult(torch.tensor([[0.9, 0.5]]), torch.tensor([[7, -1]]))
+    >>> r.indices[0][r.indices[0] >= 0].tolist()  # the filled slots
+    [7]
+    """
 
     scores: torch.Tensor
     indices: torch.Tensor

@@ -28,7 +28,14 @@ R = TypeVar("R")
 
 
 class QueueFull(Exception):
-    """More requests waiting than ``max_queue``: the caller should answer 429."""
+    """More requests waiting than ``max_queue``: the caller should answer 429.
+
+    >>> try:
+    ...     raise QueueFull("1024 requests waiting")
+    ... except QueueFull as e:
+    ...     print(429, e)
+    429 1024 requests waiting
+    """
 
 
 @dataclass(frozen=True)

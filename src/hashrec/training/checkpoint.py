@@ -43,7 +43,13 @@ _DIGEST = "checkpoint.digest"
 
 @dataclass
 class TrainState:
-    """Where a run stands; ``losses`` keeps the most recent ``LOSS_HISTORY_LIMIT`` steps."""
+    """Where a run stands; ``losses`` keeps the most recent ``LOSS_HISTORY_LIMIT`` steps.
+
+    >>> state = TrainState()
+    >>> state.record_loss(0.7)
+    >>> state.losses, state.done
+    ([0.7], False)
+    """
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -62,7 +68,13 @@ class TrainState:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """Everything in a checkpoint besides the model: optimizer states, position, run metadata."""
+    """Everything in a checkpoint besides the model: optimizer states, position, run metadata.
+
+    >>> info = CheckpointInfo(optimizers={}, train_state=TrainState(epoch=1), extra={},
+    ...                       model_class="PhoenixRanker")
+    >>> info.train_state.epoch, info.model_class
+    (1, 'PhoenixRanker')
+    """
 
     optimizers: dict[str, dict[str, Any]]  # name -> torch optimizer state_dict
     train_state: TrainState | None

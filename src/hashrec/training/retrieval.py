@@ -40,7 +40,12 @@ __all__ = [
 
 @dataclass
 class RetrievalTrainConfig(TrainConfig):
-    """``TrainConfig`` plus what defines a positive and whether to correct for popularity."""
+    """``TrainConfig`` plus what defines a positive and whether to correct for popularity.
+
+    >>> cfg = RetrievalTrainConfig(positive_actions=["click"])
+    >>> cfg.positive_actions, cfg.batch_size, cfg.log_q_correction
+    (('click',), 256, True)
+    """
 
     batch_size: int = 256  # in-batch negatives: B - 1 per example
     positive_actions: tuple[str, ...] = ("long_view",)

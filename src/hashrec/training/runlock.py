@@ -21,7 +21,17 @@ LOCK_NAME = ".hashrec.lock"
 
 
 class RunLockedError(RuntimeError):
-    """The run folder is held by another live process."""
+    """The run folder is held by another live process.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> with RunLock(folder):
+    ...     try:
+    ...         RunLock(folder).acquire()
+    ...     except RunLockedError:
+    ...         print("busy")
+    busy
+    """
 
 
 class RunLock:

@@ -42,7 +42,11 @@ __all__ = [
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (architecture lives in ``RankerConfig``)."""
+    """Optimisation settings (architecture lives in ``RankerConfig``).
+
+    >>> TrainConfig(epochs=1, batch_size=64).table_lr
+    0.05
+    """
 
     epochs: int = 2
     batch_size: int = 128  # requests per step
@@ -89,7 +93,11 @@ class TrainConfig:
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a NaN or infinite loss or weight; the last good checkpoint is kept."""
+    """Training produced a NaN or infinite loss or weight; the last good checkpoint is kept.
+
+    >>> issubclass(NonFiniteError, RuntimeError)  # callers may catch either
+    True
+    """
 
 
 def set_seed(seed: int) -> None:
@@ -116,7 +124,25 @@ def _refuse_multi_process() -> None:
 
 
 class Trainer:
-    """Trains a ranker on requests; checkpoints to ``run_dir / checkpoint.safetensors``."""
+    """Trains a ranker on requests; checkpoints to ``run_dir / checkpoint.safetensors``.
+
+    >>> import tempfile
+    >>> from hashrec.data import ExampleConfig, build_requests, load_kuairand
+    >>> from hashrec.datasets import kuairand_sample_dir
+    >>> from hashrec.hashing.config import HashConfig
+    >>> from hashrec.models.ranker import RankerConfig
+    >>> from hashrec.nn.transformer import TransformerConfig
+    >>> log = load_kuairand(kuairand_sample_dir())
+    >>> cfg = RankerConfig(hash=HashConfig.uniform(num_buckets=1000), actions=log.actions,
+    ...     continuous_actions=log.continuous_actions,
+    ...     transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=1, num_kv_heads=1))
+    >>> requests = build_requests(log, log.days(20220425, 20220425), ExampleConfig(4, 4))
+    >>> trainer = Trainer(PhoenixRanker(cfg), TrainConfig(max_steps=3), tempfile.mkdtemp(),
+    ...                   progress=False)
+    >>> state = trainer.fit(log, RowHashes(log, cfg.hash), requests)
+    >>> state.global_step, trainer.checkpoint_path.exists()
+    (3, True)
+    """
 
     def __init__(
         self,
@@ -310,6 +336,11 @@ class Predictions:
     """Probabilities of every real candidate of some requests.
 
     rows [n] log row of each candidate; requests [n] index of its request; probs [n, A].
+
+    >>> p = Predictions(rows=np.array([4, 9]), requests=np.array([0, 0]),
+    ...                 probs=np.array([[0.2], [0.7]]))
+    >>> int(p.rows[p.probs[:, 0].argmax()])  # the log row predicted most likely
+    9
     """
 
     rows: np.ndarray
