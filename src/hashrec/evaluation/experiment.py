@@ -30,6 +30,7 @@ from hashrec.models.ranker import PhoenixRanker, RankerConfig
 from hashrec.nn.table import MemoryReport
 from hashrec.nn.transformer import TransformerConfig
 from hashrec.training.checkpoint import read_checkpoint_metadata
+from hashrec.training.distributed import env_world
 from hashrec.training.resume import check_resumable
 from hashrec.training.trainer import (
     Predictions,
@@ -179,7 +180,7 @@ class ModelRun:
 
     model: PhoenixRanker
     state: TrainState
-    predictions: Predictions
+    predictions: Predictions | None  # None on the ranks > 0 of a multi-process run
     memory: MemoryReport
     train_examples: int
 
@@ -195,7 +196,7 @@ def run_model(
     progress: bool = True,
     device: str | None = None,
 ) -> ModelRun:
-    """Train ``spec`` on the training days, predict the evaluation days."""
+    """Train ``spec`` on the training days, predict the evaluation days (rank 0 only)."""
     train, ev = split.masks(log)
     set_seed(train_cfg.seed)
     hashes = RowHashes(log, spec.hash_config, spec.vocab)
@@ -213,7 +214,7 @@ def run_model(
     return ModelRun(
         model=model,
         state=state,
-        predictions=predict(model, log, hashes, eval_req),
+        predictions=predict(model, log, hashes, eval_req) if trainer.ctx.is_main else None,
         memory=model.table.memory_report(trainer.table),
         train_examples=int((train_req.candidates >= 0).sum()),
     )
@@ -282,13 +283,20 @@ def run(
     device: str | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
-) -> ExperimentResult:
+) -> ExperimentResult | None:
     """Train ``spec`` (then each of ``also``, then the collision-free table), score the
     baselines, evaluate all of them on the same impressions; write ``metrics.json``,
     ``results.md`` and ``results.png`` to ``out`` (``spec``'s checkpoint lands there while
-    training, the others' in subfolders)."""
+    training, the others' in subfolders).
+
+    Under torchrun every rank trains; rank 0 alone evaluates, writes and reports (the others
+    return None once trained).
+    """
     from hashrec.evaluation.report import format_results, plot_run
 
+    main_rank = env_world()[0] == 0
+    if not main_rank:
+        say, progress = (lambda _: None), False
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     specs = [spec, *also] + (
@@ -303,6 +311,8 @@ def run(
         )
         r = run_model(log, split, sp, examples, train_cfg, sub, resume=resume and sp is spec,
                       progress=progress, device=device)  # fmt: skip
+        if r.predictions is None:
+            continue
         if rows is not None and not np.array_equal(rows, r.predictions.rows):
             raise RuntimeError("models were evaluated on different rows")
         rows, reqs = r.predictions.rows, r.predictions.requests
@@ -311,6 +321,8 @@ def run(
                          "train_examples": r.train_examples,
                          "table_bytes": r.memory.table_bytes,
                          "table_rows": r.memory.rows}  # fmt: skip
+    if not main_rank:
+        return None
     assert rows is not None and reqs is not None
     say("scoring baselines ...")
     preds = {**baseline_predictions(log, split, rows), **preds}

@@ -4,14 +4,14 @@ AdamW trains the dense weights, ``RowWiseAdagrad`` the hash table (as X does). B
 per-epoch permutation seeded by (seed, epoch), so a run resumed from a checkpoint continues with
 exactly the batches it would have seen. Checkpoints: ``hashrec.training.checkpoint``.
 
-Single process: the loop refuses ``WORLD_SIZE > 1`` (N copies training independently is not
-data-parallel training).
+Under torchrun the same loop trains data-parallel (``hashrec.training.distributed``): each rank
+takes its slice of every global batch, gradients are summed over ranks, and rank 0 alone shows
+progress and writes checkpoints, which hold the whole model and load under any process count.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,9 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from hashrec.data import InteractionLog, Requests, RowHashes, batches
-from hashrec.models.losses import ranking_loss
+from hashrec.models.losses import loss_terms
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.nn.optim import RowWiseAdagrad
+from hashrec.training import distributed
 from hashrec.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from hashrec.training.resume import check_resumable
 
@@ -44,7 +45,7 @@ class TrainConfig:
     """Optimisation settings (architecture lives in ``RankerConfig``)."""
 
     epochs: int = 2
-    batch_size: int = 128  # requests per step
+    batch_size: int = 128  # requests per step (the global batch, split over processes)
     lr: float = 2e-3
     weight_decay: float = 0.01
     table_lr: float = 0.05
@@ -52,6 +53,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500  # steps; a checkpoint is also written after every epoch
     max_steps: int | None = None  # stop early (the run can be resumed)
+    dist_timeout_s: float = distributed.DEFAULT_TIMEOUT_S  # a rank silent this long: stop
+    table_sharding: str = "auto"  # over processes: distributed.TABLE_SHARDING
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -66,6 +69,13 @@ class TrainConfig:
         if self.seed < 0 or self.checkpoint_every < 1:
             raise ValueError(f"need seed >= 0 and checkpoint_every >= 1, got {self.seed}, "
                              f"{self.checkpoint_every}")  # fmt: skip
+        if self.table_sharding not in distributed.TABLE_SHARDING:
+            raise ValueError(
+                f"table_sharding must be one of {distributed.TABLE_SHARDING}, "
+                f"got {self.table_sharding!r}"
+            )
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
 
 
 class NonFiniteError(RuntimeError):
@@ -86,17 +96,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _refuse_multi_process() -> None:
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world not in ("", "1"):
-        raise RuntimeError(
-            f"WORLD_SIZE={world}: this training loop runs in one process; under torchrun each "
-            "process would train its own copy. Run it without torchrun."
-        )
-
-
 class Trainer:
-    """Trains a ranker on requests; checkpoints to ``run_dir / checkpoint.safetensors``."""
+    """Trains a ranker on requests; checkpoints to ``run_dir / checkpoint.safetensors``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) it joins the process group and trains data-parallel.
+    """
 
     def __init__(
         self,
@@ -106,11 +110,13 @@ class Trainer:
         progress: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
-        _refuse_multi_process()
-        self.device = resolve_device(device)
+        self.ctx = distributed.setup(resolve_device(device), config.dist_timeout_s)
+        self.device = self.ctx.device
         self.model, self.config = model.to(self.device), config
+        self.parallel = distributed.DataParallel(self.model, self.ctx, config.table_sharding)
+        distributed.seed_rank(config.seed, self.ctx)
         self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.progress = progress and self.ctx.is_main
         self.dense = torch.optim.AdamW(
             model.dense_parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -137,13 +143,20 @@ class Trainer:
                               f"{kept}. Lower learning rates may help")  # fmt: skip
 
     def save(self) -> None:
-        """Checkpoint the run; refuses (``NonFiniteError``) weights that are not finite."""
-        for name, p in self.model.named_parameters():
-            if not bool(torch.isfinite(p).all()):
-                raise self._stop(f"weight {name} holds NaN or infinite values")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        optimizers = {"dense": self.dense, "table": self.table}
-        save_checkpoint(self.checkpoint_path, self.model, optimizers, self.state, self.record())
+        """Checkpoint the run; refuses (``NonFiniteError``) weights that are not finite.
+
+        Rank 0 writes; every rank takes part in gathering a sharded table.
+        """
+        with self.parallel.full_table(self.table):
+            for name, p in self.model.named_parameters():
+                if not bool(torch.isfinite(p).all()):
+                    raise self._stop(f"weight {name} holds NaN or infinite values")
+            if self.ctx.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                optimizers = {"dense": self.dense, "table": self.table}
+                save_checkpoint(
+                    self.checkpoint_path, self.model, optimizers, self.state, self.record()
+                )
         self._saved_step = self.state.global_step
 
     def resume(self) -> bool:
@@ -173,6 +186,34 @@ class Trainer:
         return True
 
     def fit(self, log: InteractionLog, hashes: RowHashes, requests: Requests) -> TrainState:
+        """Train from the current position to the end (or ``max_steps``)."""
+        self.parallel.begin(self.table)  # shard the table, when it is sharded
+        state = self._fit(log, hashes, requests)
+        self.parallel.end(self.table)
+        return state
+
+    def train_step(self, log: InteractionLog, hashes: RowHashes, requests: Requests,
+                   indices: np.ndarray) -> distributed.StepLoss:  # fmt: skip
+        """One optimisation step on the global batch ``requests[indices]`` (this rank's slice)."""
+        self.parallel.begin(self.table)  # no-op once begun (or with nothing to shard)
+        mine, weight = self.parallel.local_requests(indices)
+        lb = next(batches(log, hashes, requests, len(mine), mine)).to(self.device)
+        out = self.parallel(lb.batch)
+        terms = loss_terms(out, lb.labels, lb.label_mask, lb.continuous)
+        examples = int(out.candidate_mask.sum())
+        loss = distributed.global_loss(
+            terms, self.config.continuous_weight, examples, self.ctx, weight
+        )
+        if not math.isfinite(loss.value):  # stop before the step spoils the weights (all ranks)
+            raise self._stop(f"the loss is {loss.value} (epoch {self.state.epoch + 1})")
+        self.parallel.backward(loss.backward)
+        self.dense.step()
+        self.table.step()
+        self.dense.zero_grad(set_to_none=True)
+        self.table.zero_grad(set_to_none=True)
+        return loss
+
+    def _fit(self, log: InteractionLog, hashes: RowHashes, requests: Requests) -> TrainState:
         c, st = self.config, self.state
         n_steps = math.ceil(len(requests) / c.batch_size)
         self.model.train()
@@ -182,24 +223,15 @@ class Trainer:
             start = st.step_in_epoch
             bar = tqdm(total=n_steps, initial=start, desc=f"epoch {epoch + 1}/{c.epochs}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)  # fmt: skip
-            stream = batches(log, hashes, requests, c.batch_size, perm[start * c.batch_size :])
-            for i, lb in enumerate(stream):
-                lb = lb.to(self.device)
-                out = self.model(lb.batch)
-                loss = ranking_loss(
-                    out, lb.labels, lb.label_mask, lb.continuous, c.continuous_weight
-                )
-                value = loss.item()
-                if not math.isfinite(value):  # stop before the step spoils the weights
+            order = perm[start * c.batch_size :]
+            for i, lo in enumerate(range(0, len(order), c.batch_size)):
+                try:
+                    loss = self.train_step(log, hashes, requests, order[lo : lo + c.batch_size])
+                except NonFiniteError:
                     bar.close()
-                    raise self._stop(f"the loss is {value} (epoch {epoch + 1})")
-                loss.backward()
-                self.dense.step()
-                self.table.step()
-                self.dense.zero_grad(set_to_none=True)
-                self.table.zero_grad(set_to_none=True)
-                seen += int(out.candidate_mask.sum())
-                st.record_loss(value)
+                    raise
+                seen += loss.examples
+                st.record_loss(loss.value)
                 st.global_step += 1
                 st.step_in_epoch = start + i + 1
                 st.examples_per_s = seen / (time.perf_counter() - t0)
