@@ -1,5 +1,6 @@
 """Misuse of the CLI and the training loop: every case refused with a clear error, nothing lost."""
 
+import dataclasses
 import json
 import os
 import re
@@ -126,14 +127,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(log_file, tmp_
     from hashrec.training.trainer import NonFiniteError
 
     log, hashes, req, tr = _setup(log_file, tmp_path)  # checkpoint every 3 steps
-    real, calls = trainer_module.ranking_loss, []
+    real, calls = trainer_module.loss_terms, []
 
     def loss_goes_nan(*args, **kw):
         calls.append(1)
         out = real(*args, **kw)
-        return out * float("nan") if len(calls) == 5 else out
+        nan = out.bce_sum * float("nan")
+        return dataclasses.replace(out, bce_sum=nan) if len(calls) == 5 else out
 
-    monkeypatch.setattr(trainer_module, "ranking_loss", loss_goes_nan)
+    monkeypatch.setattr(trainer_module, "loss_terms", loss_goes_nan)
     with pytest.raises(NonFiniteError, match=r"step 5: the loss is nan .* checkpoint \(step 3\)"):
         tr.fit(log, hashes, req)
     model, info = ckpt.load_checkpoint(tr.checkpoint_path)  # finite, loadable

@@ -263,9 +263,13 @@ def test_model_learns_a_planted_signal(tmp_path):
     assert trained > eval_auc(1) + 0.05
 
 
-def test_single_process_loop_refuses_torchrun(log_file, tmp_path, monkeypatch):
+def test_torchrun_variables_without_a_process_group_fail_clearly(log_file, tmp_path, monkeypatch):
+    """WORLD_SIZE > 1 means data-parallel training (tests/test_distributed.py); when the group
+    cannot be joined the trainer stops, it never trains a copy of its own."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match="WORLD_SIZE=2: this training loop runs in one process"):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="rank 1 of 2: could not join the process group"):
         _setup(log_file, tmp_path)
 
 

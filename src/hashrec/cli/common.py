@@ -12,6 +12,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -299,6 +300,24 @@ def parse_schema(text: str) -> LogSchema:
         raise UsageError(f"{where}: {e}") from None
 
 
+def add_distributed_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="train on N processes of this machine (launches torchrun; the global "
+                   "batch is split over them)")  # fmt: skip
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop when another process is silent this long (default 300)",
+    )
+    g.add_argument("--table-sharding", default=None,
+                   help="the hash table over processes: auto (default: column_wise with "
+                   "TorchRec installed, else replicated), replicated, column_wise, "
+                   "table_wise or row_wise")  # fmt: skip
+
+
 def load_data(args: argparse.Namespace):
     """The log named by --data/--schema/--authors (default: the shipped KuaiRand sample)."""
     from hashrec.data import load_kuairand, load_log
@@ -412,6 +431,10 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
         if unknown:
             raise ValueError(f"--action-weights names {sorted(unknown)}; the log's actions are "
                              f"{list(log.actions)}")  # fmt: skip
+        if getattr(args, "dist_timeout", None) is not None:  # only ``train`` has these
+            train = replace(train, dist_timeout_s=args.dist_timeout)
+        if getattr(args, "table_sharding", None) is not None:
+            train = replace(train, table_sharding=args.table_sharding)
         weights = args.entity_weights or None
         scheme = args.table_scheme
         train_mask = split.masks(log)[0] if split is not None else np.ones(len(log.user), bool)

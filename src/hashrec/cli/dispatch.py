@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what launchers pass on
     if args.command is None:
         parser.print_help()
         return 2

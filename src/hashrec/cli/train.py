@@ -1,8 +1,17 @@
-"""``hashrec train``: train a ranker on a log, evaluate it against baselines on later days."""
+"""``hashrec train``: train a ranker on a log, evaluate it against baselines on later days.
+
+On several processes: ``--nproc N`` launches ``torchrun --standalone --nproc_per_node=N -m hashrec
+train ...`` with the same options; or start ``torchrun`` yourself (several machines: its
+rendezvous options). Every rank trains its slice of each global batch; rank 0 evaluates, prints
+and writes the run folder.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from hashrec.cli import common
@@ -20,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--full-table", action="store_true",
                    help="also train the collision-free (one row per ID) model")  # fmt: skip
     common.add_model_options(p)
+    common.add_distributed_options(p)
     p.set_defaults(func=run)
 
 
@@ -30,6 +40,7 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
     train plain Phoenix multi-hash at the same bytes when the table scheme is another one, so
     the table shows both."""
     from hashrec.evaluation import experiment
+    from hashrec.training.distributed import env_world
     from hashrec.training.runlock import RunLock
 
     split = common.split(args, train_end)
@@ -41,10 +52,14 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
         phoenix = argparse.Namespace(**{**vars(args), "table_scheme": "multihash"})
         also.append(common.experiment_specs(phoenix, log, split)[0])
     out = common.out_folder(args.out)
-    with RunLock(out, say=print):
+    # several processes (torchrun): rank 0 holds the folder's lock, writes and reports
+    main_rank = env_world()[0] == 0
+    with RunLock(out, say=print) if main_rank else contextlib.nullcontext():
         checkpoint = out / "checkpoint.safetensors"
-        if resume and not experiment.check_resume(
-            checkpoint, log, split, spec, examples, train_cfg
+        if (
+            resume
+            and not experiment.check_resume(checkpoint, log, split, spec, examples, train_cfg)
+            and main_rank
         ):
             print(f"note: --resume: {out} holds no checkpoint yet; training from the start")
         resolved = {"command": args.command, "data": args.data or "kuairand sample",
@@ -53,17 +68,70 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
                     "transformer": asdict(spec.transformer), "device": args.device,
                     "dropout": spec.dropout, "side_features": spec.side_features,
                     "rate_features": spec.rate_features, "seeds": args.seeds}  # fmt: skip
-        write_json_atomic(out / "config.json", resolved)
+        if main_rank:
+            write_json_atomic(out / "config.json", resolved)
         seeds = tuple(range(args.seed, args.seed + args.seeds))
         res = experiment.run(log, split, spec, examples, train_cfg, out,
                              with_full_table=with_full_table, also=also, resume=resume,
                              device=args.device, say=lambda m: print(m, flush=True),
                              seeds=seeds)  # fmt: skip
+    if res is None:  # a rank > 0 of a multi-process run: rank 0 reports
+        return
     common.print_experiment(res)
     print(f"wrote {out}/metrics.json, results.md, results.png, checkpoint.safetensors")
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line minus ``--nproc N`` / ``--nproc=N`` (what each launched rank runs)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch(nproc: int, argv: Sequence[str]) -> None:
+    """Run ``hashrec <argv>`` on ``nproc`` local processes through torchrun; wait for them."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    torchrun_args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc_per_node={nproc}", "--module", "hashrec", *argv]
+    )
+    try:
+        torchrun(torchrun_args)
+    except ChildFailedError as e:
+        failed = ", ".join(
+            f"rank {r} (exit code {f.exitcode})" for r, f in sorted(e.failures.items())
+        )
+        raise RuntimeError(f"{nproc} training processes: {failed} failed") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise common.UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.dist_timeout is not None and args.dist_timeout <= 0:
+        raise common.UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    from hashrec.training.distributed import TABLE_SHARDING, teardown
+
+    if args.table_sharding is not None and args.table_sharding not in TABLE_SHARDING:
+        raise common.UsageError(
+            f"--table-sharding must be one of {', '.join(TABLE_SHARDING)}, "
+            f"got {args.table_sharding!r}"
+        )
+    if args.nproc > 1:
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            raise common.UsageError("--nproc under torchrun: give one or the other")
+        launch(args.nproc, _without_nproc(args.argv))
+        return 0
     log = common.load_data(args)
-    run_experiment(args, log, args.train_end, args.full_table, resume=args.resume)
+    try:
+        run_experiment(args, log, args.train_end, args.full_table, resume=args.resume)
+    finally:
+        teardown()
     return 0

@@ -39,6 +39,7 @@ from hashrec.nn.side import SideConfig
 from hashrec.nn.table import MemoryReport
 from hashrec.nn.transformer import TransformerConfig
 from hashrec.training.checkpoint import read_checkpoint_metadata
+from hashrec.training.distributed import env_world
 from hashrec.training.resume import check_resumable
 from hashrec.training.trainer import (
     Predictions,
@@ -243,7 +244,7 @@ class ModelRun:
 
     model: PhoenixRanker
     state: TrainState
-    predictions: Predictions
+    predictions: Predictions | None  # None on the ranks > 0 of a multi-process run
     memory: MemoryReport
     train_examples: int
 
@@ -260,7 +261,7 @@ def run_model(
     device: str | None = None,
 ) -> ModelRun:
     """Train ``spec`` on the training days (less the validation part, see ``TrainConfig``),
-    predict the evaluation days."""
+    predict the evaluation days (rank 0 only)."""
     train, ev = split.masks(log)
     if not spec.side_features:
         log = replace(log, side=SideColumns.empty(len(log)))
@@ -287,7 +288,7 @@ def run_model(
     return ModelRun(
         model=model,
         state=state,
-        predictions=predict(model, log, hashes, eval_req),
+        predictions=predict(model, log, hashes, eval_req) if trainer.ctx.is_main else None,
         memory=model.table.memory_report(trainer.table),
         train_examples=int((train_req.candidates >= 0).sum()),
     )
@@ -431,15 +432,21 @@ def run(
     progress: bool = True,
     say: Callable[[str], None] = print,
     seeds: tuple[int, ...] | None = None,
-) -> ExperimentResult:
+) -> ExperimentResult | None:
     """Train ``spec`` (then each of ``also``, then the collision-free table) once per seed,
-    score the baselines,
-    evaluate all of them on the same impressions; write ``metrics.json``, ``results.md`` and
-    ``results.png`` to ``out``. Figures are the mean over ``seeds`` (default: the training
-    seed alone) with their std. The first seed's checkpoint lands in ``out``, the others' in
-    ``out/seed_<s>``."""
+    score the baselines, evaluate all of them on the same impressions; write ``metrics.json``,
+    ``results.md`` and ``results.png`` to ``out``. Figures are the mean over ``seeds`` (default:
+    the training seed alone) with their std. The first seed's checkpoint lands in ``out``, the
+    others' in ``out/seed_<s>``.
+
+    Under torchrun every rank trains; rank 0 alone evaluates, writes and reports (the others
+    return None once trained).
+    """
     from hashrec.evaluation.report import aggregate_seeds, format_results, plot_run
 
+    main_rank = env_world()[0] == 0
+    if not main_rank:
+        say, progress = (lambda _: None), False
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     seeds = tuple(seeds) if seeds else (train_cfg.seed,)
@@ -458,6 +465,8 @@ def run(
             sub = sub if i == 0 else sub / f"seed_{seed}"
             r = run_model(log, split, sp, examples, cfg, sub, resume=resume and sp is spec,
                           progress=progress, device=device)  # fmt: skip
+            if r.predictions is None:  # a rank > 0: rank 0 evaluates
+                continue
             if rows is not None and not np.array_equal(rows, r.predictions.rows):
                 raise RuntimeError("models were evaluated on different rows")
             rows, reqs = r.predictions.rows, r.predictions.requests
@@ -472,6 +481,8 @@ def run(
                                  "table_share_of_full": r.memory.rows / full_rows,
                                  "best_epochs": []}  # fmt: skip
             info[sp.name]["best_epochs"].append(r.state.best_epoch)
+    if not main_rank:
+        return None
     assert rows is not None and reqs is not None
     say("scoring baselines ...")
     base = evaluate_predictions(log, rows, reqs, baseline_predictions(log, split, rows))

@@ -4,12 +4,41 @@ softmax with in-batch negatives."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from hashrec.models.ranker import RankerOutput
 
-__all__ = ["in_batch_logits", "ranking_loss", "retrieval_loss"]
+__all__ = ["LossTerms", "in_batch_logits", "loss_terms", "ranking_loss", "retrieval_loss"]
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """The sums and counts a ranking loss is made of, before dividing.
+
+    Data-parallel training adds the counts over processes first, so that N processes on one
+    global batch compute the loss of that whole batch (``hashrec.training.distributed``).
+    All four are 0-d float32 tensors; the sums carry gradients.
+    """
+
+    bce_sum: torch.Tensor
+    bce_count: torch.Tensor
+    abs_err_sum: torch.Tensor
+    abs_err_count: torch.Tensor
+
+    def loss(
+        self,
+        continuous_weight: float = 0.1,
+        bce_count: torch.Tensor | None = None,
+        abs_err_count: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean BCE + ``continuous_weight`` * mean abs error; counts overridable (global ones)."""
+        bce_count = self.bce_count if bce_count is None else bce_count
+        abs_err_count = self.abs_err_count if abs_err_count is None else abs_err_count
+        bce = self.bce_sum / bce_count.clamp(min=1.0)
+        return bce + continuous_weight * self.abs_err_sum / abs_err_count.clamp(min=1.0)
 
 
 def ranking_loss(
@@ -21,6 +50,8 @@ def ranking_loss(
     action_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean BCE over (valid candidate, action) pairs, plus ``continuous_weight`` * mean abs error.
+
+    ``loss_terms(...).loss(continuous_weight)``: the sums and counts are kept apart there.
 
     Args:
         output: the ranker's output; padding candidates (``candidate_mask`` False) never count.
@@ -36,6 +67,18 @@ def ranking_loss(
     >>> round(float(ranking_loss(out, torch.ones(1, 2, 1))), 4)  # only the valid candidate counts
     0.6931
     """
+    terms = loss_terms(output, labels, label_mask, continuous_targets, action_weights)
+    return terms.loss(continuous_weight)
+
+
+def loss_terms(
+    output: RankerOutput,
+    labels: torch.Tensor,
+    label_mask: torch.Tensor | None = None,
+    continuous_targets: torch.Tensor | None = None,
+    action_weights: torch.Tensor | None = None,
+) -> LossTerms:
+    """Sums and counts of ``ranking_loss`` (same arguments, shapes and checks)."""
     logits = output.logits
     if labels.shape != logits.shape:
         raise ValueError(f"labels has shape {list(labels.shape)}, expected {list(logits.shape)}")
@@ -56,7 +99,9 @@ def ranking_loss(
                 f"[{logits.shape[-1]}]"
             )
         aw = action_weights.to(bce.device, bce.dtype)
-    loss = (bce * w * aw).sum() / w.sum().clamp(min=1.0)
+    bce = bce * aw
+    zero = logits.new_zeros((), dtype=torch.float32)
+    err_sum, err_count = zero, zero  # no continuous head: the regression term adds exactly 0
     Ac = output.continuous.shape[-1]
     if Ac and continuous_targets is not None:
         if continuous_targets.shape != output.continuous.shape:
@@ -66,8 +111,8 @@ def ranking_loss(
             )
         cm = output.candidate_mask[..., None].float()
         err = (output.continuous.float() - continuous_targets.float()).abs() * cm
-        loss = loss + continuous_weight * err.sum() / (cm.sum() * Ac).clamp(min=1.0)
-    return loss
+        err_sum, err_count = err.sum(), cm.sum() * Ac
+    return LossTerms((bce * w).sum(), w.sum(), err_sum, err_count)
 
 
 def in_batch_logits(

@@ -9,6 +9,7 @@ O(touched rows), never O(table). Row 0 is padding: zero at init, dropped from ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,9 @@ class FusedEmbeddingTable(nn.Module):
         self.num_rows, self.dim, self.sparse = num_rows, dim, sparse
         self.weight = nn.Parameter(torch.empty(num_rows, dim, dtype=dtype))
         self.init_std = init_std
+        # A lookup that stands in for the local gather: flat int64 rows [n] -> [n, D], row 0
+        # zero. Set while the table is sharded over processes (hashrec.training.sharded).
+        self.backend: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.reset_parameters()
 
     @classmethod
@@ -151,11 +155,16 @@ class FusedEmbeddingTable(nn.Module):
                     f"{name} holds row {bad}, expected 0..{self.num_rows - 1} (table rows)"
                 )
 
+    def _gather(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.backend is not None:
+            return self.backend(flat)
+        return gather_rows(self.weight, flat, self.sparse)
+
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [...] int -> vectors [..., D] in the table's dtype."""
         self._check_indices("indices", indices)
         flat = indices.reshape(-1).to(torch.int64)
-        return gather_rows(self.weight, flat, self.sparse).view(*indices.shape, self.dim)
+        return self._gather(flat).view(*indices.shape, self.dim)
 
     def lookup(self, batch: RecsysBatch) -> RecsysEmbeddings:
         """Every hash field of a batch (``HASH_FIELDS``) in one gather -> ``RecsysEmbeddings``.
@@ -168,7 +177,7 @@ class FusedEmbeddingTable(nn.Module):
                 self._check_indices(f.name, getattr(batch, f.name))
         parts = [getattr(batch, f.name) for f in present]
         flat = torch.cat([p.reshape(-1).to(torch.int64) for p in parts])
-        out = gather_rows(self.weight, flat, self.sparse)
+        out = self._gather(flat)
         pieces = torch.split(out, [p.numel() for p in parts])
         looked_up = {f.embedding: None for f in HASH_FIELDS}
         for f, p, piece in zip(present, parts, pieces, strict=True):

@@ -10,6 +10,9 @@ difference is refused except these, which do not change the steps already taken:
 * ``train.epochs``: more epochs continue a finished run (each epoch's order is seeded by
   (seed, epoch)); fewer than the checkpoint has started are refused;
 * ``train.max_steps``, ``train.checkpoint_every``: when to stop and save;
+* ``train.dist_timeout_s``, ``train.table_sharding``: how processes wait for each other and
+  where the table lives; a checkpoint holds the whole table whatever the process count, and the
+  position counts global batches, so a run may resume under another process count or layout;
 * ``split.eval_start``, ``split.eval_end``: the evaluation days;
 * ``model``: the display name.
 
@@ -23,8 +26,8 @@ from typing import Any
 __all__ = ["MAY_CHANGE", "check_resumable", "resume_conflicts"]
 
 MAY_CHANGE = frozenset(
-    {"train.epochs", "train.max_steps", "train.checkpoint_every", "split.eval_start",
-     "split.eval_end", "model"}
+    {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.dist_timeout_s",
+     "train.table_sharding", "split.eval_start", "split.eval_end", "model"}
 )  # fmt: skip
 
 

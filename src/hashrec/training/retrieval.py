@@ -27,6 +27,7 @@ from hashrec.data.io import sorted_lookup
 from hashrec.models.losses import retrieval_loss
 from hashrec.models.two_tower import TwoTowerRetriever
 from hashrec.training.checkpoint import TrainState
+from hashrec.training.distributed import env_world
 from hashrec.training.trainer import TrainConfig, Trainer
 
 __all__ = [
@@ -112,6 +113,12 @@ class RetrievalTrainer(Trainer):
         progress: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
+        world = env_world()[1]
+        if world > 1:  # N copies training independently is not data-parallel training
+            raise RuntimeError(
+                f"WORLD_SIZE={world}: the two-tower loop runs in one process (multi-process "
+                "training covers the ranker); run it without torchrun"
+            )
         super().__init__(model, config, run_dir, progress=progress, device=device)  # type: ignore[arg-type]
 
     def fit(  # type: ignore[override]

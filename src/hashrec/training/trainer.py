@@ -4,14 +4,14 @@ AdamW trains the dense weights, ``RowWiseAdagrad`` the hash table (as X does). B
 per-epoch permutation seeded by (seed, epoch), so a run resumed from a checkpoint continues with
 exactly the batches it would have seen. Checkpoints: ``hashrec.training.checkpoint``.
 
-Single process: the loop refuses ``WORLD_SIZE > 1`` (N copies training independently is not
-data-parallel training).
+Under torchrun the same loop trains data-parallel (``hashrec.training.distributed``): each rank
+takes its slice of every global batch, gradients are summed over ranks, and rank 0 alone shows
+progress and writes checkpoints, which hold the whole model and load under any process count.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,9 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from hashrec.data import InteractionLog, Requests, RowHashes, batches
-from hashrec.models.losses import ranking_loss
+from hashrec.models.losses import loss_terms
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.nn.optim import RowWiseAdagrad
+from hashrec.training import distributed
 from hashrec.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from hashrec.training.resume import check_resumable
 
@@ -49,7 +50,7 @@ class TrainConfig:
     """
 
     epochs: int = 2
-    batch_size: int = 128  # requests per step
+    batch_size: int = 128  # requests per step (the global batch, split over processes)
     lr: float = 2e-3
     weight_decay: float = 0.01
     table_lr: float = 0.05
@@ -66,6 +67,8 @@ class TrainConfig:
     val_days: int = 0
     val_fraction: float = 0.0
     patience: int = 1
+    dist_timeout_s: float = distributed.DEFAULT_TIMEOUT_S  # a rank silent this long: stop
+    table_sharding: str = "auto"  # over processes: distributed.TABLE_SHARDING
 
     def __post_init__(self) -> None:
         if isinstance(self.action_weights, dict):
@@ -90,6 +93,13 @@ class TrainConfig:
         if self.seed < 0 or self.checkpoint_every < 1:
             raise ValueError(f"need seed >= 0 and checkpoint_every >= 1, got {self.seed}, "
                              f"{self.checkpoint_every}")  # fmt: skip
+        if self.table_sharding not in distributed.TABLE_SHARDING:
+            raise ValueError(
+                f"table_sharding must be one of {distributed.TABLE_SHARDING}, "
+                f"got {self.table_sharding!r}"
+            )
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
 
 
 class NonFiniteError(RuntimeError):
@@ -114,17 +124,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _refuse_multi_process() -> None:
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world not in ("", "1"):
-        raise RuntimeError(
-            f"WORLD_SIZE={world}: this training loop runs in one process; under torchrun each "
-            "process would train its own copy. Run it without torchrun."
-        )
-
-
 class Trainer:
     """Trains a ranker on requests; checkpoints to ``run_dir / checkpoint.safetensors``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) it joins the process group and trains data-parallel.
 
     >>> import tempfile
     >>> from hashrec.data import ExampleConfig, build_requests, load_kuairand
@@ -152,11 +155,13 @@ class Trainer:
         progress: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
-        _refuse_multi_process()
-        self.device = resolve_device(device)
+        self.ctx = distributed.setup(resolve_device(device), config.dist_timeout_s)
+        self.device = self.ctx.device
         self.model, self.config = model.to(self.device), config
+        self.parallel = distributed.DataParallel(self.model, self.ctx, config.table_sharding)
+        distributed.seed_rank(config.seed, self.ctx)
         self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.progress = progress and self.ctx.is_main
         self.dense = torch.optim.AdamW(
             model.dense_parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -200,13 +205,20 @@ class Trainer:
         return torch.tensor([weights.get(a, 1.0) for a in self.model.config.actions])
 
     def save(self) -> None:
-        """Checkpoint the run; refuses (``NonFiniteError``) weights that are not finite."""
-        for name, p in self.model.named_parameters():
-            if not bool(torch.isfinite(p).all()):
-                raise self._stop(f"weight {name} holds NaN or infinite values")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        optimizers = {"dense": self.dense, "table": self.table}
-        save_checkpoint(self.checkpoint_path, self.model, optimizers, self.state, self.record())
+        """Checkpoint the run; refuses (``NonFiniteError``) weights that are not finite.
+
+        Rank 0 writes; every rank takes part in gathering a sharded table.
+        """
+        with self.parallel.full_table(self.table):
+            for name, p in self.model.named_parameters():
+                if not bool(torch.isfinite(p).all()):
+                    raise self._stop(f"weight {name} holds NaN or infinite values")
+            if self.ctx.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                optimizers = {"dense": self.dense, "table": self.table}
+                save_checkpoint(
+                    self.checkpoint_path, self.model, optimizers, self.state, self.record()
+                )
         self._saved_step = self.state.global_step
 
     def resume(self) -> bool:
@@ -242,13 +254,50 @@ class Trainer:
         requests: Requests,
         validation: Requests | None = None,
     ) -> TrainState:
-        """Train on ``requests``; with ``validation``, score it after each epoch, keep the best
-        epoch's weights (``best.safetensors``), stop after ``patience`` epochs without
-        improvement and end with the best weights loaded (and, once the run is done, saved in
-        its checkpoint)."""
+        """Train from the current position to the end (or ``max_steps``); with ``validation``,
+        score it after each epoch, keep the best epoch's weights (``best.safetensors``), stop
+        after ``patience`` epochs without improvement and end with the best weights loaded (and,
+        once the run is done, saved in its checkpoint)."""
+        self.parallel.begin(self.table)  # shard the table, when it is sharded
+        state = self._fit(log, hashes, requests, validation)
+        self.parallel.end(self.table)
+        return state
+
+    def train_step(self, log: InteractionLog, hashes: RowHashes, requests: Requests,
+                   indices: np.ndarray) -> distributed.StepLoss:  # fmt: skip
+        """One optimisation step on the global batch ``requests[indices]`` (this rank's slice)."""
+        self.parallel.begin(self.table)  # no-op once begun (or with nothing to shard)
+        mine, weight = self.parallel.local_requests(indices)
+        lb = next(batches(log, hashes, requests, len(mine), mine)).to(self.device)
+        out = self.parallel(lb.batch, side=lb.side)
+        terms = loss_terms(out, lb.labels, lb.label_mask, lb.continuous, self._action_weights())
+        examples = int(out.candidate_mask.sum())
+        loss = distributed.global_loss(
+            terms, self.config.continuous_weight, examples, self.ctx, weight
+        )
+        if not math.isfinite(loss.value):  # stop before the step spoils the weights (all ranks)
+            raise self._stop(f"the loss is {loss.value} (epoch {self.state.epoch + 1})")
+        self.parallel.backward(loss.backward)
+        self.dense.step()
+        self.table.step()
+        self.dense.zero_grad(set_to_none=True)
+        self.table.zero_grad(set_to_none=True)
+        return loss
+
+    def _fit(
+        self,
+        log: InteractionLog,
+        hashes: RowHashes,
+        requests: Requests,
+        validation: Requests | None,
+    ) -> TrainState:
         c, st = self.config, self.state
+        if validation is not None and self.ctx.world > 1:
+            raise ValueError(
+                "a validation split (early stopping) runs in one process only for now; "
+                "set val_days=0 and val_fraction=0 under torchrun"
+            )
         n_steps = math.ceil(len(requests) / c.batch_size)
-        action_weights = self._action_weights()
         self.model.train()
         seen, t0 = 0, time.perf_counter()
         for epoch in range(st.epoch, c.epochs):
@@ -259,23 +308,15 @@ class Trainer:
             start = st.step_in_epoch
             bar = tqdm(total=n_steps, initial=start, desc=f"epoch {epoch + 1}/{c.epochs}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)  # fmt: skip
-            stream = batches(log, hashes, requests, c.batch_size, perm[start * c.batch_size :])
-            for i, lb in enumerate(stream):
-                lb = lb.to(self.device)
-                out = self.model(lb.batch, side=lb.side)
-                loss = ranking_loss(out, lb.labels, lb.label_mask, lb.continuous,
-                                    c.continuous_weight, action_weights)  # fmt: skip
-                value = loss.item()
-                if not math.isfinite(value):  # stop before the step spoils the weights
+            order = perm[start * c.batch_size :]
+            for i, lo in enumerate(range(0, len(order), c.batch_size)):
+                try:
+                    loss = self.train_step(log, hashes, requests, order[lo : lo + c.batch_size])
+                except NonFiniteError:
                     bar.close()
-                    raise self._stop(f"the loss is {value} (epoch {epoch + 1})")
-                loss.backward()
-                self.dense.step()
-                self.table.step()
-                self.dense.zero_grad(set_to_none=True)
-                self.table.zero_grad(set_to_none=True)
-                seen += int(out.candidate_mask.sum())
-                st.record_loss(value)
+                    raise
+                seen += loss.examples
+                st.record_loss(loss.value)
                 st.global_step += 1
                 st.step_in_epoch = start + i + 1
                 st.examples_per_s = seen / (time.perf_counter() - t0)
