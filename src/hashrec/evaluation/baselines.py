@@ -165,6 +165,16 @@ class GBDTBaseline:
 
     Same features, same expanding-window encoding of the training days, so the two baselines
     differ only in the model. Needs the ``gbdt`` extra (``pip install hashrec[gbdt]``).
+
+    >>> from hashrec.data import load_kuairand
+    >>> from hashrec.datasets import kuairand_sample_dir
+    >>> log = load_kuairand(kuairand_sample_dir())  # doctest: +ELLIPSIS
+    ...
+    >>> train = log.days(20220425, 20220427)
+    >>> rows = np.flatnonzero(log.days(20220428, 20220428))[:5]
+    >>> gbdt = GBDTBaseline(num_trees=5).fit(log, train)
+    >>> gbdt.predict(log, train, rows).shape == (5, len(log.actions))
+    True
     """
 
     num_trees: int = 200

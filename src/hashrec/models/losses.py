@@ -21,6 +21,12 @@ class LossTerms:
     Data-parallel training adds the counts over processes first, so that N processes on one
     global batch compute the loss of that whole batch (``hashrec.training.distributed``).
     All four are 0-d float32 tensors; the sums carry gradients.
+
+    >>> t = LossTerms(torch.tensor(6.0), torch.tensor(4.0), torch.tensor(2.0), torch.tensor(2.0))
+    >>> float(t.loss(continuous_weight=0.5))  # 6/4 + 0.5 * 2/2
+    2.0
+    >>> float(t.loss(0.5, bce_count=torch.tensor(8.0)))  # the counts of a global batch
+    1.25
     """
 
     bce_sum: torch.Tensor

@@ -42,6 +42,10 @@ class BatchField:
     ``kind`` is "hash" (fused-table rows of ``entity``, looked up into ``embedding``),
     "surface" (product-surface ids), "actions" (multi-hot history actions), "seconds" (float
     durations) or "timestamp" (int seconds). ``optional`` fields may be None on their own.
+
+    >>> f = next(f for f in BATCH_FIELDS if f.name == "history_post_hashes")
+    >>> f.entity, f.embedding, f.embedding_dims
+    ('post', 'history_post_embeddings', ('B', 'S', 'Kp', 'D'))
     """
 
     name: str

@@ -70,7 +70,13 @@ def gather_rows(weight: torch.Tensor, idx: torch.Tensor, sparse: bool = True) ->
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Bytes held by a table, its optimizer state and any frequency map (hybrid layouts)."""
+    """Bytes held by a table, its optimizer state and any frequency map (hybrid layouts).
+
+    >>> r = MemoryReport(rows=1000, dim=8, dtype="float32", table_bytes=32_000,
+    ...                  optimizer_bytes=4_000)
+    >>> r.total_bytes
+    36000
+    """
 
     rows: int
     dim: int

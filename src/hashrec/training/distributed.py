@@ -57,7 +57,14 @@ DEFAULT_TIMEOUT_S = 300.0
 
 
 class DistributedError(RuntimeError):
-    """A collective failed: another process died, hung past the timeout, or the network broke."""
+    """A collective failed: another process died, hung past the timeout, or the network broke.
+
+    >>> try:
+    ...     raise DistributedError("rank 1 did not answer within 300 s")
+    ... except RuntimeError as e:  # a RuntimeError: the CLI reports it as one line, exit 1
+    ...     print(e)
+    rank 1 did not answer within 300 s
+    """
 
 
 def env_world() -> tuple[int, int, int]:
@@ -194,7 +201,12 @@ def rank_slice(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class StepLoss:
-    """One step's loss: ``backward`` for this rank; ``value``, ``examples``: the global batch."""
+    """One step's loss: ``backward`` for this rank; ``value``, ``examples``: the global batch.
+
+    >>> s = StepLoss(backward=torch.tensor(0.35), value=0.7, examples=512)
+    >>> s.value, s.examples  # rank r's backward is its share; the shares add up to value
+    (0.7, 512)
+    """
 
     backward: torch.Tensor
     value: float
