@@ -214,3 +214,39 @@ def test_next_engagement_queries_see_only_the_past(run):
     pop = popularity_ranking(log, ~ev, ("click",), q.seen, 5)
     for row, s in zip(pop, q.seen, strict=True):
         assert not set(row.tolist()) & set(s.tolist())
+
+
+def test_a_users_list_does_not_depend_on_who_shares_the_batch():
+    """Histories are padded to the pipeline's fixed length, not the batch's longest history."""
+    import numpy as np
+
+    from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
+    from hashrec.models.two_tower import TwoTowerConfig, TwoTowerRetriever
+    from hashrec.retrieval import Corpus
+    from hashrec.serving.pipeline import RecommendPipeline, UserRequest
+
+    torch.manual_seed(0)
+    h = HashConfig.uniform(101)
+    tf = TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1)
+    acts = ("click", "like")
+    ranker = PhoenixRanker(
+        RankerConfig(hash=h, transformer=tf, actions=acts, continuous_actions=())
+    )
+    retriever = TwoTowerRetriever(TwoTowerConfig(hash=h, transformer=tf, actions=acts))
+    corpus = Corpus(np.arange(1, 41), np.arange(1, 41) % 5 + 1, np.zeros(40))
+
+    def user(uid: int, n: int) -> UserRequest:
+        ids = np.arange(1, n + 1)
+        return UserRequest(uid, acts, ids, ids % 5 + 1, np.ones((n, 2)), np.zeros(n, np.int64))
+
+    pipe = RecommendPipeline(retriever, ranker, corpus, retrieve_k=20, history_len=8)
+    alone = pipe.recommend_batch([user(7, 2)], k=10)[0]
+    shared = pipe.recommend_batch([user(7, 2), user(9, 8)], k=10)[0]
+    assert [r.post_id for r in alone.items] == [r.post_id for r in shared.items]
+    np.testing.assert_allclose([r.score for r in alone.items], [r.score for r in shared.items],
+                               rtol=1e-5)  # fmt: skip
+    # and the check can fail: padding to the batch's longest history moves the scores
+    loose = RecommendPipeline(retriever, ranker, corpus, retrieve_k=20)
+    a = loose.recommend_batch([user(7, 2)], k=10)[0]
+    b = loose.recommend_batch([user(7, 2), user(9, 8)], k=10)[0]
+    assert [r.score for r in a.items] != [r.score for r in b.items]

@@ -807,9 +807,10 @@ def test_serve_cli_builds_the_corpus_from_data(checkpoint, tmp_path):
     app = serve.build(args)
     log = load_log(str(log_file), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
     corpus = Corpus.from_log(log)
-    model, _ = load_checkpoint(checkpoint)
+    model, info = load_checkpoint(checkpoint)
     retr, _ = load_checkpoint(retriever)
-    pipeline = RecommendPipeline(retr, model, corpus, retrieve_k=10)
+    trained = (info.extra.get("examples") or {}).get("history_len", 32)  # as serve pads
+    pipeline = RecommendPipeline(retr, model, corpus, retrieve_k=10, history_len=trained)
     user = int(log.user[0])
     with Server(app) as client:
         assert client.get("/healthz").json()["corpus_size"] == len(corpus)

@@ -118,10 +118,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise common.UsageError(f"--weights {e}") from None
         scorer = WeightedScorer(scoring, ranker.config.actions, ranker.config.continuous_actions)
-    pipe = RecommendPipeline(retriever, ranker, corpus, scorer, args.retrieve_k, args.chunk_size)
     history_len = args.history_len
     if history_len is None:
         history_len = int(rinfo.extra.get("history_len", 32))
+    pipe = RecommendPipeline(retriever, ranker, corpus, scorer, args.retrieve_k, args.chunk_size,
+                             history_len=max(1, history_len))  # fmt: skip
     off = _id_offset(args)
     requests = [UserRequest.from_log(log, u + off, history_len) for u in users]
     results = pipe.recommend_batch(requests, args.k)

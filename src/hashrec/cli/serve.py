@@ -105,7 +105,8 @@ def build(args: argparse.Namespace):
         retriever, _ = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever",
                                                  option="--retriever")  # fmt: skip
         log, corpus = common.load_corpus(args, retriever.config.actions)
-        pipeline = RecommendPipeline(retriever, model, corpus, ranker.scorer, args.retrieve_k)
+        pipeline = RecommendPipeline(retriever, model, corpus, ranker.scorer, args.retrieve_k,
+                                     history_len=max(1, history_len))  # fmt: skip
         known_users = log.user
     return create_app(ranker, ServeConfig(limits, batching), pipeline, known_users)
 

@@ -204,6 +204,7 @@ class RecommendPipeline:
         scorer: WeightedScorer | None = None,
         retrieve_k: int = 100,
         chunk_size: int = 65_536,
+        history_len: int | None = None,
     ) -> None:
         if tuple(retriever.config.actions) != tuple(ranker.config.actions):
             raise ValueError(
@@ -212,6 +213,12 @@ class RecommendPipeline:
             )
         if retrieve_k < 1:
             raise ValueError(f"retrieve_k must be >= 1, got {retrieve_k}")
+        if history_len is not None and history_len < 1:
+            raise ValueError(f"history_len must be >= 1, got {history_len}")
+        # Histories are left-padded to this fixed length (the trained one): with rotary positions
+        # the padding length moves the history relative to the user and candidates, so padding
+        # to the longest history in a batch would make a user's scores depend on the batch.
+        self.history_len = history_len
         self.retriever, self.ranker, self.corpus = retriever.eval(), ranker.eval(), corpus
         self.actions = tuple(ranker.config.actions)
         if scorer is None:
@@ -245,17 +252,22 @@ class RecommendPipeline:
         """Left-padded histories (+ candidates [B, C] corpus positions) hashed for ``model``."""
         h = (self.retriever if model == "retriever" else self.ranker).config.hash
         B = len(requests)
-        S = max(1, max(len(r.history_post_ids) for r in requests))
+        S = self.history_len or max(1, max(len(r.history_post_ids) for r in requests))
         post = np.zeros((B, S), np.int64)
         author = np.zeros((B, S), np.int64)
         surface = np.zeros((B, S), np.int64)
         acts = np.zeros((B, S, len(self.actions)), np.float32)
         users = np.zeros(B, np.int64)
         for i, r in enumerate(requests):
-            n = len(r.history_post_ids)
+            n = min(len(r.history_post_ids), S)  # the latest S events
             if n:
-                post[i, S - n :], author[i, S - n :] = r.history_post_ids, r.history_author_ids
-                surface[i, S - n :], acts[i, S - n :] = r.history_surface, r.history_actions
+                last = slice(len(r.history_post_ids) - n, None)
+                post[i, S - n :] = r.history_post_ids[last]
+                author[i, S - n :] = r.history_author_ids[last]
+                surface[i, S - n :], acts[i, S - n :] = (
+                    r.history_surface[last],
+                    r.history_actions[last],
+                )
             users[i] = r.user_id if r.known_user else 0
         cp = ca = cs = None  # the user tower's batch has no candidates
         if candidates is not None:
