@@ -250,3 +250,31 @@ def test_a_users_list_does_not_depend_on_who_shares_the_batch():
     a = loose.recommend_batch([user(7, 2)], k=10)[0]
     b = loose.recommend_batch([user(7, 2), user(9, 8)], k=10)[0]
     assert [r.score for r in a.items] != [r.score for r in b.items]
+
+
+def test_a_ranker_with_side_features_is_refused_up_front():
+    """Serving does not build side features yet: say so when the pipeline is built, not with a
+    failure in the middle of a request."""
+    import numpy as np
+
+    from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
+    from hashrec.hashing.config import EntityHash
+    from hashrec.models.two_tower import TwoTowerConfig, TwoTowerRetriever
+    from hashrec.nn.side import SideConfig
+    from hashrec.retrieval import Corpus
+    from hashrec.serving.pipeline import RecommendPipeline
+    from hashrec.serving.rank import RequestRanker
+
+    base = HashConfig.uniform(101)
+    h = HashConfig(entities=(*base.entities, EntityHash("feature", 2, 50, "default", seed=4)))
+    tf = TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1)
+    acts = ("click", "like")
+    side = SideConfig(post_fields=2)
+    ranker = PhoenixRanker(RankerConfig(hash=h, transformer=tf, actions=acts,
+                                        continuous_actions=(), side=side))  # fmt: skip
+    retriever = TwoTowerRetriever(TwoTowerConfig(hash=base, transformer=tf, actions=acts))
+    corpus = Corpus(np.arange(1, 11), np.arange(1, 11) % 3 + 1, np.zeros(10))
+    with pytest.raises(ValueError, match="trained with side features"):
+        RecommendPipeline(retriever, ranker, corpus)
+    with pytest.raises(ValueError, match="--no-side-features"):
+        RequestRanker(ranker)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hashrec.data import InteractionLog
-from hashrec.models.ranker import PhoenixRanker
+from hashrec.models.ranker import SIDE_FEATURES_NOT_SERVED, PhoenixRanker
 from hashrec.models.scoring import X_HOME_MIXER_WEIGHTS, ScoringConfig, WeightedScorer
 from hashrec.models.two_tower import TwoTowerRetriever
 from hashrec.nn.batch import RecsysBatch
@@ -213,6 +213,8 @@ class RecommendPipeline:
             )
         if retrieve_k < 1:
             raise ValueError(f"retrieve_k must be >= 1, got {retrieve_k}")
+        if ranker.config.side.any:
+            raise ValueError(SIDE_FEATURES_NOT_SERVED)
         if history_len is not None and history_len < 1:
             raise ValueError(f"history_len must be >= 1, got {history_len}")
         # Histories are left-padded to this fixed length (the trained one): with rotary positions

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hashrec.models.ranker import PhoenixRanker
+from hashrec.models.ranker import SIDE_FEATURES_NOT_SERVED, PhoenixRanker
 from hashrec.models.scoring import ScoringConfig, WeightedScorer
 from hashrec.nn.batch import RecsysBatch
 from hashrec.serving.pipeline import scoring_config
@@ -209,6 +209,8 @@ class RequestRanker:
             raise ValueError(f"model must be a PhoenixRanker, got {type(model).__name__}")
         if history_len < 0:
             raise ValueError(f"history_len must be >= 0, got {history_len}")
+        if model.config.side.any:
+            raise ValueError(SIDE_FEATURES_NOT_SERVED)
         if any(e.scheme == "identity" for e in model.config.hash.entities):
             raise ValueError(
                 "the model hashes dense IDs (identity scheme, a full-table baseline): it cannot "
