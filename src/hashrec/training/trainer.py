@@ -294,8 +294,8 @@ class Trainer:
         c, st = self.config, self.state
         if validation is not None and self.ctx.world > 1:
             raise ValueError(
-                "a validation split (early stopping) runs in one process only for now; "
-                "set val_days=0 and val_fraction=0 under torchrun"
+                "a validation split (early stopping) runs in one process only for now; under "
+                "torchrun or --nproc pass --val-days 0 (TrainConfig(val_days=0, val_fraction=0))"
             )
         n_steps = math.ceil(len(requests) / c.batch_size)
         self.model.train()
