@@ -38,6 +38,12 @@ def make_batch(
     )
 
 
+def without_candidates(batch: RecsysBatch) -> RecsysBatch:
+    """The same user and history, no candidates (what the two-tower user tower takes)."""
+    return RecsysBatch(batch.user_hashes, batch.history_post_hashes, batch.history_author_hashes,
+                       batch.history_actions, batch.history_product_surface)  # fmt: skip
+
+
 @pytest.fixture
 def small_config() -> HashConfig:
     return HashConfig.uniform(num_buckets=97, num_hashes=2)

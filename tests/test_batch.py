@@ -6,7 +6,7 @@ import torch
 
 from hashrec import RecsysBatch, RecsysEmbeddings
 
-from conftest import make_batch
+from conftest import make_batch, without_candidates
 
 
 def _replace(batch, **kw):
@@ -170,13 +170,7 @@ def test_batch_without_candidates_is_valid_and_looks_up(small_config):
     from hashrec import FusedEmbeddingTable
 
     b = make_batch(small_config, B=2, S=3, C=4)
-    user_only = RecsysBatch(
-        b.user_hashes,
-        b.history_post_hashes,
-        b.history_author_hashes,
-        b.history_actions,
-        b.history_product_surface,
-    )
+    user_only = without_candidates(b)
     assert not user_only.has_candidates and user_only.num_candidates == 0
     user_only.validate(small_config, num_actions=19, num_surfaces=16)
     emb = FusedEmbeddingTable.from_config(small_config, dim=8).lookup(user_only)

@@ -217,6 +217,8 @@ def test_cli_nproc_errors(log_file, tmp_path, capsys, monkeypatch):
     assert "--dist-timeout must be > 0" in cli_error([*base, "--dist-timeout", "0"], capsys, 2)
     err = cli_error([*base, "--table-sharding", "diagonal"], capsys, 2)
     assert "--table-sharding must be one of auto, replicated, column_wise" in err
+    err = cli_error([*base, "--nproc", "2"], capsys, 2)  # the default --val-days 1
+    assert "runs in one process only for now: with --nproc or torchrun pass --val-days 0" in err
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "--nproc under torchrun" in cli_error([*base, "--nproc", "2"], capsys, 2)
 

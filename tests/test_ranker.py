@@ -168,21 +168,13 @@ def test_config_roundtrip():
 
 
 def test_ranker_refuses_a_batch_without_candidates(small_config):
-    from hashrec import RecsysBatch
-
-    from conftest import make_batch
+    from conftest import make_batch, without_candidates
 
     cfg = RankerConfig(
         hash=small_config,
         transformer=TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1),
     )
     b = make_batch(small_config)
-    user_only = RecsysBatch(
-        b.user_hashes,
-        b.history_post_hashes,
-        b.history_author_hashes,
-        b.history_actions,
-        b.history_product_surface,
-    )
+    user_only = without_candidates(b)
     with pytest.raises(ValueError, match="no candidates"):
         PhoenixRanker(cfg)(user_only)

@@ -211,8 +211,9 @@ def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
     g.add_argument("--kv-heads", type=pos, default=1, help="key/value heads (GQA)")
     g.add_argument("--num-hashes", type=pos, default=2, help="hashes k per entity")
     g.add_argument("--table-fraction", type=number(0, 1e6), default=0.25,
-                   help="bytes per entity block as a fraction of a one-row-per-ID table "
-                   "(for multihash: rows as a fraction of distinct IDs)")  # fmt: skip
+                   help="the table's bytes as a fraction of the collision-free (one row per "
+                   "ID) table's, shared between entities by --entity-weights (with "
+                   "--entity-weights none: each block at this fraction of its IDs)")  # fmt: skip
     g.add_argument("--table-scheme", choices=TABLE_SCHEMES, default=DEFAULT_TABLE_SCHEME,
                    help="table layout: multihash (plain Phoenix), hybrid (private rows for the "
                    "most frequent training IDs, hashed tail), weighted (importance-weighted "

@@ -20,8 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--full-table", action="store_true",
                    help="also train the collision-free (one row per ID) model")  # fmt: skip
     common.add_model_options(p)
-    # at most 2 epochs per seed keeps 3 seeds within 3 minutes on 2 cores; on the sample the
-    # validation day picks the second epoch anyway (benchmarks/study_ranker.py sweep)
+    # at most 2 epochs per seed keeps 3 seeds of the default and of plain Phoenix within 3
+    # minutes on 2 cores (measured 2:47); on the sample the validation day picks the second
+    # epoch anyway (benchmarks/study_ranker.py sweep)
     p.set_defaults(func=run, epochs=2)
 
 

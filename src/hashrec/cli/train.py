@@ -124,9 +124,15 @@ def run(args: argparse.Namespace) -> int:
             f"--table-sharding must be one of {', '.join(TABLE_SHARDING)}, "
             f"got {args.table_sharding!r}"
         )
+    torchrun = os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+    if args.nproc > 1 and torchrun:
+        raise common.UsageError("--nproc under torchrun: give one or the other")
+    if (args.nproc > 1 or torchrun) and (args.val_days or args.val_fraction):
+        raise common.UsageError(
+            "the validation split (early stopping) runs in one process only for now: "
+            "with --nproc or torchrun pass --val-days 0"
+        )
     if args.nproc > 1:
-        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-            raise common.UsageError("--nproc under torchrun: give one or the other")
         launch(args.nproc, _without_nproc(args.argv))
         return 0
     log = common.load_data(args)

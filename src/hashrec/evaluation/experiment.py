@@ -452,6 +452,7 @@ def run(
     seeds = tuple(seeds) if seeds else (train_cfg.seed,)
     full = collision_free_spec(log, spec.transformer, spec.dropout)
     full.side_features = spec.side_features
+    full.rate_features = spec.rate_features
     specs = [spec, *also] + ([full] if with_full_table else [])
     runs: dict[str, list[dict]] = {}
     losses, info = {}, {}

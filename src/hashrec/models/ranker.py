@@ -443,12 +443,23 @@ class PhoenixRanker(nn.Module):
         signals) and candidate [B, C, D] (post fields) tokens."""
         B, S, C = user.shape[0], hist.shape[1], cand.shape[1]
         side.validate(self.config.side, B, S, C)
-        if self.user_side is not None:
-            emb = self.table(side.user_feature_rows)  # [B, Fu, K, D]
-            user = user + self.user_side(emb, side.user_numeric)[:, None]
-        if self.post_side is not None:
-            cand = cand + self.post_side(self.table(side.candidate_feature_rows),
-                                         side.candidate_numeric)  # fmt: skip
+        # one lookup for both: a sharded table applies its optimizer step once per lookup call,
+        # so two calls would update a feature row hit by user and post fields twice
+        rows = {
+            name: getattr(side, field)
+            for name, field, reduce in (("user", "user_feature_rows", self.user_side),
+                                        ("post", "candidate_feature_rows", self.post_side))
+            if reduce is not None
+        }  # fmt: skip
+        if rows:
+            flat = self.table(torch.cat([r.reshape(-1) for r in rows.values()]))
+            pieces = torch.split(flat, [r.numel() for r in rows.values()])
+            D = self.table.dim
+            emb = {n: p.view(*r.shape, D) for (n, r), p in zip(rows.items(), pieces, strict=True)}
+            if "user" in emb:  # [B, Fu, K, D]
+                user = user + self.user_side(emb["user"], side.user_numeric)[:, None]
+            if "post" in emb:  # [B, C, Fp, K, D]
+                cand = cand + self.post_side(emb["post"], side.candidate_numeric)
         if self.history_signal_projection is not None:
             sig = side.history_signals.to(self.history_signal_projection.dtype)
             hist = hist + sig @ self.history_signal_projection

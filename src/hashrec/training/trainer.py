@@ -340,8 +340,10 @@ class Trainer:
                 st.validation.append(score)
                 if st.best_epoch < 0 or score > st.validation[st.best_epoch]:
                     st.best_epoch = epoch
-                    self.run_dir.mkdir(parents=True, exist_ok=True)
-                    save_checkpoint(self.best_path, self.model, extra=self.extra)
+                    with self.parallel.full_table(self.table):
+                        if self.ctx.is_main:
+                            self.run_dir.mkdir(parents=True, exist_ok=True)
+                            save_checkpoint(self.best_path, self.model, extra=self.extra)
                 stop = epoch - st.best_epoch >= c.patience
                 st.done = st.done or stop
             self.save()
