@@ -11,6 +11,7 @@ progress and writes checkpoints, which hold the whole model and load under any p
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -192,7 +193,9 @@ class Trainer:
         """The best validation epoch's weights (written when validation is on)."""
         return self.run_dir / "best.safetensors"
 
+    @functools.cached_property
     def _action_weights(self) -> torch.Tensor | None:
+        """Per-action loss weights [A] on the model's device, built once (read every step)."""
         weights = dict(self.config.action_weights)
         unknown = set(weights) - set(self.model.config.actions)
         if unknown:
@@ -202,7 +205,8 @@ class Trainer:
             )
         if not weights:
             return None
-        return torch.tensor([weights.get(a, 1.0) for a in self.model.config.actions])
+        actions = self.model.config.actions
+        return torch.tensor([weights.get(a, 1.0) for a in actions], device=self.device)
 
     def save(self) -> None:
         """Checkpoint the run; refuses (``NonFiniteError``) weights that are not finite.
@@ -270,7 +274,7 @@ class Trainer:
         mine, weight = self.parallel.local_requests(indices)
         lb = next(batches(log, hashes, requests, len(mine), mine)).to(self.device)
         out = self.parallel(lb.batch, side=lb.side)
-        terms = loss_terms(out, lb.labels, lb.label_mask, lb.continuous, self._action_weights())
+        terms = loss_terms(out, lb.labels, lb.label_mask, lb.continuous, self._action_weights)
         examples = int(out.candidate_mask.sum())
         loss = distributed.global_loss(
             terms, self.config.continuous_weight, examples, self.ctx, weight
