@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from hashrec.data import ExampleConfig, load_kuairand
+from hashrec.data.tables import table_config
 from hashrec.evaluation.experiment import (
     ModelSpec,
     Split,
@@ -59,19 +60,34 @@ CONFIGS: dict[str, dict] = {
     },
     "wide": {**DEFAULTS, "dim": 64},
     "rates": {**DEFAULTS, "rates": True},
+    # the hybrid table (the CLI default scheme) at two shares of private rows
+    "hybrid": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5},
+    "hybrid85": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.85},
+    # ... and with rows moved from users (whose history speaks for them) to posts
+    "hybridp": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.85,
+        "weights": {"user": 0.5, "post": 6.0, "author": 2.0, "feature": 2.0},
+    },
 }
 
 SWEEP = Split(train_end=20220501, eval_start=20220502, eval_end=20220502)
 FINAL = Split(train_end=20220502, eval_start=20220503, eval_end=20220505)
 
 
-def spec_for(log, name: str, cfg: dict) -> tuple[ModelSpec, TrainConfig]:
+def spec_for(log, name: str, cfg: dict, split: Split) -> tuple[ModelSpec, TrainConfig]:
     dim = cfg.get("dim", 32)
     tf = TransformerConfig(dim=dim, num_layers=2, num_q_heads=2, num_kv_heads=1,
                            widening_factor=2.0)  # fmt: skip
     # 24% rows per entity without weights: 25% would overshoot by the reserved rows
     frac = 0.25 if cfg["weights"] is not None else 0.24
-    hc = hashed_config(log, frac, 2, weights=cfg["weights"])
+    scheme = cfg.get("scheme", "multihash")
+    if scheme == "multihash":
+        hc = hashed_config(log, frac, 2, weights=cfg["weights"])
+    else:  # the frequency map is counted on the split's training days only
+        hc = table_config(log, split.masks(log)[0], scheme, frac, 2, dim=dim,
+                          weights=cfg["weights"], head_share=cfg["head_share"])  # fmt: skip
     spec = ModelSpec(name, hc, tf, dropout=cfg["dropout"], side_features=cfg["side"],
                      rate_features=cfg.get("rates", False))  # fmt: skip
     train = TrainConfig(epochs=cfg["epochs"], weight_decay=cfg["weight_decay"],
@@ -96,7 +112,7 @@ def run_phase(args, phase: str, split: Split, names: list[str], seeds: list[int]
         for name in names:
             cfg = CONFIGS[name]
             lg = log if cfg["side"] else plain
-            spec, train = spec_for(lg, name, cfg)
+            spec, train = spec_for(lg, name, cfg, split)
             train = replace(train, seed=seed)
             t0 = time.perf_counter()
             r = run_model(lg, split, spec, ExampleConfig(), train,

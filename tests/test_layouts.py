@@ -166,6 +166,36 @@ def test_frequency_map_counts_training_days_only(tmp_path):
     assert frequency_map(np.array([5, 5, 2, 2, 9]), 2).tolist() == [2, 5]  # ties: smaller ID
 
 
+def test_head_share_moves_bytes_between_private_rows_and_the_tail(tmp_path, capsys):
+    from hashrec.cli import common
+    from hashrec.data import tables
+    from hashrec.hashing.layouts import LAYOUTS
+
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path, n_users=300, n_posts=900)
+    log = load_log(str(path), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
+    train = log.days(None, 20220428)
+    rb = row_bytes(16)
+
+    def post(share: float) -> EntityHash:
+        return table_config(log, train, "hybrid", 0.25, 2, dim=16, head_share=share)["post"]
+
+    lo, hi, none = post(0.3), post(0.85), post(0.0)
+    assert len(none.head_ids) == 0 and len(lo.head_ids) < len(hi.head_ids)
+    assert hi.num_buckets < lo.num_buckets  # the private rows are paid for by the tail
+    for e in (lo, hi):  # the same bytes either way (rows + their 8-byte frequency-map entries)
+        spent = (len(e.head_ids) + e.num_buckets) * rb + 8 * len(e.head_ids)
+        assert abs(spent - (len(none.head_ids) + none.num_buckets) * rb) <= 2 * rb
+    with pytest.raises(ValueError, match="head_share must be in"):
+        post(1.0)
+    # the CLI's copies of the library's constants (kept apart so --help imports no torch)
+    assert common.DEFAULT_HEAD_SHARE == tables.HEAD_SHARE
+    assert set(common.TABLE_SCHEMES) == set(tables.TABLE_SCHEMES) == set(LAYOUTS)
+    argv = ["train", "--data", str(path), "--schema", SCHEMA_JSON, "--train-end", "2022-04-28",
+            "--eval-start", "2022-04-29", "--head-share", "1", "--out", str(tmp_path / "o")]  # fmt: skip
+    assert "head_share must be in [0, 1)" in cli_error(argv, capsys, 2)
+
+
 @pytest.mark.parametrize("layout", ["multihash", "hybrid", "qr", "weighted"])
 def test_table_config_spends_equal_bytes(tmp_path, layout):
     path = tmp_path / "log.csv"

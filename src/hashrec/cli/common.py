@@ -37,6 +37,7 @@ __all__ = [
 # Table layouts (hashrec.hashing.layouts); listed here so that --help imports no torch.
 TABLE_SCHEMES = ("multihash", "hybrid", "weighted", "qr")
 DEFAULT_TABLE_SCHEME = "hybrid"  # the best at 25% in benchmarks/study_tables.py
+DEFAULT_HEAD_SHARE = 0.5  # = hashrec.data.tables.HEAD_SHARE (tests/test_cli.py holds them equal)
 
 
 class UsageError(Exception):
@@ -218,6 +219,11 @@ def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
                    help="table layout: multihash (plain Phoenix), hybrid (private rows for the "
                    "most frequent training IDs, hashed tail), weighted (importance-weighted "
                    "hash embeddings), qr (quotient-remainder); default %(default)s")  # fmt: skip
+    g.add_argument("--head-share", type=number(0, 1, low_open=False),
+                   default=DEFAULT_HEAD_SHARE,
+                   help="hybrid: share of each block's bytes spent on private rows for the "
+                   "most frequent training IDs, the rest a hashed tail "
+                   "(default %(default)s)")  # fmt: skip
     g.add_argument("--scheme", choices=("default", "phoenix"), default="default",
                    help="hash functions: splitmix64 or X's phoenix constants")  # fmt: skip
     g.add_argument("--entity-weights", type=name_values, default=DEFAULT_ENTITY_WEIGHTS,
@@ -440,7 +446,8 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
         scheme = args.table_scheme
         train_mask = split.masks(log)[0] if split is not None else np.ones(len(log.user), bool)
         cfg = table_config(log, train_mask, scheme, args.table_fraction, args.num_hashes,
-                           dim=args.dim, hash_scheme=args.scheme, weights=weights)  # fmt: skip
+                           dim=args.dim, hash_scheme=args.scheme, weights=weights,
+                           head_share=args.head_share)  # fmt: skip
         spec = ModelSpec(spec_name(scheme, cfg["post"].num_hashes, args.table_fraction), cfg, tf,
                          dropout=args.dropout,
                          side_features=not args.no_side_features,

@@ -30,7 +30,9 @@ ENTITIES = ("user", "post", "author")
 TABLE_SCHEMES: tuple[str, ...] = LAYOUTS
 # default row sharing between entities (--entity-weights): rows per distinct ID, relative
 ENTITY_WEIGHTS: dict[str, float] = {"user": 1.0, "post": 4.0, "author": 2.0, "feature": 2.0}
-HEAD_SHARE = 0.5  # hybrid: share of an entity's budget spent on private rows (fixed, not tuned)
+# hybrid: share of an entity's budget spent on private rows (``head_share``); chosen on the
+# validation day by benchmarks/study_ranker.py (never on evaluation days)
+HEAD_SHARE = 0.5
 WEIGHT_SHARE = 0.25  # weighted: share of the budget spent on importance-weight rows
 
 
@@ -52,7 +54,7 @@ def frequency_map(ids: np.ndarray, top: int) -> np.ndarray:
 
 def _entity(
     name: str, scheme: str, budget: int, k: int, hash_scheme: str, seed: int,
-    train_ids: np.ndarray, rb: int,
+    train_ids: np.ndarray, rb: int, head_share: float = HEAD_SHARE,
 ) -> EntityHash:  # fmt: skip
     # the same hash functions as HashConfig.sized (entity i seeded seed + i)
     base = HashConfig.sized(dict.fromkeys(ENTITIES, 2), k if scheme != "qr" else 2,
@@ -61,7 +63,7 @@ def _entity(
         return _with(base, num_buckets=max(2, budget))
     if scheme == "hybrid":
         per_head = 1 + 8 / rb  # a private row plus its 8-byte entry in the frequency map
-        top = min(int(HEAD_SHARE * budget / per_head), len(np.unique(train_ids[train_ids != 0])))
+        top = min(int(head_share * budget / per_head), len(np.unique(train_ids[train_ids != 0])))
         head = frequency_map(train_ids, top)
         n = max(2, budget - len(head) - math.ceil(8 * len(head) / rb))
         return _with(base, num_buckets=n, layout="hybrid", head_ids=tuple(head.tolist()))
@@ -121,12 +123,14 @@ def table_config(
     hash_scheme: str = "default",
     seed: int = 1,
     weights: dict[str, float] | None = None,
+    head_share: float = HEAD_SHARE,
 ) -> HashConfig:
     """A ``HashConfig`` of ``scheme`` whose entity blocks cost ``entity_budgets`` rows' worth of
     bytes (without ``weights``: ``fraction`` x the bytes of a one-row-per-ID table each).
 
-    ``multihash``: k hashes into the budget's rows (Phoenix). ``hybrid``: half the bytes buy
-    private rows for the most frequent training IDs, the rest a k-hashed tail. ``qr``: half
+    ``multihash``: k hashes into the budget's rows (Phoenix). ``hybrid``: ``head_share`` of the
+    bytes buy private rows for the most frequent training IDs (never more than there are
+    distinct training IDs), the rest a k-hashed tail for rarer and later IDs. ``qr``: half
     remainder rows, half quotient rows. ``weighted``: a quarter importance-weight rows. The
     log's categorical side values get a ``feature`` block (plain multi-hash, the default hash:
     X publishes no constants for it).
@@ -135,13 +139,15 @@ def table_config(
         raise ValueError(f"table scheme must be one of {TABLE_SCHEMES}, got {scheme!r}")
     if not fraction > 0:
         raise ValueError(f"fraction must be > 0, got {fraction}")
+    if not 0.0 <= head_share < 1.0:
+        raise ValueError(f"head_share must be in [0, 1) (the tail needs rows), got {head_share}")
     if len(train_mask) != len(log.user):
         raise ValueError(f"train_mask has {len(train_mask)} rows, the log {len(log.user)}")
     rb = row_bytes(dim)
     budgets = entity_budgets(log, fraction, weights)
     ents = [
         _entity(name, scheme, budgets[name], num_hashes, hash_scheme, seed,
-                getattr(log, name)[train_mask], rb)
+                getattr(log, name)[train_mask], rb, head_share)
         for name in ENTITIES
     ]  # fmt: skip
     if "feature" in budgets:
