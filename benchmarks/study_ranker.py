@@ -29,6 +29,7 @@ from hashrec.evaluation.experiment import (
     Split,
     baseline_predictions,
     collision_free_config,
+    collision_free_spec,
     evaluate_predictions,
     hashed_config,
     run_model,
@@ -63,6 +64,7 @@ CONFIGS: dict[str, dict] = {
     # the hybrid table (the CLI default scheme) at two shares of private rows
     "hybrid": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5},
     "hybrid85": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.85},
+    "full": {**DEFAULTS, "scheme": "full"},
     # ... and with rows moved from users (whose history speaks for them) to posts
     "hybridp": {
         **DEFAULTS,
@@ -83,13 +85,19 @@ def spec_for(log, name: str, cfg: dict, split: Split) -> tuple[ModelSpec, TrainC
     # 24% rows per entity without weights: 25% would overshoot by the reserved rows
     frac = 0.25 if cfg["weights"] is not None else 0.24
     scheme = cfg.get("scheme", "multihash")
-    if scheme == "multihash":
+    if scheme == "full":  # the collision-free table (one row per ID), same training
+        spec = collision_free_spec(log, tf, cfg["dropout"])
+        spec.name, spec.side_features = name, cfg["side"]
+        spec.rate_features = cfg.get("rates", False)
+        hc = None
+    elif scheme == "multihash":
         hc = hashed_config(log, frac, 2, weights=cfg["weights"])
     else:  # the frequency map is counted on the split's training days only
         hc = table_config(log, split.masks(log)[0], scheme, frac, 2, dim=dim,
                           weights=cfg["weights"], head_share=cfg["head_share"])  # fmt: skip
-    spec = ModelSpec(name, hc, tf, dropout=cfg["dropout"], side_features=cfg["side"],
-                     rate_features=cfg.get("rates", False))  # fmt: skip
+    if hc is not None:
+        spec = ModelSpec(name, hc, tf, dropout=cfg["dropout"], side_features=cfg["side"],
+                         rate_features=cfg.get("rates", False))  # fmt: skip
     train = TrainConfig(epochs=cfg["epochs"], weight_decay=cfg["weight_decay"],
                         action_weights=cfg["action_weights"], val_days=1, patience=1)  # fmt: skip
     return spec, train

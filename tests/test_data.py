@@ -95,12 +95,16 @@ def test_batches_labels_masks_and_negatives(log):
         lb.continuous,
         lb.candidate_rows,
     )
-    assert batch.candidate_post_hashes.shape == (8, 5, 2) and labels.shape == (8, 5, 3)
-    assert (labels[:, 3:] == 0).all() and (cont[:, 3:] == 0).all() and (rows[:, 3:] == -1).all()
-    assert not mask[:, 3:, 2].any() and mask[:, 3:, :2].all()  # no 'hate' loss on sampled posts
-    assert mask[:, :3].all()
-    real = rows[:, :3]
-    np.testing.assert_array_equal(labels[:, :3][real >= 0].numpy(), log.labels[real[real >= 0]])
+    # candidate columns: as many as the fullest slate of the batch, then the 2 negatives
+    n = int((r.candidates[:8] >= 0).sum(1).max())
+    assert 1 <= n <= 3
+    assert batch.candidate_post_hashes.shape == (8, n + 2, 2) and labels.shape == (8, n + 2, 3)
+    assert (labels[:, n:] == 0).all() and (cont[:, n:] == 0).all() and (rows[:, n:] == -1).all()
+    assert not mask[:, n:, 2].any() and mask[:, n:, :2].all()  # no 'hate' loss on sampled posts
+    assert mask[:, :n].all()
+    real = rows[:, :n]
+    np.testing.assert_array_equal(real, r.candidates[:8, :n])
+    np.testing.assert_array_equal(labels[:, :n][real >= 0].numpy(), log.labels[real[real >= 0]])
     batch.validate(cfg, num_actions=3, num_surfaces=16)
     assert torch.equal(
         batch.history_post_hashes[batch.history_post_hashes[..., 0] == 0],

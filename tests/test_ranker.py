@@ -178,3 +178,61 @@ def test_ranker_refuses_a_batch_without_candidates(small_config):
     user_only = without_candidates(b)
     with pytest.raises(ValueError, match="no candidates"):
         PhoenixRanker(cfg)(user_only)
+
+
+def _packed_and_padded(model, forward):
+    """Outputs at valid candidates and every gradient, with pack_tokens True then False."""
+    results = []
+    for pack in (True, False):
+        model.pack_tokens = pack
+        model.zero_grad(set_to_none=True)
+        out = forward()
+        labels = (torch.arange(out.logits.numel()).view_as(out.logits) % 3 == 0).float()
+        ranking_loss(out, labels).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.logits[out.candidate_mask], grads))
+    model.pack_tokens = True
+    return results
+
+
+@pytest.mark.parametrize("attention", ["isolated", "full"])
+def test_packed_tokens_match_the_padded_reference(attention):
+    """The default path (history reducer and transformer on the valid tokens only) against the
+    padded reference: logits of every real candidate and every gradient."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg = dataclasses.replace(
+        cfg, transformer=dataclasses.replace(cfg.transformer, attention=attention, causal=True)
+    )
+    model = PhoenixRanker(cfg)
+    assert model.pack_tokens and model.transformer.pack_tokens
+    b = make_batch(cfg.hash, B=4, S=7, C=5, A=18, seed=3)
+    b.history_post_hashes[1:3, :4] = 0  # left padding, as collated histories have
+    b.history_post_hashes[3] = 0  # a user with no history at all
+    (lp, gp), (lr, gr) = _packed_and_padded(model, lambda: model(b))
+    torch.testing.assert_close(lp, lr, atol=1e-5, rtol=1e-5)
+    assert gp.keys() == gr.keys() and len(gp) > 10
+    for name in gp:
+        torch.testing.assert_close(gp[name], gr[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_tokens_match_on_collated_kuairand_batches_with_side_features():
+    from hashrec.data import ExampleConfig, load_kuairand
+    from hashrec.data.collate import RowHashes, batches
+    from hashrec.data.requests import build_requests
+    from hashrec.datasets import kuairand_sample_dir
+    from hashrec.evaluation.experiment import ModelSpec, hashed_config, ranker_config
+
+    log = load_kuairand(kuairand_sample_dir())
+    spec = ModelSpec("tiny", hashed_config(log, 0.25, 2),
+                     TransformerConfig(dim=8, num_layers=2, num_q_heads=2, num_kv_heads=1))  # fmt: skip
+    torch.manual_seed(0)
+    model = PhoenixRanker(ranker_config(log, spec))
+    assert model.config.side.any
+    req = build_requests(log, log.days(20220425, 20220427), ExampleConfig(8, 4))
+    lb = next(batches(log, RowHashes(log, spec.hash_config), req, 64))
+    assert (lb.batch.history_post_hashes[..., 0] == 0).any()  # real padding to skip
+    (lp, gp), (lr, gr) = _packed_and_padded(model, lambda: model(lb.batch, side=lb.side))
+    torch.testing.assert_close(lp, lr, atol=1e-5, rtol=1e-5)
+    for name in gp:
+        torch.testing.assert_close(gp[name], gr[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -128,8 +128,12 @@ def batches(
     requests: Requests,
     batch_size: int,
     order: np.ndarray | None = None,
+    trim_candidates: bool = True,
 ) -> Iterator[LabelledBatch]:
     """Yield ``LabelledBatch``es of ``batch_size`` requests, in ``order`` (default: as given).
+
+    ``trim_candidates``: keep only as many candidate columns as the batch's fullest slate
+    (False: every batch has ``max_candidates`` columns, the padded reference).
 
     Candidates are the real impressions then the sampled negatives; on a sampled negative every
     label is 0 and negative-feedback actions carry no loss (it was never shown, so it cannot
@@ -139,6 +143,12 @@ def batches(
     neg_cols = np.array([a in log.negative_actions for a in log.actions])
     for lo in range(0, len(idx_all), batch_size):
         r = requests.take(idx_all[lo : lo + batch_size])
+        # Real candidates fill each slate from the left; most slates hold one or two, so the
+        # batch keeps only as many candidate columns as its fullest slate. Exact: a candidate's
+        # score never depends on the other candidates or on how many slots there are.
+        if trim_candidates:
+            width = max(1, int((r.candidates >= 0).sum(1).max(initial=0)))
+            r.candidates = r.candidates[:, :width]
         cand = np.concatenate([r.candidates, r.negatives], axis=1)  # [B, C]
         is_neg = np.zeros(cand.shape, dtype=bool)
         is_neg[:, r.candidates.shape[1] :] = r.negatives >= 0

@@ -21,6 +21,7 @@ from hashrec.nn.blocks import (
     BlockCandidateReduce,
     BlockHistoryReduce,
     BlockUserReduce,
+    padding_mask,
 )
 from hashrec.nn.layouts import apply_layouts
 from hashrec.nn.side import SideBatch, SideConfig, SideReduce
@@ -279,6 +280,28 @@ class RankerOutput:
         return torch.sigmoid(self.logits)
 
 
+def reduce_valid_slots(
+    reduce: nn.Module, args: dict[str, torch.Tensor], extra: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reduce`` (a block reducer, which works slot by slot) on the valid slots only.
+
+    ``args`` are the reducer's [B, S, ...] keyword inputs, the first one the hashes whose
+    padding marks the empty slots; ``extra`` its [B, S, D] extra parts. Returns tokens [B, S, D]
+    (zeros at padding) and the mask [B, S], equal to ``reduce(**args, extra=extra)`` on every
+    valid slot.
+    """
+    mask = padding_mask(next(iter(args.values())))  # [B, S]
+    B, S = mask.shape
+    index = mask.reshape(-1).nonzero().squeeze(1)  # [N]
+
+    def pick(t: torch.Tensor) -> torch.Tensor:  # [B, S, ...] -> [1, N, ...]
+        return t.reshape(B * S, *t.shape[2:]).index_select(0, index).unsqueeze(0)
+
+    tokens, _ = reduce(**{k: pick(v) for k, v in args.items()}, extra=[pick(e) for e in extra])
+    D = tokens.shape[-1]
+    return tokens.new_zeros(B * S, D).index_copy(0, index, tokens[0]).view(B, S, D), mask
+
+
 class PhoenixRanker(nn.Module):
     """The Phoenix ranking model over hashed inputs.
 
@@ -380,14 +403,18 @@ class PhoenixRanker(nn.Module):
             side = side.to(self.device)
         emb = apply_layouts(c.hash, batch, self.table.lookup(batch))
         user, user_mask = self.user_reduce(batch.user_hashes, emb.user_embeddings)
-        hist, hist_mask = self.history_reduce(
-            history_post_hashes=batch.history_post_hashes,
-            history_post_embeddings=emb.history_post_embeddings,
-            history_author_embeddings=emb.history_author_embeddings,
-            history_product_surface=batch.history_product_surface,
-            history_actions=batch.history_actions,
-            extra=[self._dwell_embedding(batch)] if c.history_dwell else (),
-        )
+        hist_args = {
+            "history_post_hashes": batch.history_post_hashes,
+            "history_post_embeddings": emb.history_post_embeddings,
+            "history_author_embeddings": emb.history_author_embeddings,
+            "history_product_surface": batch.history_product_surface,
+            "history_actions": batch.history_actions,
+        }
+        extra = [self._dwell_embedding(batch)] if c.history_dwell else []
+        if self.pack_tokens:  # most history slots are padding: reduce the events only
+            hist, hist_mask = reduce_valid_slots(self.history_reduce, hist_args, extra)
+        else:
+            hist, hist_mask = self.history_reduce(**hist_args, extra=extra)
         cand, cand_mask = self.candidate_reduce(
             batch.candidate_post_hashes,
             emb.candidate_post_embeddings,
@@ -410,6 +437,17 @@ class PhoenixRanker(nn.Module):
         else:
             continuous = out.new_zeros(*out.shape[:2], 0)
         return RankerOutput(logits, continuous, cand_mask)
+
+    @property
+    def pack_tokens(self) -> bool:
+        """Whether the history reducer and the transformer's token-wise work run on the valid
+        tokens only (default True; ``Transformer.pack_tokens``). False: the padded reference
+        path, equal on every valid token."""
+        return self.transformer.pack_tokens
+
+    @pack_tokens.setter
+    def pack_tokens(self, value: bool) -> None:
+        self.transformer.pack_tokens = bool(value)
 
     def _dwell_embedding(self, batch: RecsysBatch) -> torch.Tensor:
         """history_dwell [B, S] seconds (absent = 0) -> [B, S, D], as Phoenix: clip to the norm

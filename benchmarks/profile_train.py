@@ -1,0 +1,155 @@
+"""Where one training step of `hashrec train` goes: data, lookup, reducers, transformer, loss,
+backward, optimizers.
+
+    OMP_NUM_THREADS=2 python benchmarks/profile_train.py --data ../shared/data/kuairand-pure
+    # on a busy machine: one thread, timed by the process's CPU clock (wall time there
+    # measures the neighbours)
+    OMP_NUM_THREADS=1 python benchmarks/profile_train.py --threads 1 --clock cpu
+
+Both paths run: the default (packed) and the padded reference, the same steps on the same
+batches. The model, table and examples are the CLI's defaults (the demo config: D = 32, 2
+layers, hybrid table at 25% of the full table's bytes, side features), built by the CLI's own
+option parser, on the 11 shared days (train 2022-04-25..05-02). The step is the trainer's step,
+phase by phase: the forward's parts are timed by wrapping the ranker's sub-modules, so each
+phase is what the step itself runs. Steps are timed after ``--warmup`` steps; the table prints
+the median time per phase and its share of the step, and examples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from hashrec.cli.common import experiment_specs
+from hashrec.cli.dispatch import build_parser
+from hashrec.data import load_kuairand
+from hashrec.data.collate import RowHashes, batches
+from hashrec.data.requests import build_requests
+from hashrec.evaluation.experiment import Split, ranker_config
+from hashrec.models.losses import loss_terms
+from hashrec.models.ranker import PhoenixRanker
+from hashrec.nn.optim import RowWiseAdagrad
+
+PHASES = ("data", "lookup", "reducers + side", "transformer + head", "loss", "backward",
+          "dense optimizer (AdamW)", "table optimizer (RowWiseAdagrad)")  # fmt: skip
+
+
+clock = time.perf_counter  # or time.process_time (--clock cpu)
+
+
+def timed(acc: dict[str, list[float]], name: str, fn: Callable) -> Callable:
+    """``fn`` that adds its time to ``acc[name]``'s last entry."""
+
+    def wrapper(*args, **kwargs):
+        t0 = clock()
+        out = fn(*args, **kwargs)
+        acc[name][-1] += clock() - t0
+        return out
+
+    return wrapper
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/kuairand-pure")
+    p.add_argument("--steps", type=int, default=60, help="timed steps")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: the process's CPU time (with --threads 1: the work, whatever else "
+                   "runs on the machine)")  # fmt: skip
+    p.add_argument(
+        "--padded",
+        action="store_true",
+        help="the padded reference path (PhoenixRanker.pack_tokens = False)",
+    )
+    a = p.parse_args()
+    global clock
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    args = build_parser().parse_args(["train", "--data", a.data])
+    log = load_kuairand(a.data)
+    split = Split(train_end=20220502, eval_start=20220503, eval_end=20220505)
+    spec, examples, train = experiment_specs(args, log, split)
+    hashes = RowHashes(log, spec.hash_config, spec.vocab)
+    requests = build_requests(log, split.masks(log)[0], examples)
+    order = np.random.default_rng(0).permutation(len(requests))
+    B = train.batch_size
+    runs = {}
+    for mode in ("packed", "padded"):  # the same steps on the same batches, from the same init
+        torch.manual_seed(0)
+        model = PhoenixRanker(ranker_config(log, spec))
+        model.train()
+        model.pack_tokens = mode == "packed"
+        dense = torch.optim.AdamW(model.dense_parameters(), lr=train.lr,
+                                  weight_decay=train.weight_decay)  # fmt: skip
+        table = RowWiseAdagrad(model.table.parameters(), lr=train.table_lr)
+        acc: dict[str, list[float]] = defaultdict(list)
+        # the forward's phases: every call of these runs inside PhoenixRanker.forward
+        model.table.lookup = timed(acc, "lookup", model.table.lookup)
+        for name in ("user_reduce", "history_reduce", "candidate_reduce"):
+            m = getattr(model, name)
+            m.forward = timed(acc, "reducers + side", m.forward)
+        model._add_side = timed(acc, "reducers + side", model._add_side)
+        n_ex = []
+        for step in range(a.warmup + a.steps):
+            for ph in (*PHASES, "step"):
+                acc[ph].append(0.0)
+            idx = order[(step * B) % (len(order) - B) :][:B]
+            t_step = t0 = clock()
+            lb = next(batches(log, hashes, requests, len(idx), idx,
+                              trim_candidates=mode == "packed"))  # fmt: skip
+            acc["data"][-1] += clock() - t0
+            t0 = clock()
+            out = model(lb.batch, side=lb.side)
+            fwd = clock() - t0
+            t0 = clock()
+            loss = loss_terms(out, lb.labels, lb.label_mask, lb.continuous).loss(
+                train.continuous_weight
+            )
+            acc["loss"][-1] += clock() - t0
+            t0 = clock()
+            loss.backward()
+            acc["backward"][-1] += clock() - t0
+            t0 = clock()
+            dense.step()
+            dense.zero_grad(set_to_none=True)
+            acc["dense optimizer (AdamW)"][-1] += clock() - t0
+            t0 = clock()
+            table.step()
+            table.zero_grad(set_to_none=True)
+            acc["table optimizer (RowWiseAdagrad)"][-1] += clock() - t0
+            # the forward less its timed parts: attention, feed-forward, norms, the head
+            acc["transformer + head"][-1] += fwd - acc["lookup"][-1] - acc["reducers + side"][-1]
+            acc["step"][-1] += clock() - t_step
+            n_ex.append(int(out.candidate_mask.sum()))
+        med = {k: float(np.median(v[a.warmup :])) for k, v in acc.items()}
+        runs[mode] = (med, float(np.mean(n_ex[a.warmup :])))
+    print(f"\nOne training step of the demo config ({spec.name}, D={spec.transformer.dim}, "
+          f"{spec.transformer.num_layers} layers, {B} requests of <= {examples.max_candidates} "
+          f"candidates, history {examples.history_len}), torch threads "
+          f"{torch.get_num_threads()}, {a.clock} clock; median of {a.steps} steps after "
+          f"{a.warmup} warm-up. packed: the default (candidate columns trimmed to the batch's "
+          "fullest slate, history reducer and transformer on valid tokens only); padded: the "
+          "reference path\n")  # fmt: skip
+    print("| phase | packed ms | share | padded ms | share |")
+    print("|---|---:|---:|---:|---:|")
+    for ph in (*PHASES, "step"):
+        cells = [f"{m[ph] * 1e3:.1f} | {m[ph] / m['step']:.0%}" for m, _ in runs.values()]
+        print(f"| {ph} | {' | '.join(cells)} |")
+    (mp, ep), (mr, er) = runs["packed"], runs["padded"]
+    print(
+        f"\n{ep:.0f} examples (candidates) per step: packed {ep / mp['step']:,.0f} "
+        f"examples/s, padded {er / mr['step']:,.0f} examples/s: "
+        f"{mr['step'] / mp['step']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
