@@ -109,12 +109,8 @@ class RetrievalTrainer(EpochTrainer):
     One process only: there is no data-parallel two-tower path.
 
     >>> import tempfile
-    >>> from hashrec.data import load_kuairand
-    >>> from hashrec.datasets import kuairand_sample_dir
-    >>> from hashrec.hashing.config import HashConfig
-    >>> from hashrec.models.two_tower import TwoTowerConfig
-    >>> from hashrec.nn.transformer import TransformerConfig
-    >>> log = load_kuairand(kuairand_sample_dir())
+    >>> from hashrec import HashConfig, TransformerConfig, TwoTowerConfig, data, datasets
+    >>> log = data.load_kuairand(datasets.kuairand_sample_dir())
     >>> cfg = TwoTowerConfig(hash=HashConfig.uniform(num_buckets=1000), actions=log.actions,
     ...     transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=1, num_kv_heads=1))
     >>> pos = positive_rows(log, log.days(20220425, 20220425), ("long_view",))
