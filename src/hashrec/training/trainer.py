@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,6 +105,7 @@ def set_seed(seed: int) -> None:
 class Trainer(EpochTrainer):
     """Trains a ranker on requests; checkpoints to ``run_dir / checkpoint.safetensors``.
 
+    ``Trainer(model: PhoenixRanker, config: TrainConfig, run_dir, progress=True, device=None)``.
     The loop, checkpoints and resume are ``EpochTrainer``'s; this class gives the ranker's
     per-step loss (``step_loss``) and its validation score. Under torchrun (``WORLD_SIZE`` > 1)
     it joins the process group and trains data-parallel.
@@ -127,16 +127,6 @@ class Trainer(EpochTrainer):
     >>> state.global_step, trainer.checkpoint_path.exists()
     (3, True)
     """
-
-    def __init__(
-        self,
-        model: PhoenixRanker,
-        config: TrainConfig,
-        run_dir: str | Path,
-        progress: bool = True,
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(model, config, run_dir, progress=progress, device=device)
 
     @functools.cached_property
     def _action_weights(self) -> torch.Tensor | None:
