@@ -28,7 +28,6 @@ PENDING_EXAMPLES = {
     "hashrec.serving.pipeline.RecommendResult",
     "hashrec.serving.pipeline.Recommendation",
     "hashrec.serving.pipeline.UserRequest",
-    "hashrec.training.retrieval.RetrievalTrainer",
 }
 
 

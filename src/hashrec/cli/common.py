@@ -447,7 +447,8 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
         train_mask = split.masks(log)[0] if split is not None else np.ones(len(log.user), bool)
         cfg = table_config(log, train_mask, scheme, args.table_fraction, args.num_hashes,
                            dim=args.dim, hash_scheme=args.scheme, weights=weights,
-                           head_share=args.head_share)  # fmt: skip
+                           head_share=args.head_share,
+                           side_features=not args.no_side_features)  # fmt: skip
         spec = ModelSpec(spec_name(scheme, cfg["post"].num_hashes, args.table_fraction), cfg, tf,
                          dropout=args.dropout,
                          side_features=not args.no_side_features,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from pathlib import Path
 
 from hashrec.cli import common
 from hashrec.files import write_json_atomic, write_text_atomic
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from hashrec.data import RowHashes
-    from hashrec.evaluation.experiment import hashed_config
+    from hashrec.evaluation.experiment import data_fingerprint, hashed_config
     from hashrec.evaluation.retrieval import next_engagement_queries
     from hashrec.models.two_tower import TwoTowerConfig, TwoTowerRetriever
     from hashrec.nn.transformer import TransformerConfig
@@ -69,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         positive_rows,
         retrieval_requests,
     )
+    from hashrec.training.runlock import RunLock
     from hashrec.training.trainer import set_seed
 
     if args.table_fraction <= 0:
@@ -103,14 +103,7 @@ def run(args: argparse.Namespace) -> int:
                                          log_q_correction=not args.no_log_q)  # fmt: skip
     except ValueError as e:  # an option that makes no valid model: a usage error
         raise common.UsageError(str(e)) from e
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = {"command": args.command, "data": args.data or "kuairand sample",
-                "split": asdict(split), "history_len": args.history_len,
-                "train": asdict(train_cfg), "model": cfg.to_dict(),
-                "device": args.device}  # fmt: skip
-    write_json_atomic(out / "config.json", resolved)
-
+    out = common.out_folder(args.out)
     set_seed(args.seed)
     pos = positive_rows(log, train, positives)
     requests = retrieval_requests(log, pos, args.history_len)
@@ -118,36 +111,45 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no training impression has any of {positives}")
     hashes = RowHashes(log, cfg.hash)
     model = TwoTowerRetriever(cfg)
-    trainer = RetrievalTrainer(model, train_cfg, out, device=args.device)
-    trainer.extra = {"split": asdict(split), "history_len": args.history_len,
-                     "train": asdict(train_cfg), "model": "two-tower"}  # fmt: skip
-    if args.resume and trainer.resume():
-        print(f"resumed from {trainer.checkpoint_path} at step {trainer.state.global_step}")
-    print(f"training the two-tower retriever on {len(requests):,} positives "
-          f"({', '.join(positives)}) ...", flush=True)  # fmt: skip
-    state = trainer.fit(log, hashes, requests, PostLogQ.fit(log.post[pos]))
-    print(f"{state.examples_per_s:,.0f} examples/s; temperature "
-          f"{model.temperature.item():.4f}")  # fmt: skip
+    # one run per folder; resuming is decided (and refused on changed settings) before a write
+    with RunLock(out, say=print):
+        trainer = RetrievalTrainer(model, train_cfg, out, device=args.device)
+        trainer.extra = {"split": asdict(split), "history_len": args.history_len,
+                         "model": "two-tower", "data": data_fingerprint(log, train)}  # fmt: skip
+        if args.resume and trainer.resume():
+            print(f"resumed from {trainer.checkpoint_path} at step {trainer.state.global_step}")
+        elif args.resume:
+            print(f"note: --resume: {out} holds no checkpoint yet; training from the start")
+        resolved = {"command": args.command, "data": args.data or "kuairand sample",
+                    "split": asdict(split), "history_len": args.history_len,
+                    "train": asdict(train_cfg), "model": cfg.to_dict(),
+                    "device": args.device}  # fmt: skip
+        write_json_atomic(out / "config.json", resolved)
+        print(f"training the two-tower retriever on {len(requests):,} positives "
+              f"({', '.join(positives)}) ...", flush=True)  # fmt: skip
+        state = trainer.fit(log, hashes, requests, PostLogQ.fit(log.post[pos]))
+        print(f"{state.examples_per_s:,.0f} examples/s; temperature "
+              f"{model.temperature.item():.4f}")  # fmt: skip
 
-    queries = next_engagement_queries(log, ev, positives, args.history_len)
-    new_users = int((~queries.warm).sum())
-    queries = queries.take(np.flatnonzero(queries.warm))  # new users: cold start, not retrieval
-    if len(queries) == 0:
-        raise ValueError(
-            "no user with a history engaged with an unseen post on the evaluation days"
+        queries = next_engagement_queries(log, ev, positives, args.history_len)
+        new_users = int((~queries.warm).sum())
+        queries = queries.take(np.flatnonzero(queries.warm))  # new users: cold start, not retrieval
+        if len(queries) == 0:
+            raise ValueError(
+                "no user with a history engaged with an unseen post on the evaluation days"
+            )
+        report = evaluate_retriever(
+            model, log, hashes, queries, train, positives, chunk_size=args.chunk_size
         )
-    report = evaluate_retriever(
-        model, log, hashes, queries, train, positives, chunk_size=args.chunk_size
-    )
-    table = report.table()
-    print()
-    print(table)
-    print(f"{report.users:,} users with a history ({new_users:,} new users left out), corpus "
-          f"{report.corpus_size:,} posts; positives: {', '.join(positives)}; posts seen before "
-          "the evaluation days excluded")  # fmt: skip
-    write_json_atomic(out / "metrics.json", {"retrieval": report.metrics, "users": report.users,
-                                             "new_users_left_out": new_users,
-                                             "corpus_size": report.corpus_size})  # fmt: skip
-    write_text_atomic(out / "results.md", table + "\n")
-    print(f"wrote {out}/metrics.json, results.md, checkpoint.safetensors")
+        table = report.table()
+        print()
+        print(table)
+        print(f"{report.users:,} users with a history ({new_users:,} new users left out), corpus "
+              f"{report.corpus_size:,} posts; positives: {', '.join(positives)}; posts seen before "
+              "the evaluation days excluded")  # fmt: skip
+        write_json_atomic(out / "metrics.json", {"retrieval": report.metrics, "users": report.users,
+                                                 "new_users_left_out": new_users,
+                                                 "corpus_size": report.corpus_size})  # fmt: skip
+        write_text_atomic(out / "results.md", table + "\n")
+        print(f"wrote {out}/metrics.json, results.md, checkpoint.safetensors")
     return 0

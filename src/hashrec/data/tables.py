@@ -82,29 +82,35 @@ def _with(base: EntityHash, **changes) -> EntityHash:
 
 
 def entity_budgets(
-    log: InteractionLog, fraction: float, weights: dict[str, float] | None = None
+    log: InteractionLog,
+    fraction: float,
+    weights: dict[str, float] | None = None,
+    side_features: bool = True,
 ) -> dict[str, int]:
     """Rows per entity block (user, post, author, and ``feature`` when the log has categorical
-    side values).
+    side values and ``side_features`` is on).
 
     Without ``weights``: ``fraction`` x the entity's distinct IDs. With ``weights`` (entity ->
     weight; missing ones 1): the whole table, reserved rows included, holds at most ``fraction``
     of the collision-free table's rows (on a tiny log where the reserved rows alone would fill
     that, half of ``fraction`` x the IDs), shared out so that a block is proportional to
     weight x its distinct IDs (posts decide within-user ranking, so they get more rows per ID
-    than users, whose history speaks for them).
+    than users, whose history speaks for them). The collision-free table is the log's, side
+    values included, so turning side features off keeps the table's bytes and gives the feature
+    block's share to user, post and author.
     """
     ids = {name: len(np.unique(getattr(log, name))) for name in ENTITIES}
     values = np.unique(np.concatenate([log.side.user_cat.ravel(), log.side.post_cat.ravel()]))
-    if (values != 0).any():
-        ids["feature"] = int((values != 0).sum())
+    n_values = int((values != 0).sum())
+    if side_features and n_values:
+        ids["feature"] = n_values
     if weights is None:
         return {e: max(2, math.ceil(fraction * n)) for e, n in ids.items()}
     unknown = set(weights) - set(ENTITY_WEIGHTS)
     if unknown:
         raise ValueError(f"weights names {sorted(unknown)}; entities: {list(ENTITY_WEIGHTS)}")
     reserved = HashConfig().reserved_rows + 1
-    n_ids = sum(ids.values())
+    n_ids = sum(ids[e] for e in ENTITIES) + n_values
     budget = fraction * (n_ids + reserved) - reserved - len(ids)
     # a tiny log, where the reserved rows alone fill the share: keep half the per-ID share
     # rather than blocks of 2 rows in which every ID collides
@@ -124,6 +130,7 @@ def table_config(
     seed: int = 1,
     weights: dict[str, float] | None = None,
     head_share: float = HEAD_SHARE,
+    side_features: bool = True,
 ) -> HashConfig:
     """A ``HashConfig`` of ``scheme`` whose entity blocks cost ``entity_budgets`` rows' worth of
     bytes (without ``weights``: ``fraction`` x the bytes of a one-row-per-ID table each).
@@ -133,7 +140,7 @@ def table_config(
     distinct training IDs), the rest a k-hashed tail for rarer and later IDs. ``qr``: half
     remainder rows, half quotient rows. ``weighted``: a quarter importance-weight rows. The
     log's categorical side values get a ``feature`` block (plain multi-hash, the default hash:
-    X publishes no constants for it).
+    X publishes no constants for it), unless ``side_features`` is off (the model reads none).
     """
     if scheme not in TABLE_SCHEMES:
         raise ValueError(f"table scheme must be one of {TABLE_SCHEMES}, got {scheme!r}")
@@ -144,7 +151,7 @@ def table_config(
     if len(train_mask) != len(log.user):
         raise ValueError(f"train_mask has {len(train_mask)} rows, the log {len(log.user)}")
     rb = row_bytes(dim)
-    budgets = entity_budgets(log, fraction, weights)
+    budgets = entity_budgets(log, fraction, weights, side_features)
     ents = [
         _entity(name, scheme, budgets[name], num_hashes, hash_scheme, seed,
                 getattr(log, name)[train_mask], rb, head_share)

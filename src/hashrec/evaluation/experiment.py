@@ -62,6 +62,7 @@ __all__ = [
     "data_fingerprint",
     "evaluate_predictions",
     "hashed_config",
+    "model_log",
     "ranker_config",
     "run",
     "run_model",
@@ -218,7 +219,8 @@ def check_resume(
         return False
     meta = read_checkpoint_metadata(checkpoint)
     saved = {"model_config": meta["model_config"], **meta["extra"]}
-    current = {"model_config": ranker_config(log, spec).to_dict(), "train": asdict(train_cfg),
+    model = ranker_config(model_log(log, spec, split.masks(log)[0]), spec)  # as run_model's
+    current = {"model_config": model.to_dict(), "train": asdict(train_cfg),
                **run_record(log, split, spec, examples)}  # fmt: skip
     check_resumable(checkpoint, saved, current, meta["train_state"], train_cfg.epochs)
     return True
@@ -263,10 +265,7 @@ def run_model(
     """Train ``spec`` on the training days (less the validation part, see ``TrainConfig``),
     predict the evaluation days (rank 0 only)."""
     train, ev = split.masks(log)
-    if not spec.side_features:
-        log = replace(log, side=SideColumns.empty(len(log)))
-    if spec.rate_features:
-        log = with_rate_features(log, train)
+    log = model_log(log, spec, train)
     set_seed(train_cfg.seed)
     hashes = RowHashes(log, spec.hash_config, spec.vocab)
     fit, val = validation_split(log, train, train_cfg)
@@ -292,6 +291,16 @@ def run_model(
         memory=model.table.memory_report(trainer.table),
         train_examples=int((train_req.candidates >= 0).sum()),
     )
+
+
+def model_log(log: InteractionLog, spec: ModelSpec, train: np.ndarray) -> InteractionLog:
+    """The log as ``spec``'s model sees it: no side columns when its side features are off,
+    the rate features (from the ``train`` rows) added when they are on."""
+    if not spec.side_features:
+        log = replace(log, side=SideColumns.empty(len(log)))
+    if spec.rate_features:
+        log = with_rate_features(log, train)
+    return log
 
 
 def with_rate_features(log: InteractionLog, train: np.ndarray) -> InteractionLog:

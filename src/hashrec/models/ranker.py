@@ -7,14 +7,16 @@ own (KuaiRand's click, long_view, like, ...) and the heads follow it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hashrec.hashing.config import HashConfig
+from hashrec.models.config import HashedModelConfig
 from hashrec.nn.batch import RecsysBatch
 from hashrec.nn.blocks import (
     NUM_PRODUCT_SURFACES,
@@ -108,7 +110,7 @@ def _phoenix_binary_actions() -> tuple[str, ...]:
 
 
 @dataclass
-class RankerConfig:
+class RankerConfig(HashedModelConfig):
     """Everything that shapes a ``PhoenixRanker``; stored in checkpoints as JSON.
 
     ``actions`` are the binary heads (and the history multi-hot); ``continuous_actions`` get a
@@ -140,6 +142,9 @@ class RankerConfig:
     continuous_head: Literal["mlp", "linear"] = "mlp"
     side: SideConfig = field(default_factory=SideConfig)
     dropout: float = 0.0
+
+    KIND: ClassVar[str] = "ranker"  # to_dict, from_dict, dim, num_actions: HashedModelConfig
+    NESTED: ClassVar[dict[str, Callable[[dict], Any]]] = {"side": lambda d: SideConfig(**d)}
 
     def __post_init__(self) -> None:
         if isinstance(self.side, dict):
@@ -231,34 +236,6 @@ class RankerConfig:
         """Post-age buckets: unknown (0), ``4800 // g`` normal ones, one overflow; 0 if off."""
         g = self.post_age_granularity_mins
         return POST_AGE_MAX_MINUTES // g + 2 if g else 0
-
-    @property
-    def num_actions(self) -> int:
-        return len(self.actions)
-
-    @property
-    def dim(self) -> int:
-        return self.transformer.dim
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["hash"] = self.hash.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RankerConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ranker config fields {sorted(unknown)}")
-        return cls(
-            **{
-                **d,
-                "hash": HashConfig.from_dict(d["hash"]),
-                "transformer": TransformerConfig(**d["transformer"]),
-                "side": SideConfig(**d.get("side", {})),
-            }
-        )
 
 
 @dataclass

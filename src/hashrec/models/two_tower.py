@@ -17,12 +17,14 @@ so a batch with no candidates (C = 0) is the natural input of the user tower.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from hashrec.hashing.config import HashConfig
+from hashrec.models.config import HashedModelConfig
 from hashrec.nn.batch import RecsysBatch
 from hashrec.nn.blocks import NUM_PRODUCT_SURFACES, BlockHistoryReduce, BlockUserReduce
 from hashrec.nn.table import FusedEmbeddingTable, gather_rows
@@ -37,7 +39,7 @@ def l2_normalise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 @dataclass
-class TwoTowerConfig:
+class TwoTowerConfig(HashedModelConfig):
     """Everything that shapes a ``TwoTowerRetriever``; stored in checkpoints as JSON.
 
     ``actions`` are the history multi-hot (the same list the ranker reads); ``candidate_hidden``
@@ -58,6 +60,8 @@ class TwoTowerConfig:
     table_dtype: str = "float32"
     table_init_std: float = 0.05
 
+    KIND: ClassVar[str] = "two-tower"  # to_dict, from_dict, dim, num_actions: HashedModelConfig
+
     def __post_init__(self) -> None:
         self.actions = tuple(self.actions)
         if not self.actions:
@@ -75,32 +79,6 @@ class TwoTowerConfig:
             )
         if self.table_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"table_dtype must be float32 or bfloat16, got {self.table_dtype!r}")
-
-    @property
-    def num_actions(self) -> int:
-        return len(self.actions)
-
-    @property
-    def dim(self) -> int:
-        return self.transformer.dim
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["hash"] = self.hash.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TwoTowerConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown two-tower config fields {sorted(unknown)}")
-        return cls(
-            **{
-                **d,
-                "hash": HashConfig.from_dict(d["hash"]),
-                "transformer": TransformerConfig(**d["transformer"]),
-            }
-        )
 
 
 class TwoTowerRetriever(nn.Module):

@@ -6,9 +6,11 @@ nor tqdm, so a server or a notebook can load a model cheaply. The file is writte
 the previous checkpoint intact. Only safetensors is read: nothing is ever unpickled.
 
 Layout: tensors ``model.<name>`` (the model's state dict), ``optim.<optimizer>.<param>.<key>``
-(optimizer state), ``checkpoint.digest`` (SHA-256 of the metadata below, so an edited config is
-refused rather than silently changing results); metadata ``format``, ``model_class``,
-``model_config``, ``optimizer_groups``, ``train_state``, ``extra`` (JSON strings).
+(optimizer state), ``rng.<device>`` (the torch random state of a training run, so a resumed
+run draws the same dropout masks), ``checkpoint.digest`` (SHA-256 of the metadata below, so
+an edited config is refused rather than silently changing results); metadata ``format``,
+``model_class``, ``model_config``, ``optimizer_groups``, ``train_state``, ``extra`` (JSON
+strings).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class CheckpointInfo:
     train_state: TrainState | None
     extra: dict[str, Any]
     model_class: str
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)  # device -> torch random state
 
 
 def _model_classes() -> dict[str, tuple[type, Any]]:
@@ -133,10 +136,13 @@ def save_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
     state: TrainState | None = None,
     extra: dict | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Weights (+ optimizer state, training position, run metadata) into one file, atomically.
+    """Weights (+ optimizer state, training position, run metadata, random state) into one
+    file, atomically.
 
-    ``model`` is a registered model class with a ``config`` that has ``to_dict()``.
+    ``model`` is a registered model class with a ``config`` that has ``to_dict()``; ``rng``
+    maps a device type to its torch random state (``torch.get_rng_state()``).
     """
     name = type(model).__name__
     if name not in _model_classes():
@@ -156,6 +162,8 @@ def save_checkpoint(
         t, g = _optim_tensors(f"optim.{opt_name}", opt)
         tensors.update(t)
         groups[opt_name] = g
+    for device, t in (rng or {}).items():
+        tensors[f"rng.{device}"] = t.detach().cpu().clone()
     meta = {
         "format": CHECKPOINT_FORMAT,
         "model_class": name,
@@ -303,7 +311,8 @@ def load_checkpoint(
                     raise
                 raise ValueError(f"{e} (the weights do not fit the stored config)") from e
     model.to(map_location)
-    tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    rng = {k[len("rng.") :]: tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}  # random states stay on CPU
     groups = json.loads(meta["optimizer_groups"])
     raw_state = json.loads(meta["train_state"])
     info = CheckpointInfo(
@@ -311,6 +320,7 @@ def load_checkpoint(
         train_state=TrainState(**raw_state) if raw_state is not None else None,
         extra=json.loads(meta["extra"]),
         model_class=meta["model_class"],
+        rng=rng,
     )
     model.eval()  # loaded for inference: dropout off (a Trainer switches to train mode itself)
     return model, info

@@ -8,27 +8,29 @@ post's share of the training positives: in-batch sampling draws a post as a nega
 proportion to it, and subtracting it makes the softmax estimate the full-corpus one (Yi et al.,
 RecSys 2019).
 
-The loop is ``Trainer``'s (``hashrec.training.trainer``): the same optimizers (AdamW dense,
-row-wise Adagrad table), the same per-epoch seeded order, checkpoints, resume and progress bar.
+The loop is the ranker's (``hashrec.training.loop.EpochTrainer``): the same optimizers (AdamW
+dense, row-wise Adagrad table), the same per-epoch seeded order, checkpoints, exact resume,
+progress bar and stop on a non-finite loss.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hashrec.data import ExampleConfig, InteractionLog, Requests, RowHashes, batches, build_requests
 from hashrec.data.io import sorted_lookup
 from hashrec.models.losses import retrieval_loss
 from hashrec.models.two_tower import TwoTowerRetriever
 from hashrec.training.checkpoint import TrainState
-from hashrec.training.distributed import env_world
-from hashrec.training.trainer import TrainConfig, Trainer
+from hashrec.training.distributed import StepLoss, env_world
+from hashrec.training.loop import EpochTrainer
+from hashrec.training.trainer import TrainConfig
 
 __all__ = [
     "PostLogQ",
@@ -99,17 +101,32 @@ class PostLogQ:
         return np.where(found, self.log_q[pos], self.floor)
 
 
-class RetrievalTrainer(Trainer):
+class RetrievalTrainer(EpochTrainer):
     """Trains a ``TwoTowerRetriever``; checkpoints to ``run_dir / checkpoint.safetensors``.
 
-    Construction, ``save`` and ``resume`` are ``Trainer``'s; ``fit`` takes the positives.
+    The loop, checkpoints, exact resume and the non-finite stop are ``EpochTrainer``'s (the
+    ranker's ``Trainer`` shares them); this class gives the per-step loss (``step_loss``).
+    One process only: there is no data-parallel two-tower path.
+
+    >>> import tempfile
+    >>> from hashrec import HashConfig, TransformerConfig, TwoTowerConfig, data, datasets
+    >>> log = data.load_kuairand(datasets.kuairand_sample_dir())
+    >>> cfg = TwoTowerConfig(hash=HashConfig.uniform(num_buckets=1000), actions=log.actions,
+    ...     transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=1, num_kv_heads=1))
+    >>> pos = positive_rows(log, log.days(20220425, 20220425), ("long_view",))
+    >>> trainer = RetrievalTrainer(TwoTowerRetriever(cfg),
+    ...     RetrievalTrainConfig(batch_size=32, max_steps=3), tempfile.mkdtemp(), progress=False)
+    >>> state = trainer.fit(log, RowHashes(log, cfg.hash), retrieval_requests(log, pos, 4),
+    ...                     PostLogQ.fit(log.post[pos]))
+    >>> state.global_step, trainer.checkpoint_path.exists()
+    (3, True)
     """
 
     def __init__(
         self,
         model: TwoTowerRetriever,
         config: RetrievalTrainConfig,
-        run_dir,
+        run_dir: str | Path,
         progress: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
@@ -119,9 +136,9 @@ class RetrievalTrainer(Trainer):
                 f"WORLD_SIZE={world}: the two-tower loop runs in one process (multi-process "
                 "training covers the ranker); run it without torchrun"
             )
-        super().__init__(model, config, run_dir, progress=progress, device=device)  # type: ignore[arg-type]
+        super().__init__(model, config, run_dir, progress=progress, device=device)
 
-    def fit(  # type: ignore[override]
+    def fit(
         self,
         log: InteractionLog,
         hashes: RowHashes,
@@ -129,56 +146,32 @@ class RetrievalTrainer(Trainer):
         log_q: PostLogQ | None = None,
     ) -> TrainState:
         """Train on ``requests`` (from ``retrieval_requests``): one positive per request."""
-        c, st = self.config, self.state
         if requests.candidates.shape[1] != 1:
             raise ValueError(
                 f"requests have {requests.candidates.shape[1]} candidates each, expected 1 "
                 "(build them with retrieval_requests)"
             )
-        use_q = log_q is not None and getattr(c, "log_q_correction", True)
-        n_steps = math.ceil(len(requests) / c.batch_size)
+        if not self.config.log_q_correction:
+            log_q = None
+        step_loss = functools.partial(self.step_loss, log, hashes, requests, log_q)
+        return self.run_epochs(len(requests), step_loss)
+
+    def step_loss(self, log: InteractionLog, hashes: RowHashes, requests: Requests,
+                  log_q: PostLogQ | None, indices: np.ndarray) -> StepLoss:  # fmt: skip
+        """Sampled-softmax loss of the requests ``indices``: each user against every positive
+        of the batch, log-Q corrected when ``log_q`` is given."""
         model: TwoTowerRetriever = self.model  # type: ignore[assignment]
-        model.train()
-        seen, t0 = 0, time.perf_counter()
-        for epoch in range(st.epoch, c.epochs):
-            perm = np.random.default_rng([c.seed, epoch]).permutation(len(requests))
-            start = st.step_in_epoch
-            bar = tqdm(total=n_steps, initial=start, desc=f"epoch {epoch + 1}/{c.epochs}",
-                       disable=not self.progress, leave=False, dynamic_ncols=True)  # fmt: skip
-            stream = batches(log, hashes, requests, c.batch_size, perm[start * c.batch_size :])
-            for i, lb in enumerate(stream):
-                rows = lb.candidate_rows[:, 0]  # the positive's log row, [B]
-                b = lb.batch.to(self.device)
-                users = model.embed_users(b)  # [B, D]
-                items = model.embed_candidates(
-                    b.candidate_post_hashes[:, 0], b.candidate_author_hashes[:, 0]
-                )  # [B, D]
-                keys = torch.from_numpy(log.post[rows]).to(self.device)
-                lq = torch.from_numpy(log_q(log.post[rows])).to(self.device) if use_q else None
-                loss = retrieval_loss(users, items, model.temperature, keys, lq)
-                loss.backward()
-                self.dense.step()
-                self.table.step()
-                self.dense.zero_grad(set_to_none=True)
-                self.table.zero_grad(set_to_none=True)
-                seen += len(rows)
-                st.record_loss(loss.item())
-                st.global_step += 1
-                st.step_in_epoch = start + i + 1
-                st.examples_per_s = seen / (time.perf_counter() - t0)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{np.mean(st.losses[-20:]):.4f}", ex_s=f"{st.examples_per_s:,.0f}",
-                    temp=f"{model.temperature.item():.3f}",
-                )  # fmt: skip
-                if st.global_step % c.checkpoint_every == 0:
-                    self.save()
-                if c.max_steps is not None and st.global_step >= c.max_steps:
-                    bar.close()
-                    self.save()
-                    return st
-            bar.close()
-            st.epoch, st.step_in_epoch = epoch + 1, 0
-            st.done = st.epoch == c.epochs
-            self.save()
-        return st
+        lb = next(batches(log, hashes, requests, len(indices), indices))
+        rows = lb.candidate_rows[:, 0]  # the positive's log row, [B]
+        b = lb.batch.to(self.device)
+        users = model.embed_users(b)  # [B, D]
+        items = model.embed_candidates(
+            b.candidate_post_hashes[:, 0], b.candidate_author_hashes[:, 0]
+        )  # [B, D]
+        keys = torch.from_numpy(log.post[rows]).to(self.device)
+        lq = torch.from_numpy(log_q(log.post[rows])).to(self.device) if log_q is not None else None
+        loss = retrieval_loss(users, items, model.temperature, keys, lq)
+        return StepLoss(loss, float(loss.detach()), len(rows))
+
+    def progress_postfix(self) -> dict[str, str]:
+        return {"temp": f"{self.model.temperature.item():.3f}"}
