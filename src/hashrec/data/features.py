@@ -13,14 +13,42 @@ and post-age embeddings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hashrec.hashing.functions import ids_to_int64
 
-__all__ = ["SideColumns", "categorical_ids", "log_scale", "read_side_table"]
+if TYPE_CHECKING:
+    from hashrec.data.side_store import SideStore
+
+__all__ = [
+    "SideColumns",
+    "bucket_ids",
+    "categorical_ids",
+    "history_signal",
+    "log_scale",
+    "post_age_days",
+    "read_side_table",
+    "sorted_lookup",
+    "standard_stats",
+    "standardise",
+]
 
 _SEED = 11  # xxh64 seed of categorical values (any fixed value; part of the format)
+
+
+def sorted_lookup(keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``query`` in the sorted array ``keys`` and whether each was found.
+
+    >>> pos, found = sorted_lookup(np.array([2, 5, 9]), np.array([5, 7]))
+    >>> pos.tolist(), found.tolist()
+    ([1, 2], [True, False])
+    """
+    if len(keys) == 0:
+        return np.zeros(len(query), dtype=np.int64), np.zeros(len(query), dtype=bool)
+    pos = np.clip(np.searchsorted(keys, query), 0, len(keys) - 1)
+    return pos, keys[pos] == query
 
 
 def categorical_ids(column: str, values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -44,12 +72,69 @@ def log_scale(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
-def _standardise(x: np.ndarray) -> np.ndarray:
+def standard_stats(x: np.ndarray) -> tuple[float, float]:
+    """(mean, scale) that ``standardise`` divides by: over the non-missing values of ``x``;
+    scale 1 for a constant column; (nan, nan) when every value is missing.
+
+    >>> standard_stats(np.array([1.0, 3.0, np.nan]))
+    (2.0, 1.0)
+    """
     ok = ~np.isnan(x)
     if not ok.any():
+        return float("nan"), float("nan")
+    mu, sd = float(x[ok].mean()), float(x[ok].std())
+    return mu, (sd if sd > 0 else 1.0)
+
+
+def standardise(x: np.ndarray, stats: tuple[float, float]) -> np.ndarray:
+    """(x - mean) / scale as float32, 0 where x is missing (or the column never had a value).
+
+    Training takes ``stats`` from the whole log (``standard_stats``); serving reuses them, so a
+    value gets the same number in both.
+
+    >>> standardise(np.array([1.0, np.nan, 5.0]), (3.0, 2.0)).tolist()
+    [-1.0, 0.0, 1.0]
+    """
+    x = np.asarray(x, dtype=np.float64)
+    mu, sd = stats
+    if np.isnan(mu):
         return np.zeros(len(x), np.float32)
-    mu, sd = x[ok].mean(), x[ok].std()
-    return np.where(ok, (x - mu) / (sd if sd > 0 else 1.0), 0.0).astype(np.float32)
+    return np.where(~np.isnan(x), (x - mu) / sd, 0.0).astype(np.float32)
+
+
+def bucket_ids(name: str, x: np.ndarray) -> np.ndarray:
+    """The bucket of a numeric value as one more categorical field ``name#bucket``: the value
+    ID of round(2 * log_scale(x)); 0 where x is missing.
+
+    >>> b = bucket_ids("fans", np.array([10.0, 11.0, np.nan, 1e6]))
+    >>> bool(b[0] == b[1] != b[3]), int(b[2])
+    (True, 0)
+    """
+    lx = log_scale(x)
+    ok = ~np.isnan(lx)
+    return categorical_ids(f"{name}#bucket", np.round(2 * np.where(ok, lx, 0)).astype(np.int64), ok)
+
+
+def post_age_days(time_ms: np.ndarray, created_ms: np.ndarray) -> np.ndarray:
+    """A post's age at an impression, in days (>= 0; NaN where the creation time is missing).
+
+    >>> post_age_days(np.array([2 * 86_400_000, 0]), np.array([0.0, np.nan])).tolist()
+    [2.0, nan]
+    """
+    return np.maximum(time_ms - created_ms, 0) / 86_400_000
+
+
+def history_signal(numerator: np.ndarray, denominator: np.ndarray | None) -> np.ndarray:
+    """A history event's continuous signal before standardisation: log1p(num / max(den, 1))
+    (log1p(num) without a denominator); a missing value counts as 0, a negative one too.
+
+    >>> history_signal(np.array([5000.0, np.nan]), np.array([10000.0, 3.0])).round(4).tolist()
+    [0.4055, 0.0]
+    """
+    x = np.maximum(np.nan_to_num(numerator), 0)
+    if denominator is not None:
+        x = x / np.maximum(np.nan_to_num(denominator), 1)
+    return np.log1p(x)
 
 
 @dataclass
@@ -72,6 +157,9 @@ class SideColumns:
     post_num: np.ndarray
     signals: np.ndarray
     names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    raw_signals: dict[str, np.ndarray] = field(default_factory=dict)
+    store: SideStore | None = None
 
     @classmethod
     def empty(cls, n: int) -> SideColumns:
@@ -88,37 +176,42 @@ class SideColumns:
         post_num: dict[str, np.ndarray],
         signals: dict[str, np.ndarray],
         n: int,
+        stats: dict[str, tuple[float, float]] | None = None,
     ) -> SideColumns:
         """From per-column arrays: categorical IDs, raw numeric values (NaN = missing; log-scaled,
-        bucketised and standardised here) and signals (already transformed)."""
+        bucketised and standardised here) and signals (``history_signal`` values).
+
+        ``stats``: the standardisation of each numeric column and signal, keyed
+        ``user_num:name`` / ``post_num:name`` / ``signals:name``; None computes them over these
+        rows (training, on the whole log) and records them in ``self.stats`` (serving passes
+        training's back in)."""
+        computed: dict[str, tuple[float, float]] = {}
+
+        def std(kind: str, name: str, x: np.ndarray) -> np.ndarray:
+            key = f"{kind}:{name}"
+            computed[key] = standard_stats(x) if stats is None else stats[key]
+            return standardise(x, computed[key])
 
         def cats(d: dict, nums: dict) -> tuple[np.ndarray, tuple[str, ...]]:
             cols = dict(d)
             for name, x in nums.items():  # bucket of the log value: one more categorical field
-                lx = log_scale(x)
-                ok = ~np.isnan(lx)
-                cols[f"{name}#bucket"] = categorical_ids(
-                    f"{name}#bucket", np.round(2 * np.where(ok, lx, 0)).astype(np.int64), ok
-                )
+                cols[f"{name}#bucket"] = bucket_ids(name, x)
             if not cols:
                 return np.zeros((n, 0), np.int64), ()
             return np.stack(list(cols.values()), axis=1).astype(np.int64), tuple(cols)
 
-        def nums(d: dict) -> np.ndarray:
+        def nums(kind: str, d: dict, scale=log_scale) -> np.ndarray:
             if not d:
                 return np.zeros((n, 0), np.float32)
-            return np.stack([_standardise(log_scale(x)) for x in d.values()], axis=1)
+            return np.stack([std(kind, k, scale(x)) for k, x in d.items()], axis=1)
 
         uc, ucn = cats(user_cat, user_num)
         pc, pcn = cats(post_cat, post_num)
-        sig = (
-            np.stack([_standardise(x) for x in signals.values()], axis=1)
-            if signals
-            else np.zeros((n, 0), np.float32)
-        )
+        sig = nums("signals", signals, scale=lambda x: x)
         names = {"user_cat": ucn, "post_cat": pcn, "user_num": tuple(user_num),
                  "post_num": tuple(post_num), "signals": tuple(signals)}  # fmt: skip
-        return cls(uc, pc, nums(user_num), nums(post_num), sig, names)
+        return cls(uc, pc, nums("user_num", user_num), nums("post_num", post_num), sig, names,
+                   computed)  # fmt: skip
 
     @property
     def num_fields(self) -> int:
@@ -132,7 +225,10 @@ class SideColumns:
         return self.user_cat, self.post_cat, self.user_num, self.post_num, self.signals
 
     def take(self, idx: np.ndarray) -> SideColumns:
-        return SideColumns(*(a[idx] for a in self._arrays()), names=self.names)
+        return SideColumns(*(a[idx] for a in self._arrays()), names=self.names,
+                           stats=self.stats,
+                           raw_signals={k: v[idx] for k, v in self.raw_signals.items()},
+                           store=self.store)  # fmt: skip
 
 
 def read_side_table(

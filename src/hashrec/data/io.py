@@ -14,7 +14,14 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from hashrec.data.features import SideColumns, read_side_table
+from hashrec.data.features import (
+    SideColumns,
+    history_signal,
+    post_age_days,
+    read_side_table,
+    sorted_lookup,
+)
+from hashrec.data.side_store import Keyed, SideStore
 from hashrec.data.schema import KUAIRAND_SCHEMA, InteractionLog, LogSchema
 
 __all__ = [
@@ -71,14 +78,6 @@ def read_columns(
             raise ValueError(f"{path}: column {c} has type {col.type}, expected {expected}")
         out[c] = arr
     return out
-
-
-def sorted_lookup(keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of ``query`` in the sorted array ``keys`` and whether each was found."""
-    if len(keys) == 0:
-        return np.zeros(len(query), dtype=np.int64), np.zeros(len(query), dtype=bool)
-    pos = np.clip(np.searchsorted(keys, query), 0, len(keys) - 1)
-    return pos, keys[pos] == query
 
 
 _MAX_ID = 2**63 - 1
@@ -397,56 +396,51 @@ def _side_columns(
     users: str | None,
 ) -> SideColumns:
     """Side features of every log row, from the side tables or the log files (see
-    ``load_log``); side-table keys go through the same ID checks and offset as the log's."""
+    ``load_log``); side-table keys go through the same ID checks and offset as the log's.
+
+    The tables are kept by ID in a ``SideStore`` (``side.store``, what serving looks requests
+    up in) and every row's table features are looked up through it, so training and serving
+    join the same values; columns read from the log rows go into the store as each ID's latest
+    value."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     path = paths[0]
     signal_cols = [c for _, num, den in schema.history_signals for c in (num, den) if c]
-    post = data[schema.post]
+    post, user = data[schema.post], data[schema.user]
     n = len(post)
 
-    def keyed(table: str, key: str, cat: tuple, num: tuple):
+    def keyed(table: str, key: str, cat: tuple, num: tuple) -> dict[str, Keyed]:
         keys, cats, nums = read_side_table(table, key, cat, num)
         keys = id_column(table, key, keys, schema.id_offset)
         order = np.argsort(keys, kind="stable")
-        return keys[order], {k: v[order] for k, v in cats.items()}, {
-            k: v[order] for k, v in nums.items()}  # fmt: skip
+        return {k: Keyed(keys[order], v[order]) for k, v in {**cats, **nums}.items()}
 
     p_num = (*schema.post_numeric, *((schema.post_time,) if schema.post_time else ()))
-    pc, pn, uc, un = {}, {}, {}, {}
-    for table, key_col, raw, cat, num, c_out, n_out in (
-        (posts, schema.post, post, schema.post_categorical, p_num, pc, pn),
-        (users, schema.user, data[schema.user], schema.user_categorical,
-         schema.user_numeric, uc, un),
-    ):  # fmt: skip
-        if table is None:
-            continue
-        keys, cats, nums = keyed(table, key_col, cat, num)
-        pos, found = sorted_lookup(keys, raw)
-        for k, v in cats.items():
-            c_out[k] = np.where(found, v[pos], 0)
-        for k, v in nums.items():
-            n_out[k] = np.where(found, v[pos], np.nan)
+    by_post: dict[str, Keyed] = {}  # column -> values by post ID (post table, then log rows)
+    by_user: dict[str, Keyed] = {}
+    if posts is not None:
+        by_post = keyed(posts, schema.post, schema.post_categorical, p_num)
+    if users is not None:
+        by_user = keyed(users, schema.user, schema.user_categorical, schema.user_numeric)
     names = set(_column_names(path))
     want_cat = [c for c in (*schema.post_categorical, *schema.user_categorical)
-                if c in names and c not in pc and c not in uc]  # fmt: skip
-    want_num = [c for c in (*p_num, *schema.user_numeric) if c in names and c not in pn
-                and c not in un]  # fmt: skip
+                if c in names and c not in by_post and c not in by_user]  # fmt: skip
+    want_num = [c for c in (*p_num, *schema.user_numeric) if c in names and c not in by_post
+                and c not in by_user]  # fmt: skip
     from_posts = [c for c in signal_cols if c not in names]  # e.g. a duration of the post
-    sig_posts = {}
+    signal_columns: dict[str, Keyed] = {}
     if from_posts and posts is not None:
-        keys, _, found_nums = keyed(posts, schema.post, (), tuple(from_posts))
-        pos, found = sorted_lookup(keys, post)
-        sig_posts = {k: np.where(found, v[pos], np.nan) for k, v in found_nums.items()}
-    missing = [c for c in from_posts if c not in sig_posts]
+        signal_columns = keyed(posts, schema.post, (), tuple(from_posts))
+    missing = [c for c in from_posts if c not in signal_columns]
     if missing:
         raise ValueError(
             f"{path}: history_signals name columns {missing} found neither in the log nor in "
             "the post table"
         )
     log_signals = [c for c in signal_cols if c in names]
+    row: dict[str, np.ndarray] = {}  # columns read from the log rows
     if want_cat or want_num or log_signals:
         cols = list(dict.fromkeys([*want_cat, *want_num, *log_signals]))
         table = pa.concat_tables(
@@ -457,31 +451,56 @@ def _side_columns(
         _, cats, nums = read_side_table(path, None, tuple(want_cat),
                                         tuple(dict.fromkeys([*want_num, *log_signals])),
                                         table=table)  # fmt: skip
-        for k, v in cats.items():
-            (pc if k in schema.post_categorical else uc)[k] = v
-        for k, v in nums.items():
-            if k in want_num:
-                (pn if k in p_num else un)[k] = v
-    else:
-        nums = {}
-    nums = {**nums, **sig_posts}
-    if schema.post_time and schema.post_time in pn:  # the post's age at the impression, days
-        created = pn.pop(schema.post_time)
+        row = {**cats, **nums}
+    if schema.post_time and (schema.post_time in row or schema.post_time in by_post):
         if schema.time_unit == "s" and not _is_date_column(path, posts, schema.post_time):
-            created = created * 1000
-        pn["post_age_days"] = np.maximum(time - created, 0) / 86_400_000
-    signals = {}
-    for name, num, den in schema.history_signals:
-        x = np.maximum(np.nan_to_num(nums[num]), 0)
-        if den:
-            x = x / np.maximum(np.nan_to_num(nums[den]), 1)
-        signals[name] = np.log1p(x)
-    order = lambda d, decl: {k: d[k] for k in decl if k in d}  # noqa: E731 - declared order
-    return SideColumns.build(
-        order(uc, schema.user_categorical), order(pc, schema.post_categorical),
-        order(un, schema.user_numeric), order(pn, (*schema.post_numeric, "post_age_days")),
-        signals, n,
+            if schema.post_time in row:  # creation times in epoch ms, as the log's
+                row[schema.post_time] = row[schema.post_time] * 1000
+            else:
+                t = by_post[schema.post_time]
+                by_post[schema.post_time] = Keyed(t.keys, t.values * 1000)
+    for c in [*want_cat, *want_num]:
+        if c in row:
+            is_post = c in schema.post_categorical or c in p_num
+            ids = post if is_post else user
+            (by_post if is_post else by_user)[c] = Keyed.latest(ids, row[c], time)
+    for c in log_signals:  # a post's own numeric feature (a duration) is its default
+        if c in by_post and c in schema.post_numeric:
+            signal_columns.setdefault(c, by_post[c])
+    declared = lambda d, decl: {k: d[k] for k in decl if k in d}  # noqa: E731 - declared order
+    created = by_post.pop(schema.post_time, None) if schema.post_time else None
+    store = SideStore(
+        user_categorical=declared(by_user, schema.user_categorical),
+        user_numeric=declared(by_user, schema.user_numeric),
+        post_categorical=declared(by_post, schema.post_categorical),
+        post_numeric=declared(by_post, schema.post_numeric),
+        post_created=created,
+        signals=tuple(schema.history_signals),
+        signal_columns=signal_columns,
+        request_columns=tuple(dict.fromkeys(log_signals)),
+    )
+
+    # every row's features: log-row columns as read, table columns through the store
+    def value(c: str, table: dict[str, Keyed], ids: np.ndarray) -> np.ndarray:
+        return row[c] if c in row else table[c].lookup(ids)
+
+    pn = {k: value(k, by_post, post) for k in store.post_numeric}
+    if created is not None:  # the post's age at the impression, days
+        pn["post_age_days"] = post_age_days(time, value(schema.post_time, {schema.post_time:
+                                                                          created}, post))
+    sig_cols = {c: (row[c] if c in row else signal_columns[c].lookup(post)) for c in signal_cols}
+    signals = {name: history_signal(sig_cols[num], sig_cols[den] if den else None)
+               for name, num, den in schema.history_signals}  # fmt: skip
+    side = SideColumns.build(
+        {k: value(k, by_user, user) for k in store.user_categorical},
+        {k: value(k, by_post, post) for k in store.post_categorical},
+        {k: value(k, by_user, user) for k in store.user_numeric},
+        pn, signals, n,
     )  # fmt: skip
+    store.stats = side.stats
+    side.raw_signals = {c: row[c] for c in store.request_columns}
+    side.store = store
+    return side
 
 
 def _include(cols: list[str]):

@@ -1,0 +1,250 @@
+"""Side features by ID, for serving: what training joined onto each log row, looked up per request.
+
+Training (``load_log``) joins every log row with its user's and its post's side features, takes
+the post's age at the row's time and the row's continuous signals (play time / duration), and
+standardises the numbers over the whole log (``hashrec.data.features``). A served ranker needs the
+same numbers for a request that is not in the log: ``SideStore`` keeps the side tables by user
+and post ID (columns that training read from the log rows are kept by ID too, the latest row's
+value) and training's standardisation; ``side_batch`` turns a request's rows into the
+``SideBatch`` training would have built for them. ``load_log`` builds the store while it reads
+the log and computes the training rows' own features through the same lookups, so the two
+cannot drift apart.
+
+What only the client knows comes with the request: each history event's signal columns that
+training read from the log row (e.g. KuaiRand's ``play_time_ms``; a column that is also one of
+the post's numeric features, such as ``duration_ms``, defaults to the post's value) and each
+candidate's impression time (the post's age). An unknown user or post gets training's
+missing-value treatment: categorical ID 0, numbers standardised to 0, bucket 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hashrec.data.features import SideColumns, history_signal, post_age_days, sorted_lookup
+from hashrec.hashing.config import HashConfig
+from hashrec.nn.side import SideBatch, SideConfig
+
+__all__ = ["Keyed", "SideStore", "side_batch"]
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """One side column by ID: sorted unique ``keys`` [n] int64 and their ``values`` [n]
+    (categorical value IDs, or raw numbers); an absent ID reads as missing (0 / NaN).
+
+    >>> col = Keyed(np.array([3, 8]), np.array([1.5, 2.5]))
+    >>> col.lookup(np.array([8, 4])).tolist()
+    [2.5, nan]
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+
+    @property
+    def missing(self) -> float | int:
+        return np.nan if self.values.dtype.kind == "f" else 0
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        pos, found = sorted_lookup(self.keys, ids)
+        return np.where(found, self.values[pos], self.missing)
+
+    @classmethod
+    def latest(cls, ids: np.ndarray, values: np.ndarray, time: np.ndarray) -> Keyed:
+        """Each ID's value in its latest row (by ``time``; ties: the later row).
+
+        >>> Keyed.latest(np.array([5, 5, 2]), np.array([1, 7, 4]), np.array([0, 9, 3])).values
+        array([4, 7])
+        """
+        order = np.lexsort((np.arange(len(ids)), time, ids))  # by ID, then time, then row
+        last = np.r_[ids[order][1:] != ids[order][:-1], True]
+        return cls(ids[order][last], values[order][last])
+
+
+@dataclass
+class SideStore:
+    """The side features of users and posts by ID, and training's standardisation.
+
+    Columns in training's order (``SideColumns.names`` of the log): ``user_categorical`` /
+    ``post_categorical`` value IDs, ``user_numeric`` / ``post_numeric`` raw values (bucketised
+    and standardised on the way out), ``post_created`` (epoch ms: the post's age at the
+    impression is one more numeric post feature, ``post_age_days``), ``signals`` (name,
+    numerator column, denominator column or "") of history events and ``signal_columns``: those
+    columns by post ID where a post has one value (its table's, or one of its numeric
+    features). ``request_columns``: the signal columns training read from each log row, which a
+    request sends per history event.
+
+    >>> store = SideStore(
+    ...     user_categorical={"level": Keyed(np.array([1, 2]), np.array([11, 12]))},
+    ...     post_numeric={"length": Keyed(np.array([10]), np.array([30.0]))},
+    ...     stats={"post_num:length": (3.0, 0.5)})
+    >>> cat, num = store.post_features(np.array([10, 99]), np.array([0, 0]))
+    >>> cat.shape, [round(float(x), 3) for x in num[:, 0]]  # (log1p(30) - 3) / 0.5; unknown: 0
+    ((2, 1), [0.868, 0.0])
+    """
+
+    user_categorical: dict[str, Keyed] = field(default_factory=dict)
+    user_numeric: dict[str, Keyed] = field(default_factory=dict)
+    post_categorical: dict[str, Keyed] = field(default_factory=dict)
+    post_numeric: dict[str, Keyed] = field(default_factory=dict)
+    post_created: Keyed | None = None
+    signals: tuple[tuple[str, str, str], ...] = ()
+    signal_columns: dict[str, Keyed] = field(default_factory=dict)
+    request_columns: tuple[str, ...] = ()
+    stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    # -- what the store gives ------------------------------------------------------------------
+    def _post_num_names(self) -> tuple[str, ...]:
+        return (*self.post_numeric, *(("post_age_days",) if self.post_created else ()))
+
+    @property
+    def names(self) -> dict[str, tuple[str, ...]]:
+        """The field names in training's order (as ``SideColumns.names``)."""
+        post_num = self._post_num_names()
+        return {
+            "user_cat": (*self.user_categorical, *(f"{k}#bucket" for k in self.user_numeric)),
+            "post_cat": (*self.post_categorical, *(f"{k}#bucket" for k in post_num)),
+            "user_num": tuple(self.user_numeric),
+            "post_num": post_num,
+            "signals": tuple(name for name, _, _ in self.signals),
+        }
+
+    def side_config(self, hash_config: HashConfig) -> SideConfig:
+        """The ``SideConfig`` a ranker trained on these features has (categorical fields only
+        with a ``feature`` block, as ``hashrec.evaluation.experiment.side_config``)."""
+        n = self.names
+        block = "feature" in [e.name for e in hash_config.entities]
+        return SideConfig(len(n["user_cat"]) if block else 0, len(n["post_cat"]) if block else 0,
+                          len(n["user_num"]), len(n["post_num"]), len(n["signals"]))  # fmt: skip
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """Signal columns a request must send per history event (no per-post default)."""
+        return tuple(c for c in self.request_columns if c not in self.signal_columns)
+
+    # -- lookups -------------------------------------------------------------------------------
+    def user_features(self, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Categorical value IDs [n, Fu] int64 and standardised numbers [n, Nu] float32."""
+        ids = np.asarray(user_ids, np.int64).reshape(-1)
+        side = SideColumns.build(
+            {k: c.lookup(ids) for k, c in self.user_categorical.items()}, {},
+            {k: c.lookup(ids) for k, c in self.user_numeric.items()}, {}, {}, len(ids),
+            stats=self.stats,
+        )  # fmt: skip
+        return side.user_cat, side.user_num
+
+    def post_features(
+        self, post_ids: np.ndarray, time_ms: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Categorical value IDs [n, Fp] int64 and standardised numbers [n, Np] float32 of posts
+        shown at ``time_ms`` [n] (epoch ms: the post's age)."""
+        ids = np.asarray(post_ids, np.int64).reshape(-1)
+        nums = {k: c.lookup(ids) for k, c in self.post_numeric.items()}
+        if self.post_created is not None:
+            time = np.asarray(time_ms, np.int64).reshape(-1)
+            nums["post_age_days"] = post_age_days(time, self.post_created.lookup(ids))
+        side = SideColumns.build({}, {k: c.lookup(ids) for k, c in self.post_categorical.items()},
+                                 {}, nums, {}, len(ids), stats=self.stats)  # fmt: skip
+        return side.post_cat, side.post_num
+
+    def history_signals(
+        self, post_ids: np.ndarray, values: Mapping[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Standardised signals [n, Ah] float32 of history events on ``post_ids`` [n], from
+        ``values`` (column -> [n] raw numbers, NaN = not sent); a column not sent takes the
+        post's own value where it has one (``signal_columns``), else a ValueError names it."""
+        ids = np.asarray(post_ids, np.int64).reshape(-1)
+        values = values or {}
+        cols: dict[str, np.ndarray] = {}
+        if len(ids) == 0:
+            return np.zeros((0, len(self.signals)), np.float32)
+        for name, num, den in self.signals:
+            for c in (num, den):
+                if not c or c in cols:
+                    continue
+                given = values.get(c)
+                fallback = self.signal_columns.get(c)
+                if given is None and fallback is None:
+                    raise ValueError(f"history events need {c!r} (a history signal of this "
+                                     f"ranker, {name!r}); it was not given")  # fmt: skip
+                x = np.full(len(ids), np.nan) if given is None else np.asarray(given, np.float64)
+                x = x.reshape(-1)
+                if len(x) != len(ids):
+                    raise ValueError(f"history {c!r} has {len(x)} values, expected {len(ids)}")
+                if fallback is not None:
+                    x = np.where(np.isnan(x), fallback.lookup(ids), x)
+                cols[c] = x
+        raw = {name: history_signal(cols[num], cols[den] if den else None)
+               for name, num, den in self.signals}  # fmt: skip
+        return SideColumns.build({}, {}, {}, {}, raw, len(ids), stats=self.stats).signals
+
+
+def _rows(hash_config: HashConfig, ids: np.ndarray, fields: int) -> np.ndarray:
+    """Fused-table rows [..., F, K] of categorical value IDs [..., F] (as ``RowHashes``)."""
+    if "feature" not in [e.name for e in hash_config.entities]:
+        return np.zeros((*ids.shape[:-1], 0, 1), np.int64)
+    assert ids.shape[-1] == fields, (ids.shape, fields)
+    return hash_config.rows("feature", ids)
+
+
+def side_batch(
+    store: SideStore,
+    hash_config: HashConfig,
+    user_ids: np.ndarray,
+    history_post_ids: np.ndarray,
+    history_values: Mapping[str, np.ndarray],
+    candidate_post_ids: np.ndarray,
+    candidate_time_ms: np.ndarray,
+) -> SideBatch:
+    """The ``SideBatch`` training builds for these request rows (``hashrec.data.collate``).
+
+    user_ids [B] (0: no user, features missing); history_post_ids [B, S] (0 = padding: signals
+    0); history_values: signal column -> [B, S] raw numbers (NaN = not sent, see
+    ``SideStore.history_signals``); candidate_post_ids [B, C] (0 = padding: features 0) and
+    candidate_time_ms [B, C] (epoch ms of the impression). Hashes with ``hash_config``'s
+    ``feature`` block, as training does.
+
+    >>> store = SideStore(post_categorical={"genre": Keyed(np.array([10]), np.array([77]))})
+    >>> from hashrec.hashing.config import EntityHash
+    >>> cfg = HashConfig(entities=(*HashConfig.uniform(101).entities,
+    ...                            EntityHash("feature", 2, 53)))
+    >>> b = side_batch(store, cfg, np.array([1]), np.zeros((1, 3), np.int64), {},
+    ...                np.array([[10, 0]]), np.zeros((1, 2), np.int64))
+    >>> b.candidate_feature_rows.shape, bool((b.candidate_feature_rows[0, 1] == 0).all())
+    (torch.Size([1, 2, 1, 2]), True)
+    """
+    cfg = store.side_config(hash_config)
+    users = np.asarray(user_ids, np.int64)
+    hp = np.asarray(history_post_ids, np.int64)
+    cp = np.asarray(candidate_post_ids, np.int64)
+    B, S = hp.shape
+    C = cp.shape[1]
+    if users.shape != (B,) or cp.shape[0] != B or np.shape(candidate_time_ms) != cp.shape:
+        raise ValueError(f"side_batch: user_ids {list(users.shape)}, history_post_ids "
+                         f"{[B, S]}, candidate_post_ids {list(cp.shape)} and candidate_time_ms "
+                         f"{list(np.shape(candidate_time_ms))} disagree")  # fmt: skip
+    ucat, unum = store.user_features(users)
+    # padding slots stay zero, as training's ``_gather`` leaves them
+    valid = cp.reshape(-1) != 0
+    pcat = np.zeros((B * C, len(store.names["post_cat"])), np.int64)
+    pnum = np.zeros((B * C, cfg.post_numeric), np.float32)
+    times = np.asarray(candidate_time_ms, np.int64).reshape(-1)
+    pcat[valid], pnum[valid] = store.post_features(cp.reshape(-1)[valid], times[valid])
+    events = hp.reshape(-1) != 0
+    sig = np.zeros((B * S, cfg.history_signals), np.float32)
+    sig[events] = store.history_signals(
+        hp.reshape(-1)[events],
+        {c: np.asarray(v, np.float64).reshape(-1)[events] for c, v in history_values.items()},
+    )
+    t = torch.from_numpy
+    return SideBatch(
+        user_feature_rows=t(_rows(hash_config, ucat, cfg.user_fields)),
+        user_numeric=t(unum),
+        history_signals=t(np.ascontiguousarray(sig.reshape(B, S, -1))),
+        candidate_feature_rows=t(_rows(hash_config, pcat.reshape(B, C, -1), cfg.post_fields)),
+        candidate_numeric=t(np.ascontiguousarray(pnum.reshape(B, C, -1))),
+    ).validate(cfg, B, S, C)
