@@ -21,8 +21,8 @@ from hashrec.data.features import (
     read_side_table,
     sorted_lookup,
 )
-from hashrec.data.side_store import Keyed, SideStore
 from hashrec.data.schema import KUAIRAND_SCHEMA, InteractionLog, LogSchema
+from hashrec.data.side_store import Keyed, SideStore
 
 __all__ = [
     "canonical_order",
@@ -486,8 +486,9 @@ def _side_columns(
 
     pn = {k: value(k, by_post, post) for k in store.post_numeric}
     if created is not None:  # the post's age at the impression, days
-        pn["post_age_days"] = post_age_days(time, value(schema.post_time, {schema.post_time:
-                                                                          created}, post))
+        pn["post_age_days"] = post_age_days(
+            time, value(schema.post_time, {schema.post_time: created}, post)
+        )
     sig_cols = {c: (row[c] if c in row else signal_columns[c].lookup(post)) for c in signal_cols}
     signals = {name: history_signal(sig_cols[num], sig_cols[den] if den else None)
                for name, num, den in schema.history_signals}  # fmt: skip
