@@ -30,12 +30,6 @@ from hashrec.nn.side import SideBatch, SideConfig, SideReduce
 from hashrec.nn.table import FusedEmbeddingTable
 from hashrec.nn.transformer import AttentionKernel, Transformer, TransformerConfig
 
-# Serving (``hashrec.serving``) builds no side features yet: it refuses such a ranker with this.
-SIDE_FEATURES_NOT_SERVED = (
-    "this ranker was trained with side features, which serving does not build yet; "
-    "train it with --no-side-features to serve it"
-)
-
 __all__ = [
     "ACTIONS",
     "PHOENIX_CONTINUOUS_ACTIONS",

@@ -9,6 +9,10 @@
 A user with no history and no known ID has no user vector: the cold-start path ranks the most
 popular posts instead, and says so in ``RecommendResult.notice``.
 
+A ranker trained with side features gets them from a ``SideStore`` (``hashrec.data.side_store``,
+built by ``load_log`` from the log it was trained on): the user's and the candidates' features
+by ID, the candidates' ages at the request's ``time_ms``, the history events' signals.
+
 IDs here are the log's (``InteractionLog``) IDs; the CLI converts dataset IDs at its edge.
 """
 
@@ -21,7 +25,8 @@ import numpy as np
 import torch
 
 from hashrec.data import InteractionLog
-from hashrec.models.ranker import SIDE_FEATURES_NOT_SERVED, PhoenixRanker
+from hashrec.data.side_store import SideStore, side_batch
+from hashrec.models.ranker import PhoenixRanker
 from hashrec.models.scoring import X_HOME_MIXER_WEIGHTS, ScoringConfig, WeightedScorer
 from hashrec.models.two_tower import TwoTowerRetriever
 from hashrec.nn.batch import RecsysBatch
@@ -34,6 +39,7 @@ __all__ = [
     "RecommendResult",
     "Recommendation",
     "UserRequest",
+    "check_side_store",
     "default_weights",
     "scoring_config",
 ]
@@ -81,6 +87,30 @@ def scoring_config(
     return ScoringConfig(weights={**default_weights(actions), **overrides})
 
 
+SIDE_STORE_MISSING = (
+    "this ranker was trained with side features: it needs the side store of the log it was "
+    "trained on (its user and post tables: load_log(...).side.store)"
+)
+
+
+def check_side_store(ranker: PhoenixRanker, store: SideStore | None) -> SideStore | None:
+    """The store a ranker's side features come from: None for a ranker without side features
+    (a store given is not used); a ValueError for a ranker with side features and no store, or
+    a store whose fields are not the ranker's (another log, or ``--rate-features``)."""
+    want = ranker.config.side
+    if not want.any:
+        return None
+    if store is None:
+        raise ValueError(SIDE_STORE_MISSING)
+    got = store.side_config(ranker.config.hash)
+    if got != want:
+        raise ValueError(
+            f"the side store gives {got}, the ranker takes {want}: give it the side tables of "
+            "the log it was trained on"
+        )
+    return store
+
+
 @dataclass
 class UserRequest:
     """One user's request: history oldest -> newest (S events), posts to exclude.
@@ -99,9 +129,15 @@ class UserRequest:
     seen_post_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     surface: int | None = None
     known_user: bool = True
+    history_signals: dict[str, np.ndarray] = field(default_factory=dict)
+    time_ms: int | None = None
 
     def __post_init__(self) -> None:
         S = len(self.history_post_ids)
+        for name, v in self.history_signals.items():
+            if len(v) != S:
+                raise ValueError(f"history_signals[{name!r}] has {len(v)} events, "
+                                 f"history_post_ids has {S}")  # fmt: skip
         if self.history_actions is None:
             self.history_actions = np.zeros((S, len(self.actions)), np.float32)
         for name in ("history_author_ids", "history_surface"):
@@ -126,8 +162,9 @@ class UserRequest:
     def from_log(
         cls, log: InteractionLog, user_id: int, history_len: int, before_time: int | None = None
     ) -> UserRequest:
-        """The user's ``history_len`` latest impressions (before ``before_time`` ms if given);
-        every post they saw then is excluded. A user absent from the log is cold."""
+        """The user's ``history_len`` latest impressions (before ``before_time`` ms if given,
+        which is then the request's ``time_ms``) with their signals; every post they saw then
+        is excluded. A user absent from the log is cold."""
         rows = np.flatnonzero(log.user == user_id)
         known = len(rows) > 0
         if before_time is not None:
@@ -143,6 +180,8 @@ class UserRequest:
             history_surface=log.surface[h],
             seen_post_ids=np.unique(log.post[rows]),
             known_user=known,
+            history_signals={c: v[h] for c, v in log.side.raw_signals.items()},
+            time_ms=before_time,
         )
 
 
@@ -205,6 +244,7 @@ class RecommendPipeline:
         retrieve_k: int = 100,
         chunk_size: int = 65_536,
         history_len: int | None = None,
+        side_store: SideStore | None = None,
     ) -> None:
         if tuple(retriever.config.actions) != tuple(ranker.config.actions):
             raise ValueError(
@@ -213,8 +253,7 @@ class RecommendPipeline:
             )
         if retrieve_k < 1:
             raise ValueError(f"retrieve_k must be >= 1, got {retrieve_k}")
-        if ranker.config.side.any:
-            raise ValueError(SIDE_FEATURES_NOT_SERVED)
+        self.side_store = check_side_store(ranker, side_store)
         if history_len is not None and history_len < 1:
             raise ValueError(f"history_len must be >= 1, got {history_len}")
         # Histories are left-padded to this fixed length (the trained one): with rotary positions
@@ -291,6 +330,36 @@ class RecommendPipeline:
             candidate_product_surface=cs,
         )  # fmt: skip
 
+    def _side_batch(self, requests: Sequence[UserRequest], candidates: np.ndarray):
+        """The ranker's side features, laid out as ``_history_batch`` lays out the IDs."""
+        store = self.side_store
+        assert store is not None
+        B, C = candidates.shape
+        S = self.history_len or max(1, max(len(r.history_post_ids) for r in requests))
+        users = np.array([r.user_id if r.known_user else 0 for r in requests], np.int64)
+        post = np.zeros((B, S), np.int64)
+        values = {c: np.full((B, S), np.nan) for c in store.request_columns}
+        times = np.zeros((B, C), np.int64)
+        for i, r in enumerate(requests):
+            n = min(len(r.history_post_ids), S)
+            if n:
+                missing = [c for c in store.required_columns if c not in r.history_signals]
+                if missing:
+                    raise ValueError(f"history events need {missing[0]!r}: a history signal "
+                                     "of this ranker")  # fmt: skip
+                post[i, S - n :] = r.history_post_ids[len(r.history_post_ids) - n :]
+                for c, v in r.history_signals.items():
+                    if c in values:
+                        values[c][i, S - n :] = v[len(v) - n :]
+            if store.post_created is not None:
+                if r.time_ms is None:
+                    raise ValueError("UserRequest.time_ms is missing: this ranker takes each "
+                                     "candidate's age at the time the feed is served")  # fmt: skip
+                times[i] = r.time_ms
+        valid = candidates >= 0
+        cp = np.where(valid, self.corpus.post_ids[np.maximum(candidates, 0)], 0)
+        return side_batch(store, self.ranker.config.hash, users, post, values, cp, times)
+
     # -- stages --------------------------------------------------------------------------------
     @torch.no_grad()
     def user_vectors(self, requests: Sequence[UserRequest]) -> torch.Tensor:
@@ -328,7 +397,9 @@ class RecommendPipeline:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Ranker on candidates [B, C] (corpus positions, -1 = none): probs [B, C, A] and
         weighted scores [B, C] (before author diversity)."""
-        out = self.ranker(self._history_batch("ranker", requests, candidates).to(self._device))
+        batch = self._history_batch("ranker", requests, candidates).to(self._device)
+        side = None if self.side_store is None else self._side_batch(requests, candidates)
+        out = self.ranker(batch, side=side)
         probs = out.probs.float().cpu()
         scores = self.scorer.score(probs, out.continuous.float().cpu())
         return probs.numpy(), scores.numpy()

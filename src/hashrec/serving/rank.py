@@ -11,22 +11,29 @@ to ``history_len`` events, so an event's position relative to the candidates doe
 how many events a request carries or on the other requests of a batch; candidates are
 right-padded to the longest slate of the batch. Candidates never see each other (candidate
 isolation), so a candidate's scores do not depend on the batch it was scored in.
+
+A ranker trained with side features takes them from a ``SideStore`` (the side tables of the log
+it was trained on, ``hashrec.data.side_store``): the user's and the candidates' features by ID,
+the candidates' ages at their impression time (``candidate_times_ms``) and the history events'
+signals (``history_signals``, e.g. KuaiRand's play time), computed as training computes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from hashrec.models.ranker import SIDE_FEATURES_NOT_SERVED, PhoenixRanker
+from hashrec.data.side_store import SideStore, side_batch
+from hashrec.models.ranker import PhoenixRanker
 from hashrec.models.scoring import ScoringConfig, WeightedScorer
 from hashrec.nn.batch import RecsysBatch
-from hashrec.serving.pipeline import scoring_config
+from hashrec.nn.side import SideBatch
+from hashrec.serving.pipeline import check_side_store, scoring_config
 
-__all__ = ["RankQuery", "RankResult", "RequestRanker", "to_batch"]
+__all__ = ["RankQuery", "RankResult", "RequestRanker", "to_batch", "to_side_batch"]
 
 
 def _ids(name: str, value: Sequence[int] | np.ndarray, length: int | None = None) -> np.ndarray:
@@ -45,7 +52,9 @@ class RankQuery:
 
     Shapes: history_* [S] and history_actions [S, A] (multi-hot over the model's actions;
     [S, 0] or None: no action set), oldest -> newest; candidate_* [C]. Surfaces index the
-    product-surface table (default 0).
+    product-surface table (default 0). For a ranker with side features: ``history_signals``
+    maps a signal column (e.g. ``play_time_ms``) to its raw value per event [S] (NaN: not
+    known), ``candidate_times_ms`` [C] is each candidate's impression time (epoch ms).
 
     >>> q = RankQuery(7, candidate_post_ids=[11, 12], candidate_author_ids=[3, 3])
     >>> q.history_len, q.num_candidates, q.candidate_surfaces.tolist()
@@ -60,6 +69,8 @@ class RankQuery:
     history_author_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     history_actions: np.ndarray | None = None
     history_surfaces: np.ndarray | None = None
+    history_signals: Mapping[str, np.ndarray] | None = None
+    candidate_times_ms: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalise once, here
@@ -83,6 +94,16 @@ class RankQuery:
         if acts.ndim != 2 or acts.shape[0] != S:
             raise ValueError(f"history_actions has shape {list(acts.shape)}, expected [{S}, A]")
         put(self, "history_actions", acts)
+        signals = {}
+        for col, v in (self.history_signals or {}).items():
+            x = np.asarray(v, dtype=np.float64).reshape(-1)
+            if len(x) != S:
+                raise ValueError(f"history_signals[{col!r}] has {len(x)} values, expected {S}")
+            signals[str(col)] = x
+        put(self, "history_signals", signals)
+        if self.candidate_times_ms is not None:
+            put(self, "candidate_times_ms",
+                _ids("candidate_times_ms", self.candidate_times_ms, C))  # fmt: skip
         if C == 0:
             raise ValueError("candidate_post_ids is empty, expected at least one candidate")
         for name in ("candidate_post_ids", "candidate_author_ids", "history_post_ids",
@@ -180,6 +201,47 @@ def to_batch(
     return batch.validate(h, num_actions=A, num_surfaces=cfg.num_surfaces)
 
 
+def to_side_batch(
+    queries: Sequence[RankQuery], model: PhoenixRanker, history_len: int, store: SideStore
+) -> SideBatch:
+    """The side features of raw queries, laid out as ``to_batch`` lays out the IDs (history
+    left-padded to ``history_len``, candidates right-padded): ``side_batch`` on the store.
+
+    Raises ``ValueError`` naming what a query lacks: a signal column the history events must
+    carry (``SideStore.required_columns``), or the candidates' impression time when the ranker
+    takes the post's age.
+    """
+    B, S = len(queries), history_len
+    C = max(q.num_candidates for q in queries)
+    users = np.array([q.user_id for q in queries], np.int64)
+    hp = np.zeros((B, S), np.int64)
+    values = {c: np.full((B, S), np.nan) for c in store.request_columns}
+    cp, ct = np.zeros((B, C), np.int64), np.zeros((B, C), np.int64)
+    for i, q in enumerate(queries):
+        n, c = q.history_len, q.num_candidates
+        unknown = sorted(set(q.history_signals) - set(values))
+        if unknown:
+            raise ValueError(f"history_signals names {unknown}; this ranker's history events "
+                             f"carry {list(store.request_columns)}")  # fmt: skip
+        if n:
+            missing = [k for k in store.required_columns if k not in q.history_signals
+                       or np.isnan(q.history_signals[k]).any()]  # fmt: skip
+            if missing:
+                raise ValueError(f"history events need {missing[0]!r}: a history signal of "
+                                 "this ranker (what the user did with the post)")  # fmt: skip
+            hp[i, S - n :] = q.history_post_ids
+            for k, v in q.history_signals.items():
+                values[k][i, S - n :] = v
+        if q.candidate_times_ms is None:
+            if store.post_created is not None:
+                raise ValueError("candidate_times_ms is missing: this ranker takes each "
+                                 "candidate's age at its impression time")  # fmt: skip
+        else:
+            ct[i, :c] = q.candidate_times_ms
+        cp[i, :c] = q.candidate_post_ids
+    return side_batch(store, model.config.hash, users, hp, values, cp, ct)
+
+
 class RequestRanker:
     """Scores raw ranking requests with a ``PhoenixRanker`` and a ``WeightedScorer``.
 
@@ -197,6 +259,9 @@ class RequestRanker:
     ...               history_author_ids=[2], history_actions=[[1, 0]])
     >>> [r.scores.shape for r in ranker.rank([q, q])]
     [(3,), (3,)]
+
+    A ranker trained with side features needs ``side_store``: the ``SideStore`` of the log it
+    was trained on (``load_log(...).side.store``).
     """
 
     def __init__(
@@ -204,13 +269,13 @@ class RequestRanker:
         model: PhoenixRanker,
         history_len: int = 32,
         scoring: ScoringConfig | None = None,
+        side_store: SideStore | None = None,
     ) -> None:
         if not isinstance(model, PhoenixRanker):
             raise ValueError(f"model must be a PhoenixRanker, got {type(model).__name__}")
         if history_len < 0:
             raise ValueError(f"history_len must be >= 0, got {history_len}")
-        if model.config.side.any:
-            raise ValueError(SIDE_FEATURES_NOT_SERVED)
+        self.side_store = check_side_store(model, side_store)
         if any(e.scheme == "identity" for e in model.config.hash.entities):
             raise ValueError(
                 "the model hashes dense IDs (identity scheme, a full-table baseline): it cannot "
@@ -235,8 +300,11 @@ class RequestRanker:
     def rank(self, queries: Sequence[RankQuery]) -> list[RankResult]:
         """Score a batch of queries in one forward pass; one ``RankResult`` per query."""
         batch = to_batch(queries, self.model, self.history_len).to(self.device)
+        side = None
+        if self.side_store is not None:
+            side = to_side_batch(queries, self.model, self.history_len, self.side_store)
         with torch.inference_mode():
-            out = self.model(batch)
+            out = self.model(batch, side=side)
             probs = out.probs.float()
             scores = self.scorer.score(probs, out.continuous.float())  # [B, C]
         probs_np = probs.cpu().numpy()
