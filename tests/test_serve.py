@@ -485,7 +485,7 @@ def test_serve_cli_errors(checkpoint, tmp_path, capsys):
                     capsys, 1)  # fmt: skip
     assert "--retriever" in err and "holds a PhoenixRanker, expected a TwoTowerRetriever" in err
     err = cli_error(["serve", "--ranker", str(checkpoint), "--data", str(tmp_path)], capsys, 2)
-    assert "--data gives /recommend's corpus: it needs --retriever" in err
+    assert "--data gives /recommend's corpus (it needs --retriever)" in err
 
 
 def test_batcher_bounds_batches_and_isolates_failures():

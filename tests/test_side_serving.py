@@ -6,10 +6,13 @@ service."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from hashrec.cli import main
 from hashrec.data import ExampleConfig, LogSchema, RowHashes, batches, build_requests, load_log
 from hashrec.data.side_store import side_batch
 from hashrec.data.tables import table_config
@@ -19,7 +22,7 @@ from hashrec.nn.side import SideBatch
 from hashrec.nn.transformer import TransformerConfig
 from hashrec.serving.rank import RankQuery, RequestRanker, to_batch, to_side_batch
 
-from conftest import write_synthetic_log
+from conftest import cli_error, write_synthetic_log
 
 SIDE_SCHEMA = {
     "user": "uid", "post": "item", "author": "creator", "surface": "tab", "time": "ts",
@@ -191,3 +194,204 @@ def test_requests_missing_what_the_ranker_needs_are_refused(synthetic):
         users=synthetic["users"]).side.store  # fmt: skip
     with pytest.raises(ValueError, match="the side store gives"):
         RequestRanker(model, history_len=S, side_store=other)
+
+
+# -- hashrec recommend and hashrec serve on a ranker trained with side features ----------------
+
+SPLIT = ["--train-end", "2022-04-28", "--eval-start", "2022-04-29"]
+ARCH = ["--dim", "8", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--history-len", "6"]
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic):
+    """A ranker (side features on, the CLI defaults otherwise) and a retriever trained through
+    the CLI on the synthetic log with its post and user tables."""
+    root = synthetic["root"]
+    data = ["--data", synthetic["log_path"], "--schema", json.dumps(SIDE_SCHEMA),
+            "--authors", synthetic["posts"], "--users", synthetic["users"]]  # fmt: skip
+    assert main(["train", *data, *SPLIT, *ARCH, "--max-candidates", "4", "--batch-size", "16",
+                 "--epochs", "1", "--seeds", "1", "--out", str(root / "ranker")]) == 0  # fmt: skip
+    assert main(["train-retrieval", *data, *SPLIT, *ARCH, "--batch-size", "16", "--epochs", "1",
+                 "--out", str(root / "retriever")]) == 0  # fmt: skip
+    return {
+        **synthetic,
+        "data": data,
+        "ranker": str(root / "ranker" / "checkpoint.safetensors"),
+        "retriever": str(root / "retriever" / "checkpoint.safetensors"),
+    }
+
+
+def _pipeline(trained, **kw):
+    from hashrec.retrieval import Corpus
+    from hashrec.serving.pipeline import RecommendPipeline
+    from hashrec.training.checkpoint import load_checkpoint
+
+    ranker, _ = load_checkpoint(trained["ranker"])
+    retriever, _ = load_checkpoint(trained["retriever"])
+    log = trained["log"]
+    return RecommendPipeline(retriever, ranker, Corpus.from_log(log), history_len=6,
+                             side_store=log.side.store, **kw)  # fmt: skip
+
+
+def test_recommend_cli_serves_a_side_feature_ranker(trained, capsys):
+    """retrieve -> rank (with side features) -> score, end to end; the list is the library
+    pipeline's on the same log, at the log's last impression time."""
+    from hashrec.serving.pipeline import UserRequest
+    from hashrec.training.checkpoint import load_checkpoint
+
+    ranker, _ = load_checkpoint(trained["ranker"])
+    assert ranker.config.side.any and ranker.config.side.history_signals == 2
+    argv = ["recommend", "--retriever", trained["retriever"], "--ranker", trained["ranker"],
+            *trained["data"], "--user", "3,36", "--k", "5", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    log = trained["log"]
+    pipe = _pipeline(trained)
+    for r in res:
+        req = UserRequest.from_log(log, r["user_id"], 6)
+        req.time_ms = int(log.time.max())
+        want = pipe.recommend(req, 5)
+        assert [i["post_id"] for i in r["items"]] == [w.post_id for w in want.items]
+        np.testing.assert_allclose([i["score"] for i in r["items"]],
+                                   [w.score for w in want.items], rtol=1e-6)  # fmt: skip
+    # the post's age counts: a later request time moves the probabilities
+    later = UserRequest.from_log(log, 3, 6)
+    later.time_ms = int(log.time.max()) + 30 * 86_400_000
+    early = UserRequest.from_log(log, 3, 6)
+    early.time_ms = int(log.time.max())
+    cand = np.arange(10)[None]
+    assert not np.allclose(pipe.rank([later], cand)[0], pipe.rank([early], cand)[0])
+    # --time-ms: histories end before it
+    assert main([*argv[:-5], "--user", "3", "--k", "5", "--json",
+                 "--time-ms", str(int(log.time.min()) + 86_400_000)]) == 0  # fmt: skip
+    assert len(json.loads(capsys.readouterr().out)[0]["items"]) == 5
+
+
+def test_recommend_cli_refuses_a_side_ranker_without_its_tables(trained, capsys):
+    base = ["recommend", "--retriever", trained["retriever"], "--ranker", trained["ranker"],
+            "--data", trained["log_path"], "--user", "3"]  # fmt: skip
+    plain = {k: v for k, v in SIDE_SCHEMA.items() if k not in (
+        "post_categorical", "post_numeric", "post_time", "user_categorical", "user_numeric",
+        "history_signals")}  # fmt: skip
+    err = cli_error([*base, "--schema", json.dumps(plain), "--authors", trained["posts"]],
+                    capsys, 1)  # fmt: skip
+    assert "was trained with side features, but --data holds none" in err
+    fewer = {**SIDE_SCHEMA, "user_numeric": []}
+    err = cli_error([*base, "--schema", json.dumps(fewer), "--authors", trained["posts"],
+                     "--users", trained["users"]], capsys, 1)  # fmt: skip
+    assert "the side store gives" in err and "the ranker takes" in err
+
+
+@pytest.fixture(scope="module")
+def app(trained):
+    pytest.importorskip("fastapi")
+    from hashrec.cli import serve
+    from hashrec.cli.dispatch import build_parser
+
+    args = build_parser().parse_args(["serve", "--ranker", trained["ranker"], "--retriever",
+                                      trained["retriever"], *trained["data"]])  # fmt: skip
+    return serve.build(args)
+
+
+def _rank_request(log, rows_h, rows_c, time_ms, signals=("watch_ms",)) -> dict:
+    return {
+        "user_id": int(log.user[rows_c[0]]),
+        "time_ms": int(time_ms),
+        "history": [{"post_id": int(log.post[h]), "author_id": int(log.author[h]),
+                     "actions": [a for a, y in zip(log.actions, log.labels[h], strict=True) if y],
+                     "surface": int(log.surface[h]),
+                     "signals": {c: float(log.side.raw_signals[c][h]) for c in signals}}
+                    for h in rows_h],
+        "candidates": [{"post_id": int(log.post[c]), "author_id": int(log.author[c]),
+                        "surface": int(log.surface[c]), "time_ms": int(log.time[c])}
+                       for c in rows_c],
+    }  # fmt: skip
+
+
+def test_http_rank_serves_side_features_as_training_computes_them(trained, app):
+    """POST /rank on slates cut from the log: the training path's probabilities."""
+    from fastapi.testclient import TestClient
+
+    from hashrec.training.checkpoint import load_checkpoint
+
+    log = trained["log"]
+    model, _ = load_checkpoint(trained["ranker"])
+    req = build_requests(log, log.days(20220429, None), ExampleConfig(6, 4))
+    req = req.take(np.arange(0, len(req), max(1, len(req) // 8)))
+    lb = next(batches(log, RowHashes(log, model.config.hash), req, batch_size=len(req)))
+    with torch.no_grad():
+        want = model(lb.batch, side=lb.side).probs.numpy()
+    with TestClient(app) as client:
+        health = client.get("/healthz").json()
+        assert health["side_features"] == {"history_signals_required": ["watch_ms"],
+                                           "history_signals_optional": [],
+                                           "time_ms_required": True}  # fmt: skip
+        for i in range(len(req)):
+            h = req.history[i][req.history[i] >= 0]
+            c = req.candidates[i][req.candidates[i] >= 0]
+            r = client.post("/rank", json=_rank_request(log, h, c, log.time[c[0]]))
+            assert r.status_code == 200, r.text
+            got = [[x["probabilities"][a] for a in log.actions] for x in r.json()["candidates"]]
+            np.testing.assert_allclose(got, want[i, : len(c)], atol=1e-6)
+        # /recommend: the pipeline with the same store
+        from hashrec.serving.pipeline import UserRequest
+
+        user = int(log.user[0])
+        hist = np.flatnonzero(log.user == user)[-3:]
+        body = _rank_request(log, hist, hist, log.time.max())
+        rec = {"user_id": user, "time_ms": body["time_ms"], "history": body["history"], "k": 5}
+        r = client.post("/recommend", json=rec)
+        assert r.status_code == 200, r.text
+        ur = UserRequest(user, tuple(log.actions), log.post[hist], log.author[hist],
+                         log.labels[hist].astype(np.float32), log.surface[hist],
+                         seen_post_ids=log.post[hist],
+                         history_signals={"watch_ms": log.side.raw_signals["watch_ms"][hist]},
+                         time_ms=int(log.time.max()))  # fmt: skip
+        pipe = _pipeline(trained, retrieve_k=100)
+        want_items = pipe.recommend(ur, 5).items
+        assert [i["post_id"] for i in r.json()["items"]] == [w.post_id for w in want_items]
+
+
+def test_http_requests_missing_side_fields_get_422_naming_them(trained, app):
+    from fastapi.testclient import TestClient
+
+    log = trained["log"]
+    rows = np.flatnonzero(log.user == int(log.user[0]))[:4]
+    good = _rank_request(log, rows[:2], rows[2:], log.time[rows[2]])
+    no_time = {k: v for k, v in good.items() if k != "time_ms"}
+    no_signal = json.loads(json.dumps(good))
+    del no_signal["history"][0]["signals"]
+    nan = json.dumps(good).replace('"watch_ms": ', '"watch_ms": NaN, "x": ', 1)
+    unknown = json.loads(json.dumps(good))
+    unknown["history"][0]["signals"]["watch_s"] = 1.0
+    with TestClient(app) as client:
+        assert client.post("/rank", json=good).status_code == 200
+        for body, where in ((no_time, ["body", "time_ms"]),
+                            (no_signal, ["body", "history", "0", "signals"])):  # fmt: skip
+            r = client.post("/rank", json=body)
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == where, r.text
+        r = client.post("/rank", content=nan, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        r = client.post("/rank", json=unknown)
+        assert r.status_code == 422 and "watch_s" in r.text, r.text
+        r = client.post("/recommend", json={"user_id": 3, "k": 2})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "time_ms"]
+        schema = client.get("/openapi.json").json()["components"]["schemas"]
+        assert schema["HistorySignals"]["required"] == ["watch_ms"]
+        assert "time_ms" in schema["RankRequest"]["required"]
+
+
+def test_serve_cli_needs_data_for_a_side_ranker(trained, capsys):
+    err = cli_error(["serve", "--ranker", trained["ranker"]], capsys, 2)
+    assert "was trained with side features: give --data" in err
+    # without --retriever, --data is the side features' store only: /rank, no /recommend
+    from fastapi.testclient import TestClient
+
+    from hashrec.cli import serve
+    from hashrec.cli.dispatch import build_parser
+
+    pytest.importorskip("fastapi")
+    args = build_parser().parse_args(["serve", "--ranker", trained["ranker"], *trained["data"]])
+    with TestClient(serve.build(args)) as client:
+        assert client.get("/healthz").json()["side_features"]["time_ms_required"]
+        assert client.post("/recommend", json={"user_id": 1}).status_code == 404

@@ -30,6 +30,7 @@ __all__ = [
     "number",
     "out_file",
     "out_folder",
+    "side_store_for",
     "weights_option",
     "whole",
 ]
@@ -373,21 +374,62 @@ def load_checkpoint_of(path: str, expected: str, device: Any = "cpu", option: st
     return model, info
 
 
+def load_log_quietly(args: argparse.Namespace):
+    """``load_data`` with its progress on stderr (stdout may carry JSON)."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return load_data(args)
+
+
 def load_corpus(args: argparse.Namespace, actions: tuple[str, ...]):
     """(log, Corpus) from --data/--schema/--authors: every post of the log, for ``hashrec
     recommend`` and ``hashrec serve --retriever``. Progress goes to stderr (stdout may carry
     JSON); the log must have the retriever's ``actions``."""
-    import contextlib
-    import sys
 
     from hashrec.retrieval.corpus import Corpus
 
-    with contextlib.redirect_stdout(sys.stderr):
-        log = load_data(args)
+    log = load_log_quietly(args)
     if tuple(actions) != tuple(log.actions):
         raise ValueError(f"the retriever reads actions {tuple(actions)}, the data has "
                          f"{tuple(log.actions)}")  # fmt: skip
     return log, Corpus.from_log(log)
+
+
+def side_store_for(model: Any, info: Any, log: Any, option: str, data_flag: str = "--data"):
+    """The ``SideStore`` serving looks a ranker's side features up in: None for a ranker
+    trained without side features; the store ``load_log`` built from ``log`` (the log the
+    ranker was trained on, read from ``data_flag``) otherwise. A clear error when there is no
+    store, or when the ranker takes rates (``--rate-features``), which serving does not
+    compute. A log other than the training log only gets a notice: its side tables and
+    standardisation are used as they are."""
+    import sys
+
+    if not model.config.side.any:
+        return None
+    if info.extra.get("rate_features"):
+        raise ValueError(f"{option} was trained with --rate-features (the baselines' smoothed "
+                         "rates as features), which serving does not compute; train it without "
+                         "--rate-features to serve it")  # fmt: skip
+    store = getattr(log.side, "store", None)
+    if store is None:
+        raise ValueError(f"{option} was trained with side features, but {data_flag} holds none: "
+                         f"give {data_flag} the log it was trained on, with its side tables "
+                         "(a KuaiRand folder, or --authors / --users for a log file)")  # fmt: skip
+    split, trained = info.extra.get("split"), info.extra.get("data")
+    if split and trained:
+        from hashrec.evaluation.experiment import Split, data_fingerprint
+
+        try:
+            same = data_fingerprint(log, Split(**split).masks(log)[0]) == trained
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            print(f"notice: {data_flag} is not the log {option} was trained on (its training "
+                  "rows differ): side features are looked up and standardised on "
+                  f"{data_flag}", file=sys.stderr)  # fmt: skip
+    return store
 
 
 def weights_option(text: str | None) -> dict[str, float] | None:

@@ -25,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "corpus and the users' histories (default: the shipped KuaiRand sample)",
     )
     p.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
-    p.add_argument("--authors", help="table mapping post -> author, if the log lacks authors")
+    p.add_argument("--authors", help="table keyed by post: its author (if the log lacks authors) "
+                   "and the post side features the schema declares")  # fmt: skip
+    p.add_argument("--users", help="table keyed by user: the user side features the schema "
+                   "declares")  # fmt: skip
     who = p.add_mutually_exclusive_group()
     who.add_argument("--user", type=common.int_list, help="user ID(s), comma-separated")
     who.add_argument("--users-file", help="file with one user ID per line (batch mode)")
@@ -33,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retrieve-k", type=int, default=100, help="candidates sent to the ranker")
     p.add_argument("--history-len", type=int, default=None,
                    help="history events per user (default: the retriever's)")  # fmt: skip
+    p.add_argument("--time-ms", type=int, default=None,
+                   help="when the feed is served, epoch ms: histories end before it and a "
+                   "side-feature ranker sees the posts' ages then (default: the log's last "
+                   "impression)")  # fmt: skip
     p.add_argument("--weights", help="JSON (file or string) of action -> scorer weight "
                    "(default: X's published weights, mapped onto the log's actions)")  # fmt: skip
     p.add_argument("--chunk-size", type=int, default=65_536, help="corpus chunk of the top-k")
@@ -102,12 +109,15 @@ def run(args: argparse.Namespace) -> int:
         raise common.UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.history_len is not None and args.history_len < 0:
         raise common.UsageError(f"--history-len must be >= 0, got {args.history_len}")
+    if args.time_ms is not None and args.time_ms < 0:
+        raise common.UsageError(f"--time-ms must be >= 0, got {args.time_ms}")
     weights = common.weights_option(args.weights)
     users = _users(args)
     device = resolve_device(args.device)
     retriever, rinfo = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever", device)
-    ranker, _ = common.load_checkpoint_of(args.ranker, "PhoenixRanker", device)
+    ranker, info = common.load_checkpoint_of(args.ranker, "PhoenixRanker", device)
     log, corpus = common.load_corpus(args, retriever.config.actions)  # stdout: only the lists
+    store = common.side_store_for(ranker, info, log, f"--ranker {args.ranker}")
     if args.k > len(corpus):
         raise common.UsageError(f"--k {args.k} is larger than the corpus ({len(corpus)} posts)")
     scorer = None
@@ -122,9 +132,11 @@ def run(args: argparse.Namespace) -> int:
     if history_len is None:
         history_len = int(rinfo.extra.get("history_len", 32))
     pipe = RecommendPipeline(retriever, ranker, corpus, scorer, args.retrieve_k, args.chunk_size,
-                             history_len=max(1, history_len))  # fmt: skip
+                             history_len=max(1, history_len), side_store=store)  # fmt: skip
     off = _id_offset(args)
-    requests = [UserRequest.from_log(log, u + off, history_len) for u in users]
+    requests = [UserRequest.from_log(log, u + off, history_len, args.time_ms) for u in users]
+    for r in requests:
+        r.time_ms = int(log.time.max()) if args.time_ms is None else args.time_ms
     results = pipe.recommend_batch(requests, args.k)
     for res in results:
         res.user_id -= off

@@ -18,12 +18,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranker", required=True, help="ranker checkpoint (.safetensors)")
     p.add_argument("--retriever", help="two-tower checkpoint (train-retrieval): enables "
                    "POST /recommend over the corpus of --data")  # fmt: skip
+    d = p.add_argument_group(
+        "data", "the log the models were trained on: /recommend's corpus (with --retriever) and "
+        "the side features' store (a ranker trained with side features needs it)")  # fmt: skip
+    d.add_argument("--data", help="KuaiRand folder (with its video and user feature tables), or "
+                   "a CSV/Parquet log with --schema: every post in it is the corpus, its users "
+                   "are the known users, its side tables give the users' and posts' side "
+                   "features (default with --retriever: the shipped KuaiRand sample)")  # fmt: skip
+    d.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
+    d.add_argument("--authors", help="table keyed by post: its author (if the log lacks authors) "
+                   "and the post side features the schema declares")  # fmt: skip
+    d.add_argument("--users", help="table keyed by user: the user side features the schema "
+                   "declares")  # fmt: skip
     r = p.add_argument_group("recommend (with --retriever)")
-    r.add_argument("--data", help="KuaiRand folder, or a CSV/Parquet log with --schema: every "
-                   "post in it is the corpus, its users are the known users (default: the "
-                   "shipped KuaiRand sample)")  # fmt: skip
-    r.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
-    r.add_argument("--authors", help="table mapping post -> author, if the log lacks authors")
     r.add_argument("--retrieve-k", type=int, default=100, help="candidates sent to the ranker")
     r.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
     r.add_argument("--max-exclude", type=int, default=10_000,
@@ -85,13 +92,19 @@ def build(args: argparse.Namespace):
         raise UsageError(str(e)) from None
     if args.retrieve_k < 1:
         raise UsageError(f"--retrieve-k must be >= 1, got {args.retrieve_k}")
-    if args.retriever is None:
-        for flag in ("data", "schema", "authors"):
-            if getattr(args, flag) is not None:
-                raise UsageError(f"--{flag} gives /recommend's corpus: it needs --retriever")
     weights = common.weights_option(args.weights)
     # safetensors only: never unpickles
     model, info = common.load_checkpoint_of(args.ranker, "PhoenixRanker", option="--ranker")
+    side = model.config.side.any
+    if args.retriever is None and not side:
+        for flag in ("data", "schema", "authors", "users"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} gives /recommend's corpus (it needs --retriever) and "
+                                 "the side features' store (this ranker takes none)")  # fmt: skip
+    if side and args.data is None:
+        raise UsageError(f"--ranker {args.ranker} was trained with side features: give --data, "
+                         "the log it was trained on with its side tables (the users' and posts' "
+                         "features are looked up there)")  # fmt: skip
     acts = tuple(model.config.actions) + tuple(model.config.continuous_actions)
     try:
         scoring = scoring_config(acts, weights)
@@ -99,14 +112,19 @@ def build(args: argparse.Namespace):
         raise UsageError(f"--weights {e}") from None
     trained = (info.extra.get("examples") or {}).get("history_len", 32)
     history_len = max(trained, args.max_history or 0)
-    ranker = RequestRanker(model, history_len=history_len, scoring=scoring)
-    pipeline = known_users = None
+    retriever = log = None
     if args.retriever is not None:
         retriever, _ = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever",
                                                  option="--retriever")  # fmt: skip
         log, corpus = common.load_corpus(args, retriever.config.actions)
+    elif side:
+        log = common.load_log_quietly(args)
+    store = common.side_store_for(model, info, log, f"--ranker {args.ranker}") if side else None
+    ranker = RequestRanker(model, history_len=history_len, scoring=scoring, side_store=store)
+    pipeline = known_users = None
+    if retriever is not None:
         pipeline = RecommendPipeline(retriever, model, corpus, ranker.scorer, args.retrieve_k,
-                                     history_len=max(1, history_len))  # fmt: skip
+                                     history_len=max(1, history_len), side_store=store)  # fmt: skip
         known_users = log.user
     return create_app(ranker, ServeConfig(limits, batching), pipeline, known_users)
 

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hashrec.serving.batcher import BatchConfig, MicroBatcher, QueueFull
 from hashrec.serving.pipeline import RecommendPipeline, RecommendResult, UserRequest
 from hashrec.serving.rank import RankQuery, RankResult, RequestRanker
-from hashrec.serving.schemas import Limits, build_schemas
+from hashrec.serving.schemas import Limits, SideFields, build_schemas
 
 __all__ = ["ServeConfig", "create_app"]
 
@@ -238,9 +238,16 @@ def create_app(
             f"the pipeline's ranker predicts {pipeline.actions}, the served ranker {mcfg.actions}"
         )
     corpus_size = None if pipeline is None else len(pipeline.corpus)
-    schemas = build_schemas(
-        limits, max_history, mcfg.actions, mcfg.continuous_actions, mcfg.num_surfaces, corpus_size
-    )
+    store = ranker.side_store  # side features: looked up by ID, the request brings the rest
+    side = None
+    if store is not None:
+        side = SideFields(
+            required=store.required_columns,
+            optional=tuple(c for c in store.request_columns if c not in store.required_columns),
+            time=store.post_created is not None,
+        )
+    schemas = build_schemas(limits, max_history, mcfg.actions, mcfg.continuous_actions,
+                            mcfg.num_surfaces, corpus_size, side)  # fmt: skip
     RankRequest, RankResponse, Health = schemas.RankRequest, schemas.RankResponse, schemas.Health
     action_index = {a: i for i, a in enumerate(mcfg.actions)}
     routes = ("/rank", "/healthz", "/metrics", "/openapi.json", "/docs")
@@ -287,6 +294,16 @@ def create_app(
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _invalid(exc.errors(), ())
 
+    def signals(history: Any) -> dict[str, np.ndarray]:
+        """Each signal column's raw values over the history events (NaN: not sent)."""
+        if side is None:
+            return {}
+        out = {}
+        for i, col in enumerate(side.columns):
+            vals = [getattr(e.signals, f"s{i}") if e.signals is not None else None for e in history]
+            out[col] = np.array([np.nan if v is None else v for v in vals], np.float64)
+        return out
+
     def to_query(req: Any) -> RankQuery:
         S, A = len(req.history), len(mcfg.actions)
         acts = np.zeros((S, A), np.float32)
@@ -302,7 +319,10 @@ def create_app(
             history_author_ids=[e.author_id for e in req.history],
             history_actions=acts,
             history_surfaces=[e.surface for e in req.history],
-        )
+            history_signals=signals(req.history),
+            candidate_times_ms=[req.time_ms if c.time_ms is None else c.time_ms
+                                for c in req.candidates] if side and side.time else None,
+        )  # fmt: skip
 
     async def score(query: Any, worker: MicroBatcher = batcher) -> Any:
         try:
@@ -380,6 +400,8 @@ def create_app(
                 seen_post_ids=seen,
                 surface=req.surface,
                 known_user=known,
+                history_signals=signals(req.history),
+                time_ms=req.time_ms if side and side.time else None,
             )
 
         @app.post(
@@ -436,6 +458,7 @@ def create_app(
             "max_candidates": limits.max_candidates,
             "corpus_size": corpus_size,
             "max_k": None if corpus_size is None else min(limits.max_k, corpus_size),
+            "side_features": None if side is None else side.describe(),
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)

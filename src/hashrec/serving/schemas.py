@@ -10,13 +10,39 @@ function-local classes at class creation.)
 """
 
 from dataclasses import dataclass, replace
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-__all__ = ["Limits", "Schemas", "build_schemas"]
+__all__ = ["Limits", "Schemas", "SideFields", "build_schemas"]
 
 INT64_MAX = 2**63 - 1
+TIME_MS_MAX = 4_102_444_800_000  # 2100-01-01 UTC: as the log reader's bound
+
+
+@dataclass(frozen=True)
+class SideFields:
+    """What a request must carry for a ranker with side features (``SideStore``): the history
+    events' signal columns, ``required`` (only the client knows them, e.g. play time) and
+    ``optional`` (default: the post's own value, e.g. its duration), and whether the request
+    needs ``time_ms`` (the candidates' ages at their impression).
+
+    >>> SideFields(required=("play_time_ms",), optional=("duration_ms",), time=True).columns
+    ('play_time_ms', 'duration_ms')
+    """
+
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    time: bool = False
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.required, *self.optional)
+
+    def describe(self) -> dict[str, Any]:
+        return {"history_signals_required": list(self.required),
+                "history_signals_optional": list(self.optional),
+                "time_ms_required": self.time}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,14 +107,42 @@ def build_schemas(
     continuous_actions: tuple[str, ...],
     num_surfaces: int,
     corpus_size: int | None = None,
+    side: SideFields | None = None,
 ) -> Schemas:
     """Pydantic models for ``limits`` and a model with ``actions`` and ``num_surfaces``; with
     ``corpus_size`` (a retriever is served) also /recommend's, k bounded by
-    ``min(limits.max_k, corpus_size)``."""
+    ``min(limits.max_k, corpus_size)``; with ``side`` (a ranker with side features) the history
+    events' ``signals`` and the request's impression time ``time_ms``."""
     Id = Annotated[int, Field(ge=1, le=limits.max_id, description="raw ID, as in training")]
     Surface = Annotated[int, Field(ge=0, le=num_surfaces - 1, description="product surface")]
     Action = Literal.__getitem__(tuple(actions))
     num_actions = len(actions)  # (a class body cannot see ``actions``: it has a field so named)
+    TimeMs = Annotated[int, Field(ge=0, le=TIME_MS_MAX, description="epoch milliseconds")]
+    side = side or SideFields()
+    Value = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    signal_fields: dict[str, Any] = {}
+    for i, col in enumerate(side.columns):
+        if i < len(side.required):
+            spec = (Value, Field(alias=col, description="the event's raw value, as in the log"))
+        else:
+            spec = (Value | None, Field(default=None, alias=col, description="the event's raw "
+                                        "value (default: the post's own)"))  # fmt: skip
+        signal_fields[f"s{i}"] = spec  # by alias: a column name need not be an identifier
+    Signals = (
+        create_model("HistorySignals", __config__=_STRICT, **signal_fields)
+        if signal_fields else None
+    )  # fmt: skip
+    signals_field: dict[str, Any] = {}
+    if Signals is not None:
+        signals_field["signals"] = (
+            (Signals, Field(description="the event's signals (side features)"))
+            if side.required
+            else (Signals | None, Field(default=None, description="the event's signals"))
+        )
+    time_field: dict[str, Any] = {}
+    if side.time:
+        time_field["time_ms"] = (TimeMs, Field(description="when the posts are shown (their "
+                                               "age), epoch ms"))  # fmt: skip
 
     class HistoryEvent(BaseModel):
         """One earlier impression of the user and what the user did on it."""
@@ -111,6 +165,11 @@ def build_schemas(
                 raise ValueError("actions lists an action twice")
             return v
 
+    if signals_field:
+        HistoryEvent = create_model(  # type: ignore[misc]
+            "HistoryEvent", __base__=HistoryEvent, __doc__=HistoryEvent.__doc__, **signals_field
+        )
+
     class Candidate(BaseModel):
         """A post to score."""
 
@@ -119,6 +178,13 @@ def build_schemas(
         author_id: Id
         surface: Surface = 0
 
+    if side.time:
+        Candidate = create_model(  # type: ignore[misc]
+            "Candidate", __base__=Candidate, __doc__=Candidate.__doc__,
+            time_ms=(TimeMs | None, Field(default=None, description="this candidate's "
+                     "impression time (default: the request's time_ms)")),
+        )  # fmt: skip
+
     class RankRequest(BaseModel):
         """A user, the user's history (oldest first) and the candidates to score."""
 
@@ -126,6 +192,11 @@ def build_schemas(
         user_id: Id
         history: list[HistoryEvent] = Field(default_factory=list, max_length=max_history)
         candidates: list[Candidate] = Field(min_length=1, max_length=limits.max_candidates)
+
+    if time_field:
+        RankRequest = create_model(  # type: ignore[misc]
+            "RankRequest", __base__=RankRequest, __doc__=RankRequest.__doc__, **time_field
+        )
 
     class CandidateScore(BaseModel):
         post_id: int
@@ -146,6 +217,9 @@ def build_schemas(
         max_candidates: int
         corpus_size: int | None = Field(default=None, description="/recommend's corpus")
         max_k: int | None = Field(default=None, description="/recommend's largest k")
+        side_features: dict[str, Any] | None = Field(
+            default=None, description="what requests carry for the ranker's side features"
+        )
 
     schemas = Schemas(HistoryEvent, Candidate, RankRequest, CandidateScore, RankResponse, Health)
     if corpus_size is None:
@@ -167,6 +241,12 @@ def build_schemas(
             default=None, description="where the feed is served (default: the latest event's)"
         )
         k: int = Field(default=min(20, max_k), ge=1, le=max_k, description="posts to return")
+
+    if time_field:
+        RecommendRequest = create_model(  # type: ignore[misc]
+            "RecommendRequest", __base__=RecommendRequest, __doc__=RecommendRequest.__doc__,
+            **time_field,
+        )  # fmt: skip
 
     class Recommendation(BaseModel):
         post_id: int
