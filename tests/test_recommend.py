@@ -252,9 +252,9 @@ def test_a_users_list_does_not_depend_on_who_shares_the_batch():
     assert [r.score for r in a.items] != [r.score for r in b.items]
 
 
-def test_a_ranker_with_side_features_is_refused_up_front():
-    """Serving does not build side features yet: say so when the pipeline is built, not with a
-    failure in the middle of a request."""
+def test_a_ranker_with_side_features_needs_its_side_store_up_front():
+    """Without the side tables it was trained on, a side-feature ranker is refused when the
+    pipeline is built, not with a failure in the middle of a request."""
     import numpy as np
 
     from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
@@ -274,7 +274,7 @@ def test_a_ranker_with_side_features_is_refused_up_front():
                                         continuous_actions=(), side=side))  # fmt: skip
     retriever = TwoTowerRetriever(TwoTowerConfig(hash=base, transformer=tf, actions=acts))
     corpus = Corpus(np.arange(1, 11), np.arange(1, 11) % 3 + 1, np.zeros(10))
-    with pytest.raises(ValueError, match="trained with side features"):
+    with pytest.raises(ValueError, match="trained with side features: it needs the side store"):
         RecommendPipeline(retriever, ranker, corpus)
-    with pytest.raises(ValueError, match="--no-side-features"):
+    with pytest.raises(ValueError, match="needs the side store of the log it was trained on"):
         RequestRanker(ranker)
