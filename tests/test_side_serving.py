@@ -395,3 +395,13 @@ def test_serve_cli_needs_data_for_a_side_ranker(trained, capsys):
     with TestClient(serve.build(args)) as client:
         assert client.get("/healthz").json()["side_features"]["time_ms_required"]
         assert client.post("/recommend", json={"user_id": 1}).status_code == 404
+
+
+def test_rank_cli_refuses_a_side_ranker_with_a_pointer_to_serve(trained, tmp_path, capsys):
+    """X's request format carries no side tables: ``hashrec rank`` says where it is served."""
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"user_id": 3, "history": [],
+                                   "candidates": [{"post_id": 5, "author_id": 6}]}))  # fmt: skip
+    err = cli_error(["rank", "--checkpoint", trained["ranker"], "--request", str(request)],
+                    capsys, 1)  # fmt: skip
+    assert "trained with side features" in err and "hashrec serve" in err

@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint}: holds a {type(model).__name__}, expected a ranker")
     if model.config.hash["post"].scheme == "identity":
         raise ValueError(f"{args.checkpoint}: a full-table checkpoint cannot hash raw IDs")
+    if model.config.side.any:
+        raise ValueError(f"{args.checkpoint}: this ranker was trained with side features, which "
+                         "X's request format does not carry; serve it with hashrec serve "
+                         "--ranker CKPT --data LOG (the log it was trained on)")  # fmt: skip
     model.eval()
     probs = PhoenixArtifacts(model, info.extra.get("phoenix_config")).rank(request)
     actions = list(model.config.actions)
