@@ -405,3 +405,31 @@ def test_rank_cli_refuses_a_side_ranker_with_a_pointer_to_serve(trained, tmp_pat
     err = cli_error(["rank", "--checkpoint", trained["ranker"], "--request", str(request)],
                     capsys, 1)  # fmt: skip
     assert "trained with side features" in err and "hashrec serve" in err
+
+
+def test_readme_side_example_is_valid_for_a_kuairand_ranker(kuairand):
+    """The README's request for a side-feature ranker, against a ranker built for the KuaiRand
+    sample (its default side features): 200, and 422 without the play time."""
+    pytest.importorskip("fastapi")
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from hashrec.serving.app import create_app
+
+    model, _ = _training_batch(kuairand, build_requests(
+        kuairand, kuairand.days(20220505, None), ExampleConfig(S, C)).take(np.arange(2)))  # fmt: skip
+    app = create_app(RequestRanker(model, history_len=S, side_store=kuairand.side.store))
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("<!-- serve-side-example -->")
+    body = json.loads(readme[start:].split("```json\n", 1)[1].split("```", 1)[0])
+    with TestClient(app) as client:
+        assert client.get("/healthz").json()["side_features"] == {
+            "history_signals_required": ["play_time_ms"],
+            "history_signals_optional": ["duration_ms"], "time_ms_required": True}  # fmt: skip
+        r = client.post("/rank", json=body)
+        assert r.status_code == 200, r.text
+        del body["history"][0]["signals"]["play_time_ms"]
+        r = client.post("/rank", json=body)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "history", "0", "signals", "play_time_ms"]
