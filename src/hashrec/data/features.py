@@ -144,7 +144,10 @@ class SideColumns:
     user_cat [n, Fu] / post_cat [n, Fp] int64 value IDs (0 = missing; numeric columns add one
     bucket field each); user_num [n, Nu] / post_num [n, Np] float32 standardised log values
     (0 = missing); signals [n, Ah] float32 standardised history signals. ``names``: the
-    column names of each.
+    column names of each; ``stats``: the standardisation of each number (``build``);
+    ``raw_signals``: the history-signal columns read from the log rows, raw (what a served
+    request carries); ``store``: the side tables by ID (``hashrec.data.side_store``), set by
+    ``load_log``.
 
     >>> side = SideColumns.empty(3)
     >>> side.user_cat.shape, side.num_fields

@@ -336,7 +336,9 @@ class RecommendPipeline:
         assert store is not None
         B, C = candidates.shape
         S = self.history_len or max(1, max(len(r.history_post_ids) for r in requests))
-        users = np.array([r.user_id if r.known_user else 0 for r in requests], np.int64)
+        # the user's features by ID even when the ID is new to the log (its hash is padding):
+        # the user table may know the user, as it would have in training
+        users = np.array([r.user_id for r in requests], np.int64)
         post = np.zeros((B, S), np.int64)
         values = {c: np.full((B, S), np.nan) for c in store.request_columns}
         times = np.zeros((B, C), np.int64)
