@@ -433,3 +433,58 @@ def test_readme_side_example_is_valid_for_a_kuairand_ranker(kuairand):
         r = client.post("/rank", json=body)
         assert r.status_code == 422, r.text
         assert r.json()["detail"][0]["loc"] == ["body", "history", "0", "signals", "play_time_ms"]
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzz_side_feature_service_never_5xx(trained, mode):
+    """schemathesis from /openapi.json of a side-feature service (signals, time_ms): every
+    valid request is served, every invalid one gets a 4xx."""
+    schemathesis = pytest.importorskip("schemathesis")
+    pytest.importorskip("uvicorn")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from test_serve import Server, _integral_floats_to_int
+
+    from hashrec.cli import serve
+    from hashrec.cli.dispatch import build_parser
+
+    args = build_parser().parse_args(["serve", "--ranker", trained["ranker"], "--retriever",
+                                      trained["retriever"], *trained["data"], "--max-history",
+                                      "6", "--max-candidates", "30"])  # fmt: skip
+    srv = Server(serve.build(args))
+    calls = []
+    with srv:
+        schema = schemathesis.openapi.from_url(f"{srv.url}/openapi.json")
+        for op in [r.ok() for r in schema.get_all_operations()]:
+            if op.method.upper() != "POST":
+                continue
+
+            @given(case=op.as_strategy(GenerationMode(mode)))
+            @settings(max_examples=30, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            def call(case):
+                if mode == "positive":
+                    case.body = _integral_floats_to_int(case.body)
+                r = case.call(base_url=srv.url, timeout=30)
+                calls.append((case.path, r.status_code))
+                assert r.status_code < 500, (case.path, case.body, r.text[:300])
+
+            call()
+    assert {p for p, _ in calls} == {"/rank", "/recommend"}
+    statuses = {s for _, s in calls}
+    assert statuses == {200} if mode == "positive" else all(400 <= s < 500 for s in statuses)
+
+
+def test_recommend_cli_notices_a_log_other_than_the_training_log(trained, tmp_path, capsys):
+    """Another log's side tables and standardisation are used as they are, with a notice."""
+    lines = open(trained["log_path"]).read().splitlines()
+    other = tmp_path / "other.csv"
+    other.write_text("\n".join(lines[:1] + lines[10:]) + "\n")  # a few training rows fewer
+    data = [other if x == trained["log_path"] else x for x in trained["data"]]
+    argv = ["recommend", "--retriever", trained["retriever"], "--ranker", trained["ranker"],
+            *map(str, data), "--user", "3", "--k", "2", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    assert "is not the log --ranker" in capsys.readouterr().err
+    argv[argv.index(str(other))] = trained["log_path"]
+    assert main(argv) == 0
+    assert "notice" not in capsys.readouterr().err
