@@ -183,11 +183,11 @@ class SideStore:
         return SideColumns.build({}, {}, {}, {}, raw, len(ids), stats=self.stats).signals
 
 
-def _rows(hash_config: HashConfig, ids: np.ndarray, fields: int) -> np.ndarray:
-    """Fused-table rows [..., F, K] of categorical value IDs [..., F] (as ``RowHashes``)."""
+def _rows(hash_config: HashConfig, ids: np.ndarray) -> np.ndarray:
+    """Fused-table rows [..., F, K] of categorical value IDs [..., F] (as ``RowHashes``; no
+    ``feature`` block: no categorical fields, as ``side_config`` counts them)."""
     if "feature" not in [e.name for e in hash_config.entities]:
         return np.zeros((*ids.shape[:-1], 0, 1), np.int64)
-    assert ids.shape[-1] == fields, (ids.shape, fields)
     return hash_config.rows("feature", ids)
 
 
@@ -227,6 +227,10 @@ def side_batch(
         raise ValueError(f"side_batch: user_ids {list(users.shape)}, history_post_ids "
                          f"{[B, S]}, candidate_post_ids {list(cp.shape)} and candidate_time_ms "
                          f"{list(np.shape(candidate_time_ms))} disagree")  # fmt: skip
+    for c, v in history_values.items():
+        if np.shape(v) != (B, S):
+            raise ValueError(f"side_batch: history {c!r} has shape {list(np.shape(v))}, "
+                             f"expected {[B, S]}")  # fmt: skip
     ucat, unum = store.user_features(users)
     # padding slots stay zero, as training's ``_gather`` leaves them
     valid = cp.reshape(-1) != 0
@@ -242,9 +246,9 @@ def side_batch(
     )
     t = torch.from_numpy
     return SideBatch(
-        user_feature_rows=t(_rows(hash_config, ucat, cfg.user_fields)),
+        user_feature_rows=t(_rows(hash_config, ucat)),
         user_numeric=t(unum),
         history_signals=t(np.ascontiguousarray(sig.reshape(B, S, -1))),
-        candidate_feature_rows=t(_rows(hash_config, pcat.reshape(B, C, -1), cfg.post_fields)),
+        candidate_feature_rows=t(_rows(hash_config, pcat.reshape(B, C, -1))),
         candidate_numeric=t(np.ascontiguousarray(pnum.reshape(B, C, -1))),
     ).validate(cfg, B, S, C)
