@@ -282,7 +282,14 @@ def test_recommend_cli_refuses_a_side_ranker_without_its_tables(trained, capsys)
     assert "the side store gives" in err and "the ranker takes" in err
 
 
-@pytest.fixture(scope="module")
+def _served(app):
+    """``app`` behind a real HTTP server on 127.0.0.1, as tests/test_serve.py runs them."""
+    from test_serve import Server
+
+    return Server(app)
+
+
+@pytest.fixture
 def app(trained):
     pytest.importorskip("fastapi")
     from hashrec.cli import serve
@@ -310,8 +317,6 @@ def _rank_request(log, rows_h, rows_c, time_ms, signals=("watch_ms",)) -> dict:
 
 def test_http_rank_serves_side_features_as_training_computes_them(trained, app):
     """POST /rank on slates cut from the log: the training path's probabilities."""
-    from fastapi.testclient import TestClient
-
     from hashrec.training.checkpoint import load_checkpoint
 
     log = trained["log"]
@@ -321,7 +326,7 @@ def test_http_rank_serves_side_features_as_training_computes_them(trained, app):
     lb = next(batches(log, RowHashes(log, model.config.hash), req, batch_size=len(req)))
     with torch.no_grad():
         want = model(lb.batch, side=lb.side).probs.numpy()
-    with TestClient(app) as client:
+    with _served(app) as client:
         health = client.get("/healthz").json()
         assert health["side_features"] == {"history_signals_required": ["watch_ms"],
                                            "history_signals_optional": [],
@@ -353,8 +358,6 @@ def test_http_rank_serves_side_features_as_training_computes_them(trained, app):
 
 
 def test_http_requests_missing_side_fields_get_422_naming_them(trained, app):
-    from fastapi.testclient import TestClient
-
     log = trained["log"]
     rows = np.flatnonzero(log.user == int(log.user[0]))[:4]
     good = _rank_request(log, rows[:2], rows[2:], log.time[rows[2]])
@@ -364,7 +367,7 @@ def test_http_requests_missing_side_fields_get_422_naming_them(trained, app):
     nan = json.dumps(good).replace('"watch_ms": ', '"watch_ms": NaN, "x": ', 1)
     unknown = json.loads(json.dumps(good))
     unknown["history"][0]["signals"]["watch_s"] = 1.0
-    with TestClient(app) as client:
+    with _served(app) as client:
         assert client.post("/rank", json=good).status_code == 200
         for body, where in ((no_time, ["body", "time_ms"]),
                             (no_signal, ["body", "history", "0", "signals"])):  # fmt: skip
@@ -385,14 +388,12 @@ def test_serve_cli_needs_data_for_a_side_ranker(trained, capsys):
     err = cli_error(["serve", "--ranker", trained["ranker"]], capsys, 2)
     assert "was trained with side features: give --data" in err
     # without --retriever, --data is the side features' store only: /rank, no /recommend
-    from fastapi.testclient import TestClient
-
     from hashrec.cli import serve
     from hashrec.cli.dispatch import build_parser
 
     pytest.importorskip("fastapi")
     args = build_parser().parse_args(["serve", "--ranker", trained["ranker"], *trained["data"]])
-    with TestClient(serve.build(args)) as client:
+    with _served(serve.build(args)) as client:
         assert client.get("/healthz").json()["side_features"]["time_ms_required"]
         assert client.post("/recommend", json={"user_id": 1}).status_code == 404
 
@@ -413,8 +414,6 @@ def test_readme_side_example_is_valid_for_a_kuairand_ranker(kuairand):
     pytest.importorskip("fastapi")
     from pathlib import Path
 
-    from fastapi.testclient import TestClient
-
     from hashrec.serving.app import create_app
 
     model, _ = _training_batch(kuairand, build_requests(
@@ -423,7 +422,7 @@ def test_readme_side_example_is_valid_for_a_kuairand_ranker(kuairand):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     start = readme.index("<!-- serve-side-example -->")
     body = json.loads(readme[start:].split("```json\n", 1)[1].split("```", 1)[0])
-    with TestClient(app) as client:
+    with _served(app) as client:
         assert client.get("/healthz").json()["side_features"] == {
             "history_signals_required": ["play_time_ms"],
             "history_signals_optional": ["duration_ms"], "time_ms_required": True}  # fmt: skip
