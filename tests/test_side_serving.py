@@ -62,6 +62,22 @@ def synthetic(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def inlog(tmp_path_factory):
+    """The side columns in the log rows themselves (no tables; the creation time in epoch
+    seconds, as the log's time): the store keeps each ID's latest value."""
+    path = tmp_path_factory.mktemp("side_inlog") / "log.csv"
+    write_synthetic_log(path)
+    lines = path.read_text().splitlines()
+    rows = [lines[0] + ",genre,length,created,level,fans"]
+    for line in lines[1:]:
+        uid, item = (int(x) for x in line.split(",")[:2])
+        rows.append(f"{line},{['a', 'b', ''][item % 3]},{item * 1000},{1650000000 + item * 3600},"
+                    f"{'x' if uid % 2 else ''},{uid * 3}")  # fmt: skip
+    path.write_text("\n".join(rows) + "\n")
+    return load_log(str(path), LogSchema.from_dict(SIDE_SCHEMA))
+
+
+@pytest.fixture(scope="module")
 def kuairand():
     from hashrec.data import load_kuairand
     from hashrec.datasets import kuairand_sample_dir
@@ -111,7 +127,7 @@ def _assert_same_side(served: SideBatch, trained: SideBatch) -> None:
         assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("data", ["synthetic", "kuairand"])
+@pytest.mark.parametrize("data", ["synthetic", "inlog", "kuairand"])
 def test_served_side_features_and_scores_equal_trainings(data, request):
     log = request.getfixturevalue(data)
     log = log["log"] if isinstance(log, dict) else log
