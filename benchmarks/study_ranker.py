@@ -65,6 +65,13 @@ CONFIGS: dict[str, dict] = {
     "hybrid": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5},
     "hybrid85": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.85},
     "full": {**DEFAULTS, "scheme": "full"},
+    # + the pairwise loss over each user's candidates (TrainConfig.pairwise_weight)
+    "pair03": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.3},
+    "pair1": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 1.0},
+    "pair01": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.1},
+    "pair003": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.03},
+    # the user-grouped order alone (a weight too small to matter)
+    "grouped": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 1e-9},
     # ... and with rows moved from users (whose history speaks for them) to posts
     "hybridp": {
         **DEFAULTS,
@@ -99,7 +106,8 @@ def spec_for(log, name: str, cfg: dict, split: Split) -> tuple[ModelSpec, TrainC
         spec = ModelSpec(name, hc, tf, dropout=cfg["dropout"], side_features=cfg["side"],
                          rate_features=cfg.get("rates", False))  # fmt: skip
     train = TrainConfig(epochs=cfg["epochs"], weight_decay=cfg["weight_decay"],
-                        action_weights=cfg["action_weights"], val_days=1, patience=1)  # fmt: skip
+                        action_weights=cfg["action_weights"], val_days=1, patience=1,
+                        pairwise_weight=cfg.get("pairwise", 0.0))  # fmt: skip
     return spec, train
 
 

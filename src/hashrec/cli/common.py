@@ -38,6 +38,7 @@ __all__ = [
 # Table layouts (hashrec.hashing.layouts); listed here so that --help imports no torch.
 TABLE_SCHEMES = ("multihash", "hybrid", "weighted", "qr")
 DEFAULT_TABLE_SCHEME = "hybrid"  # the best at 25% in benchmarks/study_tables.py
+DEFAULT_PAIRWISE_WEIGHT = 0.0  # benchmarks/study_ranker.py
 DEFAULT_HEAD_SHARE = 0.5  # = hashrec.data.tables.HEAD_SHARE (tests/test_cli.py holds them equal)
 
 
@@ -265,6 +266,11 @@ def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
         default=DEFAULT_ACTION_WEIGHTS,
         help="loss weight per action, e.g. like=3,follow=3 (default 1 each)",
     )
+    t.add_argument("--pairwise-weight", type=number(0, 1e6, low_open=False),
+                   default=DEFAULT_PAIRWISE_WEIGHT,
+                   help="weight of a pairwise loss over each user's (positive, negative) "
+                   "candidate pairs, which teaches the order within a user (GAUC); > 0 also "
+                   "batches each user's requests together (default %(default)s)")  # fmt: skip
     t.add_argument("--val-days", type=nonneg, default=1,
                    help="last training days held out for early stopping and best-epoch "
                    "selection (0: none)")  # fmt: skip
@@ -474,6 +480,7 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
         train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             table_lr=args.table_lr, seed=args.seed,
                             weight_decay=args.weight_decay, action_weights=args.action_weights,
+                            pairwise_weight=args.pairwise_weight,
                             val_days=args.val_days, val_fraction=args.val_fraction,
                             patience=args.patience)  # fmt: skip
         unknown = set(args.action_weights) - set(log.actions)

@@ -212,6 +212,11 @@ class EpochTrainer:
         """More figures for the progress bar (e.g. the retriever's temperature)."""
         return {}
 
+    def epoch_order(self, epoch: int, n_examples: int) -> np.ndarray:
+        """The order of epoch ``epoch``: a permutation seeded by (seed, epoch), so a resumed
+        run visits the same examples in the same order."""
+        return np.random.default_rng([self.config.seed, epoch]).permutation(n_examples)
+
     def run_epochs(
         self,
         n_examples: int,
@@ -234,7 +239,7 @@ class EpochTrainer:
             if validate is not None and st.best_epoch >= 0:
                 if epoch - 1 - st.best_epoch >= c.patience:
                     break  # resumed after the stopping point
-            perm = np.random.default_rng([c.seed, epoch]).permutation(n_examples)
+            perm = self.epoch_order(epoch, n_examples)
             start = st.step_in_epoch
             order = perm[start * c.batch_size :]
             desc = f"epoch {epoch + 1}/{c.epochs}"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hashrec.data import InteractionLog, Requests, RowHashes, batches
-from hashrec.models.losses import loss_terms
+from hashrec.models.losses import loss_terms, pairwise_loss
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.training import distributed
 from hashrec.training.checkpoint import TrainState
@@ -56,6 +56,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (the run can be resumed)
     # action -> loss weight (default 1); e.g. {"like": 2.0} for a rare action
     action_weights: tuple[tuple[str, float], ...] = ()
+    # weight of ``pairwise_loss`` over each user's candidates (0: off); > 0 also orders every
+    # epoch user by user, so a batch holds whole users and their pairs
+    pairwise_weight: float = 0.0
     # validation: the last ``val_days`` training days (or, if > 0, the last ``val_fraction`` of
     # the training impressions by time) are held out; after each epoch the model is scored on
     # them, the best epoch's weights are kept and training stops after ``patience`` epochs
@@ -81,7 +84,7 @@ class TrainConfig:
             raise ValueError(
                 f"need epochs >= 1 and batch_size >= 1, got {self.epochs}, {self.batch_size}"
             )
-        for name in ("lr", "table_lr", "weight_decay", "continuous_weight"):
+        for name in ("lr", "table_lr", "weight_decay", "continuous_weight", "pairwise_weight"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0 or (v == 0 and name.endswith("lr")):
                 raise ValueError(f"{name} must be a finite number {'>' if 'lr' in name else '>='}"
@@ -164,6 +167,7 @@ class Trainer(EpochTrainer):
         if validation is not None:
             validate = functools.partial(self.validation_score, log, hashes, validation)
         step_loss = functools.partial(self.step_loss, log, hashes, requests)
+        self._request_users = log.user[requests.user_row]
         state = self.run_epochs(len(requests), step_loss, validate)
         self.parallel.end(self.table)
         return state
@@ -188,9 +192,32 @@ class Trainer(EpochTrainer):
         out = self.parallel(lb.batch, side=lb.side)
         terms = loss_terms(out, lb.labels, lb.label_mask, lb.continuous, self._action_weights)
         examples = int(out.candidate_mask.sum())
-        return distributed.global_loss(
+        loss = distributed.global_loss(
             terms, self.config.continuous_weight, examples, self.ctx, weight
         )
+        w = self.config.pairwise_weight
+        if w > 0:  # each rank's pairs (a user's requests are contiguous, see epoch_order)
+            rows = lb.candidate_rows
+            users = np.where(rows >= 0, log.user[np.maximum(rows, 0)], -1)
+            mask = out.candidate_mask[..., None] & lb.label_mask
+            pair = pairwise_loss(out.logits, lb.labels, mask,
+                                 torch.from_numpy(users).to(out.logits.device))  # fmt: skip
+            # DDP averages the ranks' gradients: the pair term is the mean of the ranks' means
+            value = loss.value + w * float(pair.detach())
+            loss = distributed.StepLoss(loss.backward + w * weight * pair, value, loss.examples)
+        return loss
+
+    def epoch_order(self, epoch: int, n_examples: int) -> np.ndarray:
+        """Seeded by (seed, epoch) as the plain permutation; with ``pairwise_weight`` > 0 the
+        users come in a random order and each user's requests together (in random order), so
+        a batch holds whole users and the pairwise term sees their candidates side by side."""
+        rng = np.random.default_rng([self.config.seed, epoch])
+        users = getattr(self, "_request_users", None)
+        if self.config.pairwise_weight <= 0 or users is None or len(users) != n_examples:
+            return rng.permutation(n_examples)
+        uniq, inv = np.unique(users, return_inverse=True)
+        user_rank = rng.permutation(len(uniq))[inv]
+        return np.lexsort((rng.random(n_examples), user_rank))
 
 
 def validation_score(
