@@ -66,7 +66,9 @@ def test_train_retrieval_writes_checkpoint_and_metrics(run):
     assert set(metrics["retrieval"]) == {"popularity", "two-tower"}
     m = metrics["retrieval"]["two-tower"]
     assert 0.0 <= m["recall@10"] <= m["recall@50"] <= m["recall@100"] <= 1.0
-    assert metrics["corpus_size"] == len(np.unique(run["log"].post))
+    log = run["log"]  # the corpus: posts shown before the evaluation days, none first shown later
+    start = log.time[log.days(20220429, None)].min()
+    assert metrics["corpus_size"] == len(np.unique(log.post[log.time < start]))
 
 
 def test_train_retrieval_resumes_exactly(run, tmp_path):
@@ -132,12 +134,67 @@ def test_unknown_user_takes_the_cold_start_path(run, capsys):
         (["--user", "3", "--weights", '{"share": 1}'], "--weights names ['share']", 2),
         (["--users-file", "missing.txt"], "no such file", 1),
         (["--user", "x"], "expected comma-separated integers", 2),
+        (["--user", "3", "--prior-days", "0"], "prior_days must be > 0", 2),
+        (["--user", "3", "--active-days", "soon"], "expected a number of days or 'all'", 2),
     ],
 )
 def test_recommend_bad_input(run, argv, message, code, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     err = cli_error(recommend(run, *argv), capsys, code)
     assert message in err
+
+
+def test_the_prior_and_the_corpus_window_travel_with_the_retriever(run, tmp_path, capsys):
+    from hashrec.retrieval.corpus import DAY_MS
+
+    out = tmp_path / "prior"
+    argv = ["train-retrieval", *run["data"], *SPLIT, *ARCH, "--batch-size", "16", "--epochs",
+            "1", "--prior-weight", "0.5", "--prior-days", "2", "--active-days", "3",
+            "--positive-actions", "click,like", "--targets", "click", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    _, info = load_checkpoint(out / "checkpoint.safetensors")
+    assert info.extra["corpus"] == {"active_days": 3.0, "prior_weight": 0.5, "prior_days": 2.0}
+    assert info.extra["train"]["positive_actions"] == ["click", "like"]
+    assert info.extra["targets"] == ["click"]  # what the evaluation and the prior count
+    metrics = json.loads((out / "metrics.json").read_text())["retrieval"]
+    assert list(metrics) == ["popularity", "popularity (last 2 days)", "two-tower",
+                             "two-tower + prior (beta 0.5)"]  # fmt: skip
+    capsys.readouterr()
+    # recommend takes the stored window and prior; an overwhelming prior retrieves the most
+    # engaged (click) unseen posts of the last 2 days among those shown in the last 3
+    base = ["recommend", "--retriever", str(out / "checkpoint.safetensors"), "--ranker",
+            run["ranker"], *run["data"], "--user", "3", "--json"]  # fmt: skip
+    assert main([*base, "--prior-weight", "1000", "--retrieve-k", "5", "--k", "5"]) == 0
+    items = json.loads(capsys.readouterr().out)[0]["items"]
+    log = run["log"]
+    end = int(log.time.max()) + 1
+    active = np.unique(log.post[log.time >= end - 3 * DAY_MS])
+    recent = (log.time >= end - 2 * DAY_MS) & (log.labels[:, log.actions.index("click")] > 0)
+    counts = {int(p): int((log.post[recent] == p).sum()) for p in active}
+    seen = set(log.post[log.user == 3].tolist())
+    unseen = sorted((c for p, c in counts.items() if p not in seen), reverse=True)
+    got = [i["post_id"] for i in items]
+    assert set(got) <= set(active.tolist()) and not set(got) & seen
+    assert min(counts[p] for p in got) >= unseen[4]
+    assert all(i["retrieval_score"] > 1.0 for i in items)  # logit + prior, not a cosine
+    # --prior-weight 0 and --active-days all: plain cosine over every post
+    assert main([*base, "--prior-weight", "0", "--active-days", "all", "--k", "5"]) == 0
+    items = json.loads(capsys.readouterr().out)[0]["items"]
+    assert all(-1.0 <= i["retrieval_score"] <= 1.0 for i in items)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--prior-days", "0"], "prior_days must be > 0"),
+        (["--active-days", "-1"], "active_days must be > 0"),
+        (["--prior-weight", "nan"], "prior_weight must be a finite number"),
+        (["--targets", "share"], "--targets share not in the log's actions"),
+    ],
+)
+def test_train_retrieval_rejects_bad_corpus_options(run, argv, message, capsys, tmp_path):
+    full = ["train-retrieval", *run["data"], *SPLIT, *ARCH, "--out", str(tmp_path), *argv]
+    assert message in cli_error(full, capsys, 2)
 
 
 def test_recommend_refuses_swapped_checkpoints(run, capsys):

@@ -244,3 +244,150 @@ def test_faiss_flat_matches_exact_and_ann_recall():
         assert sum(hits) / exact.indices.numel() > 0.9, kind
         for row, ex in zip(ann.indices.tolist(), exclude, strict=True):
             assert not set(row) & set(ex.tolist())
+
+
+# -- popularity prior and the corpus window ----------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_biased_index_equals_reference_with_ties(chunk):
+    corpus, queries = tied_corpus()
+    bias = torch.tensor([0.0, 1.0, 0.0, 2.0] * 5 + [1.0, 0.0, 1.0])  # [23], more ties
+    exclude = [[0, 5], [], [22], [1, 2, 3], []]
+    want = reference_top_k(corpus, queries, 11, exclude, bias=bias)
+    got = ExactIndex(corpus, chunk_size=chunk, bias=bias).search(queries, 11, exclude)
+    assert torch.equal(got.indices, want.indices)
+    assert torch.equal(got.scores, want.scores)
+    # the reference is q . e + bias, scored and sorted by hand
+    s = queries @ corpus.T + bias
+    for r, ex in enumerate(exclude):
+        s[r, ex] = float("-inf")
+    assert torch.equal(want.scores, torch.sort(s, dim=1, descending=True).values[:, :11])
+
+
+def test_a_large_bias_orders_by_bias_and_a_zero_bias_changes_nothing():
+    g = torch.Generator().manual_seed(3)
+    corpus = l2_normalise(torch.randn(50, 8, generator=g))
+    queries = l2_normalise(torch.randn(4, 8, generator=g))
+    bias = torch.randperm(50, generator=g).float()
+    big = ExactIndex(corpus, chunk_size=16, bias=1e3 * bias).search(queries, 10)
+    assert big.indices.tolist() == [torch.argsort(-bias)[:10].tolist()] * 4
+    zero = ExactIndex(corpus, chunk_size=16, bias=torch.zeros(50)).search(queries, 10)
+    plain = ExactIndex(corpus, chunk_size=16).search(queries, 10)
+    assert torch.equal(zero.indices, plain.indices)
+
+
+def test_bias_is_validated():
+    with pytest.raises(ValueError, match=r"bias has shape \[2\], expected \[3\]"):
+        ExactIndex(torch.eye(3), bias=torch.zeros(2))
+    with pytest.raises(ValueError, match="bias holds NaN"):
+        ExactIndex(torch.eye(3), bias=torch.tensor([0.0, float("inf"), 0.0]))
+    with pytest.raises(ValueError, match="bias has shape"):
+        reference_top_k(torch.eye(3), torch.ones(1, 3), 1, bias=torch.zeros(3, 1))
+
+
+def test_faiss_flat_with_bias_matches_exact():
+    pytest.importorskip("faiss")
+    from hashrec.retrieval import FaissIndex
+
+    g = torch.Generator().manual_seed(4)
+    corpus = l2_normalise(torch.randn(300, 8, generator=g))
+    queries = l2_normalise(torch.randn(6, 8, generator=g)) / 0.05  # a logit scale
+    bias = torch.rand(300, generator=g) * 5
+    exclude = [np.arange(i, i + 10) for i in range(6)]
+    exact = ExactIndex(corpus, chunk_size=64, bias=bias).search(queries, 15, exclude)
+    flat = FaissIndex(corpus, kind="flat", bias=bias).search(queries, 15, exclude)
+    assert torch.equal(flat.indices, exact.indices)
+    torch.testing.assert_close(flat.scores, exact.scores, rtol=1e-5, atol=1e-4)
+
+
+def toy_log():
+    """Three days: post 1 shown on day 0 only, 2 every day, 3 on day 2 only (after the cut)."""
+    from hashrec.data import InteractionLog
+    from hashrec.retrieval.corpus import DAY_MS
+
+    post = np.array([1, 1, 2, 2, 2, 2, 3, 4])
+    time = np.array([0, 1, 2, DAY_MS, DAY_MS + 5, 2 * DAY_MS, 2 * DAY_MS + 1, DAY_MS + 9])
+    n = len(post)
+    return InteractionLog(
+        user=np.arange(1, n + 1), post=post, author=post + 10, surface=np.zeros(n, np.int64),
+        time=time, day=np.full(n, 20220425), labels=np.array([[1, 0], [1, 1], [1, 0], [0, 1],
+        [1, 0], [1, 0], [1, 0], [0, 0]], np.uint8), continuous=np.zeros((n, 0), np.float32),
+        actions=("click", "like"),
+    )  # fmt: skip
+
+
+def test_corpus_as_it_stood_at_the_request_time():
+    from hashrec.retrieval.corpus import DAY_MS, Corpus
+
+    log = toy_log()
+    cut = 2 * DAY_MS  # the request: the start of day 2
+    c = Corpus.from_log(log, positive_actions=("click",), before_time=cut)
+    assert c.post_ids.tolist() == [1, 2, 4]  # post 3 is first shown after the cut
+    assert c.popularity.tolist() == [2.0, 2.0, 0.0]  # the day-2 click on 2 is not counted
+    recent = Corpus.from_log(log, positive_actions=("click",), before_time=cut, active_days=1)
+    assert recent.post_ids.tolist() == [2, 4]  # post 1 was last shown two days before
+    windowed = Corpus.from_log(log, positive_actions=("click",), before_time=cut,
+                               popularity_days=1)  # fmt: skip
+    assert windowed.popularity.tolist() == [0.0, 1.0, 0.0]
+    likes = Corpus.from_log(log, np.arange(len(log)) != 3, ("like",), before_time=cut)
+    assert likes.popularity.tolist() == [1.0, 0.0, 0.0]  # the mask drops row 3
+    whole = Corpus.from_log(log)
+    assert whole.post_ids.tolist() == [1, 2, 3, 4] and whole.author_ids.tolist() == [11, 12, 13, 14]
+    with pytest.raises(ValueError, match="active_days must be > 0"):
+        Corpus.from_log(log, active_days=0)
+    with pytest.raises(ValueError, match="the corpus is empty"):
+        Corpus.from_log(log, before_time=0)
+
+
+def test_corpus_config_validates_and_builds_the_corpus():
+    from hashrec.retrieval import CorpusConfig
+    from hashrec.retrieval.corpus import DAY_MS
+
+    cfg = CorpusConfig(active_days=1, prior_weight=0.5, prior_days=1)
+    c = cfg.corpus(toy_log(), ("click",), before_time=2 * DAY_MS)
+    assert c.post_ids.tolist() == [2, 4] and c.popularity.tolist() == [1.0, 0.0]
+    np.testing.assert_allclose(c.log_prior(0.5), [0.5 * np.log(2), 0.0], rtol=1e-6)
+    assert CorpusConfig(**cfg.to_dict()) == cfg
+    for bad, match in (({"active_days": 0}, "active_days"), ({"prior_days": -1}, "prior_days"),
+                       ({"prior_weight": float("nan")}, "prior_weight")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            CorpusConfig(**bad)
+
+
+def test_two_tower_ranking_with_the_prior_is_cosine_over_temperature_plus_prior():
+    from hashrec.data import Requests, RowHashes
+    from hashrec.evaluation.retrieval import NextEngagement, count_ranking
+    from hashrec.retrieval import Corpus
+    from hashrec.retrieval.evaluate import two_tower_ranking, user_vectors
+
+    torch.manual_seed(0)
+    tf = TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1)
+    h = HashConfig.uniform(num_buckets=97, num_hashes=2)
+    model = TwoTowerRetriever(TwoTowerConfig(hash=h, transformer=tf, actions=("click", "like")))
+    log = toy_log()
+    U = 3
+    history = np.array([[0, 1], [-1, 2], [3, 4]])  # log rows, -1 padding
+    requests = Requests(np.array([0, 1, 2]), history, np.full((U, 1), -1), np.zeros((U, 0), int))
+    seen = [np.array([1]), np.array([], np.int64), np.array([2])]
+    targets = [np.array([2]), np.array([1]), np.array([3])]
+    queries = NextEngagement(np.array([1, 2, 3]), requests, seen, targets, np.ones(U, bool))
+    corpus = Corpus(np.array([1, 2, 3]), np.array([11, 12, 13]), np.array([5.0, 1.0, 0.0]))
+    hashes = RowHashes(log, h)
+    beta = 0.7
+    ids, scores = two_tower_ranking(model, log, hashes, queries, corpus, 2, prior_weight=beta)
+    u = user_vectors(model, log, hashes, queries)
+    v = model.embed_corpus(torch.from_numpy(h.rows("post", corpus.post_ids)),
+                           torch.from_numpy(h.rows("author", corpus.author_ids)))  # fmt: skip
+    prior = beta * torch.log1p(torch.tensor([5.0, 1.0, 0.0]))
+    want = (u @ v.T) / model.temperature.detach() + prior  # [U, N]
+    for i, seen in enumerate(queries.seen):
+        s = want[i].clone()
+        s[np.searchsorted(corpus.post_ids, seen)] = float("-inf")
+        top = torch.argsort(s, descending=True)[:2]
+        assert ids[i].tolist() == corpus.post_ids[top.numpy()].tolist()
+        np.testing.assert_allclose(scores[i], s[top].numpy(), rtol=1e-5)
+    # without the prior: plain cosine scores; with an overwhelming one: popularity
+    _, cos = two_tower_ranking(model, log, hashes, queries, corpus, 2)
+    assert np.abs(cos).max() <= 1.0 + 1e-6
+    huge, _ = two_tower_ranking(model, log, hashes, queries, corpus, 2, prior_weight=1e4)
+    pop = count_ranking(corpus.post_ids, corpus.popularity, queries.seen, 2)
+    assert (huge[pop >= 0] == pop[pop >= 0]).all()

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "UsageError",
+    "add_corpus_options",
     "add_data_options",
     "add_model_options",
+    "corpus_config",
     "date",
     "int_list",
     "load_checkpoint_of",
@@ -389,18 +391,69 @@ def load_log_quietly(args: argparse.Namespace):
         return load_data(args)
 
 
-def load_corpus(args: argparse.Namespace, actions: tuple[str, ...]):
-    """(log, Corpus) from --data/--schema/--authors: every post of the log, for ``hashrec
-    recommend`` and ``hashrec serve --retriever``. Progress goes to stderr (stdout may carry
-    JSON); the log must have the retriever's ``actions``."""
+def add_corpus_options(p: argparse.ArgumentParser) -> None:
+    """--active-days, --prior-weight, --prior-days of commands that serve a retriever; each
+    defaults to the value stored in the retriever's checkpoint (``train-retrieval``)."""
+    g = p.add_argument_group(
+        "corpus and popularity prior (default: the values the retriever was trained with)"
+    )
+    g.add_argument("--active-days", type=_days_or_all, default=None, metavar="N",
+                   help="only posts shown in the last N days of the log ('all': every "
+                   "post)")  # fmt: skip
+    g.add_argument("--prior-weight", type=float, default=None, metavar="BETA",
+                   help="add BETA * log(1 + engagements) to cosine / temperature (0: "
+                   "none)")  # fmt: skip
+    g.add_argument("--prior-days", type=_days_or_all, default=None, metavar="N",
+                   help="count the prior's engagements over the last N days ('all': every "
+                   "day)")  # fmt: skip
 
-    from hashrec.retrieval.corpus import Corpus
 
+_ALL = "all"
+
+
+def _days_or_all(text: str) -> float | str:
+    if text.strip().lower() == _ALL:
+        return _ALL
+    try:
+        return float(text)
+    except ValueError:
+        msg = f"expected a number of days or 'all', got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def corpus_config(args: argparse.Namespace, stored: dict | None):
+    """The retriever's ``CorpusConfig``: the checkpoint's stored one, overridden by the
+    command's --active-days / --prior-weight / --prior-days where given."""
+    from hashrec.retrieval.corpus import CorpusConfig
+
+    d = dict(stored or {})
+    for name in ("active_days", "prior_weight", "prior_days"):
+        v = getattr(args, name, None)
+        if v is not None:
+            d[name] = None if v == _ALL else v
+    try:
+        return CorpusConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def load_corpus(args: argparse.Namespace, actions: tuple[str, ...], rinfo=None):
+    """(log, Corpus, CorpusConfig) from --data/--schema/--authors for ``hashrec recommend`` and
+    ``hashrec serve --retriever``: the posts of the log (the recently active ones under
+    ``active_days``), popularity counted on the retriever's target actions (over the last
+    ``prior_days``). ``rinfo``: the retriever checkpoint's info (its stored corpus options).
+    Progress goes to stderr (stdout may carry JSON); the log must have the retriever's
+    ``actions``."""
+    extra = rinfo.extra if rinfo is not None else {}
+    config = corpus_config(args, extra.get("corpus"))
     log = load_log_quietly(args)
     if tuple(actions) != tuple(log.actions):
         raise ValueError(f"the retriever reads actions {tuple(actions)}, the data has "
                          f"{tuple(log.actions)}")  # fmt: skip
-    return log, Corpus.from_log(log)
+    # the prior counts the engagements the retriever was evaluated on (its targets)
+    counted = extra.get("targets") or (extra.get("train") or {}).get("positive_actions")
+    counted = [a for a in counted if a in log.actions] if counted else None
+    return log, config.corpus(log, counted or None), config
 
 
 def side_store_for(model: Any, info: Any, log: Any, option: str, data_flag: str = "--data"):

@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: X's published weights, mapped onto the log's actions)")  # fmt: skip
     p.add_argument("--chunk-size", type=int, default=65_536, help="corpus chunk of the top-k")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    common.add_corpus_options(p)
     common.add_device_option(p)
     x = p.add_argument_group(
         "X's released Phoenix (run_pipeline.py)",
@@ -116,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     retriever, rinfo = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever", device)
     ranker, info = common.load_checkpoint_of(args.ranker, "PhoenixRanker", device)
-    log, corpus = common.load_corpus(args, retriever.config.actions)  # stdout: only the lists
+    # stdout: only the lists
+    log, corpus, corpus_cfg = common.load_corpus(args, retriever.config.actions, rinfo)
     store = common.side_store_for(ranker, info, log, f"--ranker {args.ranker}")
     if args.k > len(corpus):
         raise common.UsageError(f"--k {args.k} is larger than the corpus ({len(corpus)} posts)")
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     if history_len is None:
         history_len = int(rinfo.extra.get("history_len", 32))
     pipe = RecommendPipeline(retriever, ranker, corpus, scorer, args.retrieve_k, args.chunk_size,
-                             history_len=max(1, history_len), side_store=store)  # fmt: skip
+                             history_len=max(1, history_len), side_store=store,
+                             prior_weight=corpus_cfg.prior_weight)  # fmt: skip
     off = _id_offset(args)
     requests = [UserRequest.from_log(log, u + off, history_len, args.time_ms) for u in users]
     for r in requests:

@@ -114,9 +114,10 @@ def build(args: argparse.Namespace):
     history_len = max(trained, args.max_history or 0)
     retriever = log = None
     if args.retriever is not None:
-        retriever, _ = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever",
-                                                 option="--retriever")  # fmt: skip
-        log, corpus = common.load_corpus(args, retriever.config.actions)
+        retriever, rinfo = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever",
+                                                     option="--retriever")  # fmt: skip
+        # the corpus window and popularity prior the retriever was trained with
+        log, corpus, corpus_cfg = common.load_corpus(args, retriever.config.actions, rinfo)
     elif side:
         log = common.load_log_quietly(args)
     store = common.side_store_for(model, info, log, f"--ranker {args.ranker}") if side else None
@@ -124,7 +125,8 @@ def build(args: argparse.Namespace):
     pipeline = known_users = None
     if retriever is not None:
         pipeline = RecommendPipeline(retriever, model, corpus, ranker.scorer, args.retrieve_k,
-                                     history_len=max(1, history_len), side_store=store)  # fmt: skip
+                                     history_len=max(1, history_len), side_store=store,
+                                     prior_weight=corpus_cfg.prior_weight)  # fmt: skip
         known_users = log.user
     return create_app(ranker, ServeConfig(limits, batching), pipeline, known_users)
 

@@ -19,6 +19,7 @@ from hashrec.data import InteractionLog, Requests
 
 __all__ = [
     "NextEngagement",
+    "count_ranking",
     "next_engagement_queries",
     "popularity_ranking",
     "set_ndcg",
@@ -30,13 +31,16 @@ __all__ = [
 class NextEngagement:
     """One query per user. ``requests``: history [U, S] log rows (-1 padding), no candidates
     (``candidates`` [U, 1] all -1); ``users`` [U]; ``seen`` and ``targets``: per user, post IDs.
-    ``warm`` [U]: the user has impressions before the evaluation days."""
+    ``warm`` [U]: the user has impressions before the evaluation days. ``start``: the request
+    time (ms), the first evaluation impression: histories, exclusions and any corpus or
+    popularity a method uses come from rows before it."""
 
     users: np.ndarray
     requests: Requests
     seen: list[np.ndarray]
     targets: list[np.ndarray]
     warm: np.ndarray
+    start: int = 0
 
     def __len__(self) -> int:
         return len(self.users)
@@ -48,6 +52,7 @@ class NextEngagement:
             [self.seen[i] for i in idx],
             [self.targets[i] for i in idx],
             self.warm[idx],
+            self.start,
         )
 
 
@@ -95,7 +100,26 @@ def next_engagement_queries(
         np.full((U, 1), -1, np.int64),
         np.zeros((U, 0), np.int64),
     )
-    return NextEngagement(users[keep], requests, seen, targets, np.asarray(warm, bool))
+    return NextEngagement(users[keep], requests, seen, targets, np.asarray(warm, bool), start)
+
+
+def count_ranking(
+    posts: np.ndarray, counts: np.ndarray, seen: list[np.ndarray], k: int
+) -> np.ndarray:
+    """posts [N] ranked by counts [N] (most first, ties by ID; posts with count 0 never
+    ranked), minus each user's seen posts: [U, k], -1 where none is left.
+
+    >>> count_ranking(np.array([4, 5, 6]), np.array([2, 7, 2]), [np.array([5])], k=3).tolist()
+    [[4, 6, -1]]
+    """
+    keep = counts > 0
+    posts, counts = posts[keep], counts[keep]
+    ranked = posts[np.lexsort((posts, -counts))]  # most engaged first, ties by ID
+    out = np.full((len(seen), k), -1, np.int64)
+    for i, s in enumerate(seen):
+        top = ranked[~np.isin(ranked, s)][:k]
+        out[i, : len(top)] = top
+    return out
 
 
 def popularity_ranking(
@@ -104,17 +128,17 @@ def popularity_ranking(
     positive_actions: tuple[str, ...],
     seen: list[np.ndarray],
     k: int,
+    candidates: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The k posts most engaged with on the training rows, unseen by each user: [U, k]."""
+    """The k posts most engaged with on the training rows, unseen by each user: [U, k].
+    ``candidates`` (post IDs): rank only those (the corpus every method ranks)."""
     cols = [log.actions.index(a) for a in positive_actions]
     engaged = train_mask & (log.labels[:, cols] > 0).any(axis=1)
     posts, counts = np.unique(log.post[engaged], return_counts=True)
-    ranked = posts[np.lexsort((posts, -counts))]  # most engaged first, ties by ID
-    out = np.full((len(seen), k), -1, np.int64)
-    for i, s in enumerate(seen):
-        top = ranked[~np.isin(ranked, s)][:k]
-        out[i, : len(top)] = top
-    return out
+    if candidates is not None:
+        keep = np.isin(posts, candidates)
+        posts, counts = posts[keep], counts[keep]
+    return count_ranking(posts, counts, seen, k)
 
 
 def _hits(ranked: np.ndarray, targets: list[np.ndarray], k: int) -> list[np.ndarray]:

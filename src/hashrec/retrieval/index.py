@@ -12,6 +12,10 @@
 Shapes: corpus [N, D], queries [B, D]; results [B, k]. ``exclude`` names, per query, corpus
 positions never to return (e.g. posts the user has already seen). A slot that cannot be filled
 (fewer than k posts left after exclusions) holds position -1 and score -inf.
+
+``bias`` [N] (optional, every index): a per-post term added to every query's inner product,
+score = q . e + bias, e.g. a popularity prior (``Corpus.log_prior``). Faiss takes it as one more
+dimension (the post [e, bias], the query [q, 1]), which is the same inner product.
 """
 
 from __future__ import annotations
@@ -50,6 +54,19 @@ def _check_corpus(embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
     if e.numel() and not bool(torch.isfinite(e).all()):
         raise ValueError("embeddings holds NaN or infinite values")
     return e.float().contiguous()
+
+
+def _check_bias(bias: torch.Tensor | np.ndarray | None, n: int) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    b = torch.as_tensor(bias)
+    if b.shape != (n,):
+        raise ValueError(f"bias has shape {list(b.shape)}, expected [{n}] (one per post)")
+    if not b.is_floating_point():
+        raise ValueError(f"bias has dtype {b.dtype}, expected a floating dtype")
+    if b.numel() and not bool(torch.isfinite(b).all()):
+        raise ValueError("bias holds NaN or infinite values")
+    return b.float().contiguous()
 
 
 def _check_query(queries: torch.Tensor | np.ndarray, dim: int, n: int, k: int) -> torch.Tensor:
@@ -123,12 +140,21 @@ class ExactIndex:
     >>> r = index.search(torch.tensor([[1.0, 0.0]]), k=3, exclude=[[3]])
     >>> r.indices.tolist(), r.scores.tolist()  # the tie 0 / 2 goes to the lower position
     ([[0, 2, 1]], [[1.0, 1.0, 0.0]])
+    >>> biased = ExactIndex(corpus, chunk_size=2, bias=torch.tensor([0.0, 2.0, 0.0, 0.0]))
+    >>> biased.search(torch.tensor([[1.0, 0.0]]), k=2).indices.tolist()  # 0 + 2 beats 1 + 0
+    [[1, 0]]
     """
 
-    def __init__(self, embeddings: torch.Tensor | np.ndarray, chunk_size: int = 65_536) -> None:
+    def __init__(
+        self,
+        embeddings: torch.Tensor | np.ndarray,
+        chunk_size: int = 65_536,
+        bias: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.embeddings = _check_corpus(embeddings)
+        self.bias = _check_bias(bias, len(self.embeddings))
         self.chunk_size = chunk_size
 
     def __len__(self) -> int:
@@ -155,6 +181,8 @@ class ExactIndex:
             hi = min(n, lo + self.chunk_size)
             s = buf[: B * (hi - lo)].view(B, hi - lo)
             torch.mm(q, self.embeddings[lo:hi].T, out=s)  # [B, M], M <= chunk
+            if self.bias is not None:
+                s += self.bias[lo:hi]
             if ex_col.numel():
                 m = (ex_col >= lo) & (ex_col < hi)
                 s[ex_row[m], ex_col[m] - lo] = float("-inf")
@@ -173,11 +201,15 @@ def reference_top_k(
     queries: torch.Tensor | np.ndarray,
     k: int,
     exclude: Exclusions = None,
+    bias: torch.Tensor | np.ndarray | None = None,
 ) -> SearchResult:
     """Score every post, one stable sort per query: the reference ``ExactIndex`` must match."""
     e = _check_corpus(embeddings)
     q = _check_query(queries, e.shape[1], e.shape[0], k)
     s = q @ e.T  # [B, N]
+    b = _check_bias(bias, e.shape[0])
+    if b is not None:
+        s = s + b
     if exclude is not None:
         rows, cols = _exclusion_pairs(exclude, len(q), len(e))
         s[rows, cols] = float("-inf")
@@ -210,6 +242,7 @@ class FaissIndex:
         ef_search: int = 128,
         ef_construction: int = 80,
         seed: int = 0,
+        bias: torch.Tensor | np.ndarray | None = None,
     ) -> None:
         try:
             import faiss
@@ -217,9 +250,15 @@ class FaissIndex:
             raise ImportError(
                 "FaissIndex needs faiss: pip install 'hashrec[retrieval]' (faiss-cpu)"
             ) from e
-        e = _check_corpus(embeddings).numpy()
+        e = _check_corpus(embeddings)
+        b = _check_bias(bias, len(e))
+        self._biased = b is not None
+        self._d = e.shape[1]  # the queries' width
+        if b is not None:  # one more dimension: [e, bias] . [q, 1] = q . e + bias
+            e = torch.cat([e, b[:, None]], dim=1)
+        e = e.numpy()
         n, d = e.shape
-        self.kind, self._n, self._d = kind, n, d
+        self.kind, self._n = kind, n
         if kind == "flat":
             index = faiss.IndexFlatIP(d)
         elif kind == "ivf":
@@ -246,7 +285,10 @@ class FaissIndex:
         self, queries: torch.Tensor | np.ndarray, k: int, exclude: Exclusions = None
     ) -> SearchResult:
         """Top-k of every query: queries [B, D] -> ``SearchResult`` [B, k]."""
-        q = _check_query(queries, self._d, self._n, k).numpy()
+        q = _check_query(queries, self._d, self._n, k)
+        if self._biased:
+            q = torch.cat([q, torch.ones(len(q), 1)], dim=1)
+        q = q.numpy()
         if exclude is None:
             s, i = self.index.search(q, k)
             s = np.where(i < 0, -np.inf, s).astype(np.float32)

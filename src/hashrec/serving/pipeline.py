@@ -1,7 +1,8 @@
 """Retrieve -> rank -> score: the whole recommendation path over a corpus (DESIGN §5).
 
 1. The two-tower retriever embeds the corpus once (``ExactIndex``); a request's user vector
-   retrieves the ``retrieve_k`` best posts the user has not seen.
+   retrieves the ``retrieve_k`` best posts the user has not seen. With ``prior_weight`` beta
+   the retrieval score is cosine / temperature + beta * log(1 + ``corpus.popularity``).
 2. The Phoenix ranker predicts every action for those candidates.
 3. The weighted scorer turns the probabilities into one score; author diversity and the final
    order come from ``WeightedScorer.rank``.
@@ -245,6 +246,7 @@ class RecommendPipeline:
         chunk_size: int = 65_536,
         history_len: int | None = None,
         side_store: SideStore | None = None,
+        prior_weight: float = 0.0,
     ) -> None:
         if tuple(retriever.config.actions) != tuple(ranker.config.actions):
             raise ValueError(
@@ -283,7 +285,9 @@ class RecommendPipeline:
         emb = retriever.embed_corpus(
             self._post_rows["retriever"].to(dev), self._author_rows["retriever"].to(dev)
         )
-        self.index = ExactIndex(emb.cpu(), chunk_size=chunk_size)
+        self.prior_weight = float(prior_weight)
+        bias = torch.from_numpy(corpus.log_prior(prior_weight)) if prior_weight else None
+        self.index = ExactIndex(emb.cpu(), chunk_size=chunk_size, bias=bias)
         self._popular = np.argsort(-corpus.popularity, kind="stable")
 
     # -- batches -------------------------------------------------------------------------------
@@ -365,17 +369,20 @@ class RecommendPipeline:
     # -- stages --------------------------------------------------------------------------------
     @torch.no_grad()
     def user_vectors(self, requests: Sequence[UserRequest]) -> torch.Tensor:
-        """The user tower on each request: [B, D] (zeros for a cold request)."""
+        """The user tower on each request: [B, D] (zeros for a cold request); divided by the
+        retriever's temperature when a prior is added (its logit scale)."""
         dev = next(self.retriever.parameters()).device
-        return self.retriever.embed_users(
+        u = self.retriever.embed_users(
             self._history_batch("retriever", requests, None).to(dev)
         ).cpu()
+        return u / self.retriever.temperature.cpu() if self.prior_weight else u
 
     def retrieve(
         self, requests: Sequence[UserRequest], k: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k unseen corpus positions and cosine scores per request, [B, k] (-1: none left).
-        Cold requests get the most popular unseen posts (scores nan)."""
+        """Top-k unseen corpus positions and retrieval scores per request, [B, k] (-1: none
+        left): the cosine, or with a prior cosine / temperature + the prior. Cold requests get
+        the most popular unseen posts (scores nan)."""
         k = self.retrieve_k if k is None else k
         _check_k(k, len(self.corpus))
         exclude = [self.corpus.positions(r.seen_post_ids) for r in requests]
