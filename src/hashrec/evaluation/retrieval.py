@@ -128,16 +128,11 @@ def popularity_ranking(
     positive_actions: tuple[str, ...],
     seen: list[np.ndarray],
     k: int,
-    candidates: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The k posts most engaged with on the training rows, unseen by each user: [U, k].
-    ``candidates`` (post IDs): rank only those (the corpus every method ranks)."""
+    """The k posts most engaged with on the training rows, unseen by each user: [U, k]."""
     cols = [log.actions.index(a) for a in positive_actions]
     engaged = train_mask & (log.labels[:, cols] > 0).any(axis=1)
     posts, counts = np.unique(log.post[engaged], return_counts=True)
-    if candidates is not None:
-        keep = np.isin(posts, candidates)
-        posts, counts = posts[keep], counts[keep]
     return count_ranking(posts, counts, seen, k)
 
 
