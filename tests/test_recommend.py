@@ -183,6 +183,20 @@ def test_the_prior_and_the_corpus_window_travel_with_the_retriever(run, tmp_path
     assert all(-1.0 <= i["retrieval_score"] <= 1.0 for i in items)
 
 
+def test_resume_may_change_the_serving_options_not_the_training(run, tmp_path, capsys):
+    base = ["train-retrieval", *run["data"], *SPLIT, *ARCH, "--batch-size", "16",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main([*base, "--epochs", "1"]) == 0
+    assert main([*base, "--epochs", "2", "--resume", "--prior-weight", "0.5", "--active-days",
+                 "2", "--targets", "like"]) == 0  # fmt: skip
+    _, info = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert info.train_state.epoch == 2 and info.extra["targets"] == ["like"]
+    assert info.extra["corpus"]["prior_weight"] == 0.5
+    capsys.readouterr()
+    err = cli_error([*base, "--epochs", "3", "--resume", "--positive-actions", "like"], capsys, 1)
+    assert "train.positive_actions" in err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

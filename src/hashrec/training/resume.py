@@ -14,6 +14,8 @@ difference is refused except these, which do not change the steps already taken:
   where the table lives; a checkpoint holds the whole table whatever the process count, and the
   position counts global batches, so a run may resume under another process count or layout;
 * ``split.eval_start``, ``split.eval_end``: the evaluation days;
+* ``targets``, ``corpus`` (the two-tower's): what its evaluation counts and what it ranks at
+  request time (a top-level name here covers everything under it);
 * ``model``: the display name.
 
 The device may change too (it is not part of the record).
@@ -27,7 +29,8 @@ __all__ = ["MAY_CHANGE", "check_resumable", "resume_conflicts"]
 
 MAY_CHANGE = frozenset(
     {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.dist_timeout_s",
-     "train.table_sharding", "split.eval_start", "split.eval_end", "model"}
+     "train.table_sharding", "split.eval_start", "split.eval_end", "model", "targets",
+     "corpus"}
 )  # fmt: skip
 
 
@@ -59,7 +62,8 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     top = {k.split(".")[0].split("[")[0] for k in old}
     out = []
     for key in sorted(set(old) | set(new)):
-        if key in MAY_CHANGE or key.split(".")[0].split("[")[0] not in top:
+        name = key.split(".")[0].split("[")[0]
+        if key in MAY_CHANGE or name in MAY_CHANGE or name not in top:
             continue
         a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
         if a != b:
