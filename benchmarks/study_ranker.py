@@ -65,6 +65,13 @@ CONFIGS: dict[str, dict] = {
     "hybrid": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5},
     "hybrid85": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.85},
     "full": {**DEFAULTS, "scheme": "full"},
+    # ... and with rows moved from posts and authors to users
+    "hybridu": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "weights": {"user": 4.0, "post": 4.0, "author": 1.0, "feature": 1.0},
+    },
     # + the pairwise loss over each user's candidates (TrainConfig.pairwise_weight)
     "pair03": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.3},
     "pair1": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 1.0},

@@ -166,15 +166,20 @@ def test_frequency_map_counts_training_days_only(tmp_path):
     assert frequency_map(np.array([5, 5, 2, 2, 9]), 2).tolist() == [2, 5]  # ties: smaller ID
 
 
+def _wide_log(tmp_path):
+    """A synthetic log of 300 users and 900 posts, its path and its training days' mask."""
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path, n_users=300, n_posts=900)
+    log = load_log(str(path), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
+    return path, log, log.days(None, 20220428)
+
+
 def test_head_share_moves_bytes_between_private_rows_and_the_tail(tmp_path, capsys):
     from hashrec.cli import common
     from hashrec.data import tables
     from hashrec.hashing.layouts import LAYOUTS
 
-    path = tmp_path / "log.csv"
-    write_synthetic_log(path, n_users=300, n_posts=900)
-    log = load_log(str(path), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
-    train = log.days(None, 20220428)
+    path, log, train = _wide_log(tmp_path)
     rb = row_bytes(16)
 
     def post(share: float) -> EntityHash:
@@ -198,10 +203,7 @@ def test_head_share_moves_bytes_between_private_rows_and_the_tail(tmp_path, caps
 
 @pytest.mark.parametrize("layout", ["multihash", "hybrid", "qr", "weighted"])
 def test_table_config_spends_equal_bytes(tmp_path, layout):
-    path = tmp_path / "log.csv"
-    write_synthetic_log(path, n_users=300, n_posts=900)
-    log = load_log(str(path), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
-    train = log.days(None, 20220428)
+    _, log, train = _wide_log(tmp_path)
     rb = row_bytes(16)
     plain = table_config(log, train, "multihash", 0.25, 2, dim=16)
     cfg = table_config(log, train, layout, 0.25, 2, dim=16)

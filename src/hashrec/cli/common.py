@@ -23,6 +23,7 @@ __all__ = [
     "UsageError",
     "add_corpus_options",
     "add_data_options",
+    "add_log_options",
     "add_model_options",
     "corpus_config",
     "date",
@@ -142,14 +143,19 @@ def date(text: str) -> int:
     return int(digits)
 
 
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="KuaiRand folder, or a CSV/Parquet log with --schema "
-                   "(default: the KuaiRand sample shipped with hashrec)")  # fmt: skip
+def add_log_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, data_help: str) -> None:
+    """--data (described by ``data_help``), --schema, --authors, --users: where a log is."""
+    p.add_argument("--data", help=data_help)
     p.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
     p.add_argument("--authors", help="table keyed by post: its author (if the log lacks authors) "
                    "and the post side features the schema declares")  # fmt: skip
     p.add_argument("--users", help="table keyed by user: the user side features the schema "
                    "declares")  # fmt: skip
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    add_log_options(p, "KuaiRand folder, or a CSV/Parquet log with --schema (default: the "
+                    "KuaiRand sample shipped with hashrec)")  # fmt: skip
     p.add_argument(
         "--with-random-log",
         action="store_true",

@@ -21,15 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = p.add_argument_group(
         "data", "the log the models were trained on: /recommend's corpus (with --retriever) and "
         "the side features' store (a ranker trained with side features needs it)")  # fmt: skip
-    d.add_argument("--data", help="KuaiRand folder (with its video and user feature tables), or "
-                   "a CSV/Parquet log with --schema: every post in it is the corpus, its users "
-                   "are the known users, its side tables give the users' and posts' side "
-                   "features (default with --retriever: the shipped KuaiRand sample)")  # fmt: skip
-    d.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
-    d.add_argument("--authors", help="table keyed by post: its author (if the log lacks authors) "
-                   "and the post side features the schema declares")  # fmt: skip
-    d.add_argument("--users", help="table keyed by user: the user side features the schema "
-                   "declares")  # fmt: skip
+    common.add_log_options(
+        d, "KuaiRand folder (with its video and user feature tables), or a CSV/Parquet log with "
+        "--schema: every post in it is the corpus, its users are the known users, its side "
+        "tables give the users' and posts' side features (default with --retriever: the "
+        "shipped KuaiRand sample)")  # fmt: skip
     r = p.add_argument_group("recommend (with --retriever)")
     r.add_argument("--retrieve-k", type=int, default=100, help="candidates sent to the ranker")
     r.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
