@@ -198,7 +198,7 @@ def test_head_share_moves_bytes_between_private_rows_and_the_tail(tmp_path, caps
     assert set(common.TABLE_SCHEMES) == set(tables.TABLE_SCHEMES) == set(LAYOUTS)
     argv = ["train", "--data", str(path), "--schema", SCHEMA_JSON, "--train-end", "2022-04-28",
             "--eval-start", "2022-04-29", "--head-share", "1", "--out", str(tmp_path / "o")]  # fmt: skip
-    assert "head_share must be in [0, 1)" in cli_error(argv, capsys, 2)
+    assert "--head-share must be in [0, 1)" in cli_error(argv, capsys, 2)
 
 
 @pytest.mark.parametrize("layout", ["multihash", "hybrid", "qr", "weighted"])

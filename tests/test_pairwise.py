@@ -26,12 +26,15 @@ def pairwise_reference(logits, labels, mask, groups) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else logits.sum() * 0.0
 
 
-def test_pairwise_loss_matches_the_pair_by_pair_reference_values_and_gradients():
-    g = torch.Generator().manual_seed(0)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pairwise_loss_matches_the_pair_by_pair_reference_values_and_gradients(seed):
+    g = torch.Generator().manual_seed(seed)
     B, C, A = 4, 3, 2
     labels = (torch.rand(B, C, A, generator=g) < 0.4).float()
     mask = torch.rand(B, C, A, generator=g) < 0.85
     groups = torch.tensor([[5, 5, -1], [5, 9, 9], [9, 2, 2], [7, 7, 7]])
+    if seed:  # groups scattered over the batch in any order, some candidates in none
+        groups = torch.randint(-1, 4, (B, C), generator=g)
     grads = []
     for fn in (pairwise_loss, pairwise_reference):
         logits = torch.randn(B, C, A, generator=torch.Generator().manual_seed(1))

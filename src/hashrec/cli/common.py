@@ -529,6 +529,9 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
         raise UsageError(f"--table-fraction must be a finite number > 0, got {args.table_fraction}")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 <= args.head_share < 1:
+        raise UsageError(f"--head-share must be in [0, 1) (the hashed tail needs bytes), got "
+                         f"{args.head_share}")  # fmt: skip
     try:
         tf = TransformerConfig(dim=args.dim, num_layers=args.layers, num_q_heads=args.heads,
                                num_kv_heads=args.kv_heads, widening_factor=2.0)  # fmt: skip

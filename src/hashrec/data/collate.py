@@ -143,12 +143,13 @@ def batches(
     neg_cols = np.array([a in log.negative_actions for a in log.actions])
     for lo in range(0, len(idx_all), batch_size):
         r = requests.take(idx_all[lo : lo + batch_size])
-        # Real candidates fill each slate from the left; most slates hold one or two, so the
-        # batch keeps only as many candidate columns as its fullest slate. Exact: a candidate's
-        # score never depends on the other candidates or on how many slots there are.
+        # Most slates hold one or two impressions, so the batch keeps the candidate columns up
+        # to the last one any slate uses. Exact with shared candidate positions (the default):
+        # a candidate's score never depends on the other candidates or on how many slots there
+        # are. (With Phoenix's per-slot positions, sampled negatives move to lower slots.)
         if trim_candidates:
-            width = max(1, int((r.candidates >= 0).sum(1).max(initial=0)))
-            r.candidates = r.candidates[:, :width]
+            used = np.flatnonzero((r.candidates >= 0).any(0))
+            r.candidates = r.candidates[:, : max(1, int(used[-1]) + 1 if len(used) else 1)]
         cand = np.concatenate([r.candidates, r.negatives], axis=1)  # [B, C]
         is_neg = np.zeros(cand.shape, dtype=bool)
         is_neg[:, r.candidates.shape[1] :] = r.negatives >= 0

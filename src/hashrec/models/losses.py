@@ -161,17 +161,23 @@ def pairwise_loss(
                          f"{list(logits.shape[:2])}")  # fmt: skip
     A = logits.shape[-1]
     keep = (groups.reshape(-1) >= 0) & mask.reshape(-1, A).any(-1)  # candidates in a group
-    s = logits.reshape(-1, A)[keep].float()  # [N, A]
-    y = labels.reshape(-1, A)[keep]
-    m = mask.reshape(-1, A)[keep]
     g = groups.reshape(-1)[keep]
-    same = g[:, None] == g[None, :]  # [N, N]
-    pairs = same[..., None] & (m & (y > 0.5))[:, None] & (m & (y < 0.5))[None]  # [N, N, A]
+    order = torch.argsort(g, stable=True)  # each group's candidates side by side
+    s = logits.reshape(-1, A)[keep][order].float()  # [N, A]
+    y = labels.reshape(-1, A)[keep][order]
+    m = mask.reshape(-1, A)[keep][order]
+    # every (i, j) of one group, as index pairs: sum over groups of size^2, never N x N
+    _, sizes = torch.unique_consecutive(g[order], return_counts=True)
+    size = sizes.repeat_interleave(sizes)  # [N]: the size of each candidate's group
+    start = (torch.cumsum(sizes, 0) - sizes).repeat_interleave(sizes)  # [N]: where it begins
+    i = torch.arange(len(size), device=g.device).repeat_interleave(size)  # [P]
+    first = torch.cumsum(size, 0) - size  # [N]: where candidate i's pairs begin in [P]
+    j = start[i] + torch.arange(len(i), device=g.device) - first.repeat_interleave(size)
+    pairs = (m[i] & (y[i] > 0.5)) & (m[j] & (y[j] < 0.5))  # [P, A]: positive i, negative j
     n = pairs.sum()
     if n == 0:
         return logits.new_zeros((), dtype=torch.float32) + 0.0 * logits.sum()
-    diff = s[:, None] - s[None]  # [N, N, A]: positive i minus negative j
-    return F.softplus(-diff[pairs]).sum() / n
+    return F.softplus(s[j] - s[i])[pairs].sum() / n
 
 
 def in_batch_logits(

@@ -287,8 +287,8 @@ class Transformer(nn.Module):
         rope = rotary_tables(
             self.positions(T, num_candidates, x.device), self.config.head_dim, self.config.rope_base
         )
-        if self.pack_tokens and not bool(valid.all()):
-            index = valid.reshape(-1).nonzero().squeeze(1)  # [N] flat positions of valid tokens
+        index = valid.reshape(-1).nonzero().squeeze(1) if self.pack_tokens else None
+        if index is not None and len(index) < B * T:  # [N] flat positions of valid tokens
             slot = index % T
             rope_p = rope[0].index_select(0, slot), rope[1].index_select(0, slot)
             xp = x.reshape(B * T, D).index_select(0, index)

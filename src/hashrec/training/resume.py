@@ -25,13 +25,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MAY_CHANGE", "check_resumable", "resume_conflicts"]
+__all__ = ["ADDED_DEFAULTS", "MAY_CHANGE", "check_resumable", "resume_conflicts"]
 
 MAY_CHANGE = frozenset(
     {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.dist_timeout_s",
      "train.table_sharding", "split.eval_start", "split.eval_end", "model", "targets",
      "corpus"}
 )  # fmt: skip
+
+
+# Settings added after checkpoints were first written, with the value older versions ran with:
+# a checkpoint without the key resumes when this run keeps that value.
+ADDED_DEFAULTS: dict[str, Any] = {"train.pairwise_weight": 0.0}
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -52,14 +57,20 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     """Every setting that differs between a checkpoint's record and this run, except
     ``MAY_CHANGE``, as ``"key: <saved> in the checkpoint, <current> now"``.
 
-    A key absent from the checkpoint (written by an older version) is not compared.
+    A key absent from the checkpoint (written by an older version) is compared with the value
+    older versions ran with (``ADDED_DEFAULTS``); keys not listed there are not compared.
 
     >>> saved = {"train": {"lr": 0.002, "epochs": 2}}
     >>> resume_conflicts(saved, {"train": {"lr": 0.01, "epochs": 3}})
     ['train.lr: 0.002 in the checkpoint, 0.01 now']
+    >>> resume_conflicts(saved, {"train": {"lr": 0.002, "pairwise_weight": 0.0}})  # added later
+    []
+    >>> resume_conflicts(saved, {"train": {"lr": 0.002, "pairwise_weight": 0.1}})
+    ['train.pairwise_weight: 0.0 in the checkpoint, 0.1 now']
     """
     old, new = _flatten(saved), _flatten(current)
     top = {k.split(".")[0].split("[")[0] for k in old}
+    old.update({k: v for k, v in ADDED_DEFAULTS.items() if k in new and k not in old})
     out = []
     for key in sorted(set(old) | set(new)):
         name = key.split(".")[0].split("[")[0]
