@@ -114,6 +114,25 @@ def test_recommend_json_and_batch_mode(run, tmp_path, capsys):
     assert [i["post_id"] for i in single["items"]] == [i["post_id"] for i in res[1]["items"]]
 
 
+def test_recommend_at_a_past_time_sees_nothing_after_it(run, capsys):
+    """--time-ms: the corpus, its window and prior, the user's history and whether the user is
+    known are all as they stood then."""
+    log = run["log"]
+    t = int(np.quantile(log.time, 0.3))
+    shown_before = set(log.post[log.time < t].tolist())
+    user = int(log.user[log.time < t][0])
+    assert main(recommend(run, "--user", str(user), "--k", "10", "--json", "--time-ms",
+                          str(t))) == 0  # fmt: skip
+    items = json.loads(capsys.readouterr().out)[0]["items"]
+    assert len(items) == 10 and {i["post_id"] for i in items} <= shown_before
+    # a user whose first impression comes later is cold at that time
+    later = int(log.user[np.argmax(log.time)])
+    first = int(log.time[log.user == later].min())
+    assert main(recommend(run, "--user", str(later), "--k", "3", "--json", "--time-ms",
+                          str(first))) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)[0]["cold_start"]
+
+
 def test_unknown_user_takes_the_cold_start_path(run, capsys):
     assert main(recommend(run, "--user", "99999", "--k", "3", "--json")) == 0
     captured = capsys.readouterr()

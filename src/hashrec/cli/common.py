@@ -443,11 +443,17 @@ def corpus_config(args: argparse.Namespace, stored: dict | None):
         raise UsageError(str(e)) from None
 
 
-def load_corpus(args: argparse.Namespace, actions: tuple[str, ...], rinfo=None):
+def load_corpus(
+    args: argparse.Namespace,
+    actions: tuple[str, ...],
+    rinfo=None,
+    before_time: int | None = None,
+):
     """(log, Corpus, CorpusConfig) from --data/--schema/--authors for ``hashrec recommend`` and
     ``hashrec serve --retriever``: the posts of the log (the recently active ones under
     ``active_days``), popularity counted on the retriever's target actions (over the last
-    ``prior_days``). ``rinfo``: the retriever checkpoint's info (its stored corpus options).
+    ``prior_days``), all as they stood at ``before_time`` (ms; default: after the log's last
+    row). ``rinfo``: the retriever checkpoint's info (its stored corpus options).
     Progress goes to stderr (stdout may carry JSON); the log must have the retriever's
     ``actions``."""
     extra = rinfo.extra if rinfo is not None else {}
@@ -459,7 +465,7 @@ def load_corpus(args: argparse.Namespace, actions: tuple[str, ...], rinfo=None):
     # the prior counts the engagements the retriever was evaluated on (its targets)
     counted = extra.get("targets") or (extra.get("train") or {}).get("positive_actions")
     counted = [a for a in counted if a in log.actions] if counted else None
-    return log, config.corpus(log, counted or None), config
+    return log, config.corpus(log, counted or None, before_time), config
 
 
 def side_store_for(model: Any, info: Any, log: Any, option: str, data_flag: str = "--data"):

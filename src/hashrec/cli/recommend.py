@@ -118,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
     retriever, rinfo = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever", device)
     ranker, info = common.load_checkpoint_of(args.ranker, "PhoenixRanker", device)
     # stdout: only the lists
-    log, corpus, corpus_cfg = common.load_corpus(args, retriever.config.actions, rinfo)
+    # the corpus, its activity window and the prior as they stood at --time-ms: nothing later
+    log, corpus, corpus_cfg = common.load_corpus(args, retriever.config.actions, rinfo,
+                                                 args.time_ms)  # fmt: skip
     store = common.side_store_for(ranker, info, log, f"--ranker {args.ranker}")
     if args.k > len(corpus):
         raise common.UsageError(f"--k {args.k} is larger than the corpus ({len(corpus)} posts)")

@@ -165,11 +165,11 @@ class UserRequest:
     ) -> UserRequest:
         """The user's ``history_len`` latest impressions (before ``before_time`` ms if given,
         which is then the request's ``time_ms``) with their signals; every post they saw then
-        is excluded. A user absent from the log is cold."""
+        is excluded. A user absent from the log (before ``before_time``) is cold."""
         rows = np.flatnonzero(log.user == user_id)
-        known = len(rows) > 0
         if before_time is not None:
             rows = rows[log.time[rows] < before_time]
+        known = len(rows) > 0  # a user first seen after the request is cold at its time
         rows = rows[np.argsort(log.time[rows], kind="stable")]
         h = rows[len(rows) - history_len :] if history_len else rows[:0]
         return cls(
