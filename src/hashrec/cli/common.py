@@ -151,16 +151,14 @@ def add_log_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, data_h
                    "and the post side features the schema declares")  # fmt: skip
     p.add_argument("--users", help="table keyed by user: the user side features the schema "
                    "declares")  # fmt: skip
+    p.add_argument("--with-random-log", action="store_true",
+                   help="KuaiRand folder: also read log_random_* (randomly exposed videos; "
+                   "serving a model trained with it needs it too)")  # fmt: skip
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
     add_log_options(p, "KuaiRand folder, or a CSV/Parquet log with --schema (default: the "
                     "KuaiRand sample shipped with hashrec)")  # fmt: skip
-    p.add_argument(
-        "--with-random-log",
-        action="store_true",
-        help="KuaiRand folder: also read log_random_* (randomly exposed videos)",
-    )
     p.add_argument("--eval-start", type=date, default=20220503, help="first evaluation day")
     p.add_argument("--eval-end", type=date, default=None, help="last evaluation day")
 

@@ -19,16 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the top --k with each action's probability.")  # fmt: skip
     p.add_argument("--retriever", help="two-tower checkpoint (train-retrieval)")
     p.add_argument("--ranker", help="ranker checkpoint (train)")
-    p.add_argument(
-        "--data",
-        help="KuaiRand folder, or a CSV/Parquet log with --schema: the "
-        "corpus and the users' histories (default: the shipped KuaiRand sample)",
-    )
-    p.add_argument("--schema", help="JSON (file or string) mapping a generic log's columns")
-    p.add_argument("--authors", help="table keyed by post: its author (if the log lacks authors) "
-                   "and the post side features the schema declares")  # fmt: skip
-    p.add_argument("--users", help="table keyed by user: the user side features the schema "
-                   "declares")  # fmt: skip
+    common.add_log_options(
+        p, "KuaiRand folder, or a CSV/Parquet log with --schema: the corpus and the users' "
+        "histories (default: the shipped KuaiRand sample)")  # fmt: skip
     who = p.add_mutually_exclusive_group()
     who.add_argument("--user", type=common.int_list, help="user ID(s), comma-separated")
     who.add_argument("--users-file", help="file with one user ID per line (batch mode)")
