@@ -503,3 +503,20 @@ def test_recommend_cli_notices_a_log_other_than_the_training_log(trained, tmp_pa
     argv[argv.index(str(other))] = trained["log_path"]
     assert main(argv) == 0
     assert "notice" not in capsys.readouterr().err
+
+
+def test_a_post_time_in_the_log_rows_with_a_post_table_without_it(tmp_path):
+    """The post-time column is read from the file that holds it (here the log rows, while the
+    post table gives the other post fields): epoch seconds become ms, no KeyError."""
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path)
+    lines = path.read_text().splitlines()
+    rows = [lines[0] + ",created"]
+    for line in lines[1:]:
+        rows.append(f"{line},{1_650_000_000 + int(line.split(',')[1]) * 3600}")
+    path.write_text("\n".join(rows) + "\n")
+    posts = tmp_path / "posts.csv"
+    posts.write_text("item,creator,genre,length\n"
+                     + "".join(f"{p},{p % 17 + 1},g{p % 3},{p * 1000}\n" for p in range(1, 121)))  # fmt: skip
+    log = load_log(str(path), LogSchema.from_dict(SIDE_SCHEMA), authors=str(posts))
+    assert "post_age_days" in log.side.names["post_num"]

@@ -453,7 +453,8 @@ def _side_columns(
                                         table=table)  # fmt: skip
         row = {**cats, **nums}
     if schema.post_time and (schema.post_time in row or schema.post_time in by_post):
-        if schema.time_unit == "s" and not _is_date_column(path, posts, schema.post_time):
+        src = path if schema.post_time in row else posts  # the file the column was read from
+        if schema.time_unit == "s" and not _is_date_column(path, src, schema.post_time):
             if schema.post_time in row:  # creation times in epoch ms, as the log's
                 row[schema.post_time] = row[schema.post_time] * 1000
             else:
