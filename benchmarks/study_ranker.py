@@ -65,6 +65,15 @@ CONFIGS: dict[str, dict] = {
     "hybrid": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5},
     "hybrid85": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.85},
     "full": {**DEFAULTS, "scheme": "full"},
+    # the defaults with loss weight 3 on every action but click and long_view
+    "hybridrare": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "action_weights": {
+            a: 3.0 for a in ("like", "follow", "comment", "forward", "hate", "profile_enter")
+        },
+    },
     # ... and with rows moved from posts and authors to users
     "hybridu": {
         **DEFAULTS,
