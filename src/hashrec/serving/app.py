@@ -304,12 +304,25 @@ def create_app(
             out[col] = np.array([np.nan if v is None else v for v in vals], np.float64)
         return out
 
-    def to_query(req: Any) -> RankQuery:
-        S, A = len(req.history), len(mcfg.actions)
-        acts = np.zeros((S, A), np.float32)
-        for i, ev in enumerate(req.history):
+    def multi_hot(history: Any) -> np.ndarray:
+        """The history events' action names -> [S, A] multi-hot in the ranker's action order."""
+        acts = np.zeros((len(history), len(mcfg.actions)), np.float32)
+        for i, ev in enumerate(history):
             for a in ev.actions:
                 acts[i, action_index[a]] = 1.0
+        return acts
+
+    async def parse(request: Request, model: Any) -> Any:
+        """The JSON body validated by pydantic's own parser (``model_validate_json``: 4x less
+        work than FastAPI's json.loads + validation at 1000 candidates), or the 422 to send."""
+        _json_only(request)
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as e:
+            return _invalid(e.errors(include_url=False, include_input=False), ("body",))
+
+    def to_query(req: Any) -> RankQuery:
+        acts = multi_hot(req.history)
         return RankQuery(
             user_id=req.user_id,
             candidate_post_ids=[c.post_id for c in req.candidates],
@@ -332,9 +345,8 @@ def create_app(
         except ValueError as e:  # a request the model cannot take: the client's to fix
             raise HTTPException(422, str(e)) from None
 
-    # /rank reads the raw body and validates it with pydantic's own JSON parser
-    # (``model_validate_json``): 4x less work than FastAPI's json.loads + model validation at
-    # 1000 candidates; the request schema is still published in /openapi.json (below).
+    # the routes read the raw body (``parse``); the request schemas are still published in
+    # /openapi.json (below)
     request_schema = RankRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     request_defs = request_schema.pop("$defs", {})
 
@@ -346,12 +358,9 @@ def create_app(
         summary="Score candidates for a user: per-action probabilities and the weighted score",
     )
     async def rank(request: Request) -> Response:
-        _json_only(request)
-        body = await request.body()
-        try:
-            req = RankRequest.model_validate_json(body)
-        except ValidationError as e:
-            return _invalid(e.errors(include_url=False, include_input=False), ("body",))
+        req = await parse(request, RankRequest)
+        if isinstance(req, Response):
+            return req
         query = to_query(req)
         res = await score(query)
         out = {
@@ -382,11 +391,7 @@ def create_app(
         users = None if known_users is None else np.unique(np.asarray(known_users, np.int64))
 
         def to_user(req: Any) -> UserRequest:
-            S, A = len(req.history), len(mcfg.actions)
-            acts = np.zeros((S, A), np.float32)
-            for i, ev in enumerate(req.history):
-                for a in ev.actions:
-                    acts[i, action_index[a]] = 1.0
+            acts = multi_hot(req.history)
             posts = np.array([e.post_id for e in req.history], np.int64)
             seen = np.unique(np.concatenate([posts, np.array(req.exclude_post_ids, np.int64)]))
             known = users is None or bool(np.isin(req.user_id, users))
@@ -412,12 +417,9 @@ def create_app(
             summary="The top k posts of the corpus for a user: retrieve -> rank -> score",
         )
         async def recommend(request: Request) -> Response:
-            _json_only(request)
-            body = await request.body()
-            try:
-                req = RecommendRequest.model_validate_json(body)
-            except ValidationError as e:
-                return _invalid(e.errors(include_url=False, include_input=False), ("body",))
+            req = await parse(request, RecommendRequest)
+            if isinstance(req, Response):
+                return req
             res = await score((to_user(req), req.k), recommender)
             out = {
                 "user_id": res.user_id,
