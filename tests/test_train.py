@@ -6,11 +6,12 @@ import torch
 
 from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
 from hashrec.cli import main
-from hashrec.data import ExampleConfig, LogSchema, RowHashes, build_requests, load_log
+from hashrec.data import ExampleConfig, LogSchema, load_log
 from hashrec.training.checkpoint import load_checkpoint, save_checkpoint
-from hashrec.training.trainer import TrainConfig, Trainer
+from hashrec.training.trainer import TrainConfig
 
 from conftest import SCHEMA_JSON, cli_error, write_synthetic_log
+from dist_worker import tiny_trainer
 
 TINY = [
     "--dim",
@@ -42,24 +43,7 @@ def log_file(tmp_path):
 
 
 def _setup(log_file, tmp_path, max_steps=None):
-    log = load_log(str(log_file), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
-    cfg = RankerConfig(
-        hash=HashConfig.uniform(num_buckets=31),
-        transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1),
-        actions=log.actions,
-        continuous_actions=log.continuous_actions,
-    )
-    torch.manual_seed(0)
-    model = PhoenixRanker(cfg)
-    train = log.days(None, 20220428)
-    req = build_requests(
-        log,
-        train,
-        ExampleConfig(6, 4, negatives_per_request=1),
-        negative_pool=np.flatnonzero(train),
-    )
-    tc = TrainConfig(epochs=2, batch_size=16, max_steps=max_steps, checkpoint_every=3)
-    return log, RowHashes(log, cfg.hash), req, Trainer(model, tc, tmp_path, progress=False)
+    return tiny_trainer(log_file, tmp_path, max_steps=max_steps, checkpoint_every=3)
 
 
 def test_resume_continues_exactly(log_file, tmp_path):
@@ -274,7 +258,7 @@ def test_torchrun_variables_without_a_process_group_fail_clearly(log_file, tmp_p
 
 
 def _tiny_ranker():
-    from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
+    from hashrec import TransformerConfig
 
     cfg = RankerConfig(
         hash=HashConfig.uniform(num_buckets=50),
