@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,24 +65,24 @@ def _folder(path: str | Path) -> Path:
     return p
 
 
-def load_ranker(folder: str | Path) -> tuple[PhoenixRanker, dict]:
-    """X's ``ranker/`` folder -> (``PhoenixRanker`` in eval mode, its config.json dict)."""
+def _load(folder: str | Path, model_cls: type, kind: str) -> tuple[Any, dict]:
+    """X's ``<kind>/`` folder -> (``model_cls`` in eval mode, its config.json dict)."""
     folder = _folder(folder)
     raw, config = read_config(folder)
-    model = PhoenixRanker(config).eval()
-    load_params(folder, model, "ranker")
+    model = model_cls(config).eval()
+    load_params(folder, model, kind)
     stream_tables(folder, model.table.weight, config.hash)
     return model, raw
+
+
+def load_ranker(folder: str | Path) -> tuple[PhoenixRanker, dict]:
+    """X's ``ranker/`` folder -> (``PhoenixRanker`` in eval mode, its config.json dict)."""
+    return _load(folder, PhoenixRanker, "ranker")
 
 
 def load_retrieval(folder: str | Path) -> tuple[PhoenixRetrieval, dict]:
     """X's ``retrieval/`` folder -> (``PhoenixRetrieval`` in eval mode, its config.json dict)."""
-    folder = _folder(folder)
-    raw, config = read_config(folder)
-    model = PhoenixRetrieval(config).eval()
-    load_params(folder, model, "retrieval")
-    stream_tables(folder, model.table.weight, config.hash)
-    return model, raw
+    return _load(folder, PhoenixRetrieval, "retrieval")
 
 
 class PhoenixArtifacts:
