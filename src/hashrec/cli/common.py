@@ -33,6 +33,7 @@ __all__ = [
     "number",
     "out_file",
     "out_folder",
+    "read_json_file",
     "side_store_for",
     "weights_option",
     "whole",
@@ -141,6 +142,17 @@ def date(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a calendar date") from None
     return int(digits)
+
+
+def read_json_file(text: str) -> Any:
+    """The JSON value in the file ``text``: a clear error for a missing file or bad JSON."""
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such request file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def add_log_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, data_help: str) -> None:

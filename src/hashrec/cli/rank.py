@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from hashrec.cli import common
 
 # Columns of the text table; --json has every action.
 _SHOWN = ("favorite", "reply", "repost", "click", "dwell", "not_interested")
@@ -31,13 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from hashrec.phoenix import PhoenixArtifacts
     from hashrec.training.checkpoint import load_checkpoint
 
-    path = Path(args.request)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such request file")
-    try:
-        request = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    request = common.read_json_file(args.request)
     model, info = load_checkpoint(args.checkpoint)
     if not isinstance(model, PhoenixRanker):
         raise ValueError(f"{args.checkpoint}: holds a {type(model).__name__}, expected a ranker")

@@ -176,13 +176,7 @@ def _run_phoenix(args: argparse.Namespace) -> int:
         raise common.UsageError("--phoenix needs --request (a user sequence JSON)")
     if args.top_k_retrieval < 1:
         raise common.UsageError(f"--top-k-retrieval must be >= 1, got {args.top_k_retrieval}")
-    path = Path(args.request)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such request file")
-    try:
-        sequence = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    sequence = common.read_json_file(args.request)
     corpus = Path(args.corpus) if args.corpus else Path(args.phoenix) / "sports_corpus.npz"
     post, author, reprs = phoenix.load_corpus(corpus)
     px = phoenix.load(args.phoenix)
