@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="timed steps")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--history-len", type=int, default=None,
+                   help="`hashrec train --history-len` (default: the CLI's, 32)")  # fmt: skip
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: the process's CPU time (with --threads 1: the work, whatever else "
                    "runs on the machine)")  # fmt: skip
@@ -73,7 +75,8 @@ def main() -> None:
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     if a.threads:
         torch.set_num_threads(a.threads)
-    args = build_parser().parse_args(["train", "--data", a.data])
+    extra = [] if a.history_len is None else ["--history-len", str(a.history_len)]
+    args = build_parser().parse_args(["train", "--data", a.data, *extra])
     log = load_kuairand(a.data)
     split = Split(train_end=20220502, eval_start=20220503, eval_end=20220505)
     spec, examples, train = experiment_specs(args, log, split)

@@ -236,3 +236,27 @@ def test_packed_tokens_match_on_collated_kuairand_batches_with_side_features():
     torch.testing.assert_close(lp, lr, atol=1e-5, rtol=1e-5)
     for name in gp:
         torch.testing.assert_close(gp[name], gr[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_dropout_drops_input_tokens_in_training_only(pack):
+    """Dropout acts on the input tokens (the packed path: on the valid ones only, as [N, D])
+    and on the candidate outputs, in training; eval mode is deterministic."""
+    torch.manual_seed(0)
+    model = PhoenixRanker(tiny_config(dropout=0.5))
+    model.pack_tokens = pack
+    b = make_batch(model.config.hash, B=3, S=6, C=4, A=18, seed=1)
+    b.history_post_hashes[0, :4] = 0  # padding the packed path skips
+    shapes = []
+    model.dropout.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    model.eval()
+    ref = model(b).logits
+    torch.testing.assert_close(model(b).logits, ref)
+    model.train()
+    shapes.clear()
+    out = model(b)
+    assert not torch.allclose(out.logits, ref)
+    B, T = 3, 1 + 6 + 4
+    n_valid = 3 + int((b.history_post_hashes[..., 0] != 0).sum()) + int(out.candidate_mask.sum())
+    assert shapes[0] == ((n_valid, 16) if pack else (B, T, 16))  # the input tokens
+    assert shapes[1] == (B, 4, 16)  # the candidate outputs

@@ -3,8 +3,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hashrec.nn.attention import candidate_isolation_mask, full_mask_attention, isolated_attention
+from hashrec.nn.attention import (
+    AttentionLayout,
+    candidate_isolation_mask,
+    full_mask_attention,
+    isolated_attention,
+)
 from hashrec.nn.transformer import Transformer, TransformerConfig
+from hashrec.nn.varlen import plan_varlen, varlen_isolated_attention
 
 
 def _table(text: str) -> list[list[int]]:
@@ -113,6 +119,40 @@ def test_fast_path_matches_full_mask_outputs_and_gradients(cap, causal, S, C, op
     # absolute 1e-5 would test rounding, not agreement.
     for a, b in zip(grads[0], grads[1], strict=True):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize("cap", [30.0, None])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal):
+    """Packed tokens, requests grouped by context length (here 0 to 40 tokens: every group),
+    against ``isolated_attention`` on the padded [B, T] layout: outputs and q, k, v gradients."""
+    torch.manual_seed(0)
+    B, Tc, C, Hq, Hkv, hd = 9, 41, 3, 4, 2, 8
+    valid = torch.zeros(B, Tc + C, dtype=torch.bool)
+    for b, n in enumerate([0, 1, 3, 5, 9, 17, 33, 40, 2]):
+        valid[b, Tc - n : Tc] = True  # right-aligned context, as collated histories
+        valid[b, Tc : Tc + b % (C + 1)] = True  # 0..C candidates
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    N = len(index)
+    q, k, v = (torch.randn(N, h, hd, requires_grad=True) for h in (Hq, Hkv, Hkv))
+    plan = plan_varlen(valid, C)
+    assert len(plan.groups) == 5  # contexts of <= 4, 8, 16, 32, 64 tokens
+    out = varlen_isolated_attention(q, k, v, plan, causal, cap)
+
+    def padded(t):
+        full = t.new_zeros(B * (Tc + C), *t.shape[1:]).index_copy(0, index, t)
+        return full.view(B, Tc + C, *t.shape[1:]).transpose(1, 2)
+
+    layout = AttentionLayout(valid, C, causal, cap)
+    ref = isolated_attention(padded(q), padded(k), padded(v), layout)
+    ref = ref.transpose(1, 2).reshape(B * (Tc + C), Hq, hd).index_select(0, index)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(out)
+    grads = [torch.autograd.grad((o * w).sum(), (q, k, v)) for o in (out, ref)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="the plan's"):
+        varlen_isolated_attention(q[:-1], k, v, plan, causal, cap)
 
 
 def test_context_never_depends_on_candidates():

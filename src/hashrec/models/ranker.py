@@ -395,10 +395,11 @@ class PhoenixRanker(nn.Module):
         )
         if side is not None and c.side.any:
             user, hist, cand = self._add_side(side, user, hist, cand)
-        x = self.dropout(torch.cat([user, hist, cand], dim=1))  # [B, 1+S+C, D]
+        x = torch.cat([user, hist, cand], dim=1)  # [B, 1+S+C, D]
         valid = torch.cat([user_mask, hist_mask, cand_mask], dim=1)  # [B, 1+S+C]
         C = cand.shape[1]
-        out = self.transformer(x, valid, num_candidates=C, kernel=kernel)[:, x.shape[1] - C :]
+        out = self.transformer(x, valid, num_candidates=C, kernel=kernel,
+                               input_dropout=self.dropout)[:, x.shape[1] - C :]  # fmt: skip
         out = self.dropout(out)
         logits = out @ self.unembeddings  # [B, C, A]
         if self.continuous_head is not None:

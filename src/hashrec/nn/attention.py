@@ -129,8 +129,7 @@ def isolated_attention(
 
     Same result as ``full_mask_attention`` at O(Tc^2 + C*Tc) instead of O((Tc+C)^2).
     """
-    B, Hq, T, hd = q.shape
-    Hkv, Tc, C = k.shape[1], layout.context_len, layout.num_candidates
+    Tc, C = layout.context_len, layout.num_candidates
     ctx_valid = layout.valid[:, :Tc]
     ctx_mask = candidate_isolation_mask(ctx_valid, 0, layout.causal)
     out_ctx = _masked_attention(
@@ -138,20 +137,42 @@ def isolated_attention(
     )
     if C == 0:
         return out_ctx
+    out_c = candidates_attend(
+        q[:, :, Tc:], k[:, :, Tc:], v[:, :, Tc:], k[:, :, :Tc], v[:, :, :Tc], ctx_valid,
+        layout.cap, layout.scale,
+    )  # fmt: skip
+    return torch.cat([out_ctx, out_c], dim=2)
+
+
+def candidates_attend(
+    qc: torch.Tensor,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    kx: torch.Tensor,
+    vx: torch.Tensor,
+    ctx_valid: torch.Tensor,
+    cap: float | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Each candidate against the context keys plus its own key: qc [B, Hq, C, hd], kc/vc
+    [B, Hkv, C, hd] (the candidates' own), kx/vx [B, Hkv, Tc, hd] (the context's), ctx_valid
+    [B, Tc] -> [B, Hq, C, hd]."""
+    B, Hq, C, hd = qc.shape
+    Hkv, Tc = kx.shape[1], kx.shape[2]
     G = Hq // Hkv
     # Query rows of one kv head side by side: [B*Hkv, G*C, hd]; scales folded into q (small).
-    s = 1.0 / math.sqrt(hd) if layout.scale is None else layout.scale
-    scale = s if layout.cap is None else 2.0 * s / layout.cap
-    qc = (_grouped(q[:, :, Tc:], Hkv) * scale).reshape(B * Hkv, G * C, hd)
-    kx, vx = k[:, :, :Tc].reshape(B * Hkv, Tc, hd), v[:, :, :Tc].reshape(B * Hkv, Tc, hd)
+    s = 1.0 / math.sqrt(hd) if scale is None else scale
+    q_scale = s if cap is None else 2.0 * s / cap
+    q = (_grouped(qc, Hkv) * q_scale).reshape(B * Hkv, G * C, hd)
+    kx, vx = kx.reshape(B * Hkv, Tc, hd), vx.reshape(B * Hkv, Tc, hd)
     # each query row's own candidate key/value, [B*Hkv, G*C, hd]
-    kc = k[:, :, None, Tc:].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
-    vc = v[:, :, None, Tc:].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
+    kc = kc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
+    vc = vc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
     bias = torch.zeros(B, Hkv, 1, Tc, dtype=q.dtype, device=q.device)
     bias.masked_fill_(~ctx_valid[:, None, None, :], float("-inf"))
     bias = bias.view(B * Hkv, 1, Tc)
-    out_c = _CandidateAttention.apply(qc, kx, vx, kc, vc, bias, layout.cap)  # [B*Hkv, G*C, hd]
-    return torch.cat([out_ctx, out_c.view(B, Hq, C, hd)], dim=2)
+    out = _CandidateAttention.apply(q, kx, vx, kc, vc, bias, cap)  # [B*Hkv, G*C, hd]
+    return out.view(B, Hq, C, hd)
 
 
 _CHUNK_ELEMENTS = 1 << 19  # logits per chunk of (batch, kv-head) slices: ~2 MB of fp32

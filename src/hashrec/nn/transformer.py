@@ -31,6 +31,7 @@ from hashrec.nn.attention import (
     full_mask_attention,
     isolated_attention,
 )
+from hashrec.nn.varlen import VarlenPlan, plan_varlen, varlen_isolated_attention
 
 __all__ = [
     "DecoderLayer",
@@ -202,11 +203,13 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         layout: AttentionLayout,
         kernel: AttentionKernel,
+        plan: VarlenPlan | None = None,
     ) -> torch.Tensor:
         """``forward`` on the valid tokens only: x [N, D] are the tokens at flat positions
         ``index`` [N] of a [B, T] batch (``shape``), rope the cos, sin [N, hd/2] of their
-        positions. Everything but attention works token by token, so it runs on the N tokens;
-        q, k, v are scattered into [B, H, T, hd] for the kernel (padding keys are masked)."""
+        positions. Everything but attention works token by token, so it runs on the N tokens.
+        With a ``plan``, attention is ``varlen_isolated_attention`` on the packed tokens;
+        without, q, k, v are scattered into [B, H, T, hd] for ``kernel`` (padding masked)."""
         B, T = shape
         N = x.shape[0]
         c = self.config
@@ -215,6 +218,10 @@ class DecoderLayer(nn.Module):
         q = apply_rotary(self.q_proj(h).view(N, c.num_q_heads, c.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(h).view(N, c.num_kv_heads, c.head_dim), cos, sin)
         v = self.v_proj(h).view(N, c.num_kv_heads, c.head_dim)
+        if plan is not None:
+            a = varlen_isolated_attention(q, k, v, plan, layout.causal, layout.cap, layout.scale)
+            x = x + self.post_attn_norm(self.o_proj(a.reshape(N, -1)))
+            return self._feed_forward(x)
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # [N, H, hd] -> [B, H, T, hd]
             full = t.new_zeros(B * T, *t.shape[1:]).index_copy(0, index, t)
@@ -269,8 +276,13 @@ class Transformer(nn.Module):
         valid: torch.Tensor,
         num_candidates: int,
         kernel: AttentionKernel | None = None,
+        input_dropout: nn.Module | None = None,
     ) -> torch.Tensor:
-        """x [B, T, D], valid [B, T] bool -> hidden states [B, T, D] after the final norm."""
+        """x [B, T, D], valid [B, T] bool -> hidden states [B, T, D] after the final norm.
+
+        ``input_dropout`` (the ranker's) applies to the input tokens: on the packed path to the
+        valid ones only (padding is most of a batch, and nothing reads it)."""
+        drop = input_dropout if input_dropout is not None else nn.Identity()
         B, T, D = x.shape
         if valid.shape != (B, T):
             raise ValueError(f"valid has shape {list(valid.shape)}, expected {[B, T]}")
@@ -291,12 +303,15 @@ class Transformer(nn.Module):
         if index is not None and len(index) < B * T:  # [N] flat positions of valid tokens
             slot = index % T
             rope_p = rope[0].index_select(0, slot), rope[1].index_select(0, slot)
-            xp = x.reshape(B * T, D).index_select(0, index)
+            xp = drop(x.reshape(B * T, D).index_select(0, index))
+            # the default kernel runs on the packed tokens, requests grouped by length
+            plan = plan_varlen(valid, num_candidates) if kernel is isolated_attention else None
             for layer in self.layers:
-                xp = layer.forward_packed(xp, index, (B, T), rope_p, layout, kernel)
+                xp = layer.forward_packed(xp, index, (B, T), rope_p, layout, kernel, plan)
             if self.final_norm is not None:
                 xp = self.final_norm(xp)
             return xp.new_zeros(B * T, D).index_copy(0, index, xp).view(B, T, D)
+        x = drop(x)
         for layer in self.layers:
             x = layer(x, rope, layout, kernel)
         return x if self.final_norm is None else self.final_norm(x)

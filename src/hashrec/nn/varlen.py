@@ -1,0 +1,131 @@
+"""Isolated attention over packed tokens, requests grouped by context length.
+
+The packed path (``Transformer.pack_tokens``) runs the token-wise work on the N valid tokens of
+a [B, T] batch, but ``isolated_attention`` needs each request's tokens side by side in [B, T]:
+scattered back there, attention pays for every padding slot. KuaiRand batches at the demo
+config hold contexts (user + history) of 5 tokens on average while their longest is 28, so most
+of the [B, Tc, Tc] logits are padding. Here the requests are grouped by context length (powers
+of two) and each group runs the same two parts as ``isolated_attention`` -- context against
+context, then each candidate against the context plus its own key -- trimmed to the group's
+longest context and slate. Rotary positions were applied to q and k before (from each token's
+slot), so dropping padding slots changes nothing; the tests hold this path to the padded one,
+outputs and gradients.
+
+A request's valid tokens are contiguous in the packed order (row-major over [B, T], context
+slots before candidate slots), so a group gathers them with one index per slot, padding slots
+pointing at an extra zero row that every mask hides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hashrec.nn.attention import _masked_attention, candidate_isolation_mask, candidates_attend
+
+__all__ = ["VarlenPlan", "plan_varlen", "varlen_isolated_attention"]
+
+_MIN_GROUP_LEN = 4  # contexts of 1..4 tokens share a group: fewer, larger groups
+
+
+@dataclass
+class _Group:
+    ctx: torch.Tensor  # [n, L] packed token of each context slot; N (the zero row) = padding
+    ctx_valid: torch.Tensor  # [n, L] bool
+    cand: torch.Tensor  # [n, Cg] packed token of each candidate slot; N = padding
+
+
+@dataclass
+class VarlenPlan:
+    """How ``varlen_isolated_attention`` groups a batch's requests; built once per forward
+    (every layer reuses it) by ``plan_varlen``.
+
+    >>> valid = torch.tensor([[True, False, True, True], [True, True, True, False]])
+    >>> plan = plan_varlen(valid, num_candidates=1)  # contexts of 2 and 3 tokens
+    >>> plan.num_tokens, len(plan.groups), plan.groups[0].ctx.tolist()
+    (6, 1, [[0, 1, 6], [3, 4, 5]])
+    """
+
+    groups: list[_Group]
+    perm: torch.Tensor  # [N]: each packed token's row in the groups' concatenated outputs
+    num_tokens: int
+
+
+def plan_varlen(valid: torch.Tensor, num_candidates: int) -> VarlenPlan:
+    """Group the requests of ``valid`` [B, T] (last ``num_candidates`` slots candidates) by
+    context length; token ids follow ``valid.reshape(-1).nonzero()`` (the packed order)."""
+    B, T = valid.shape
+    Tc = T - num_candidates
+    if not 0 <= num_candidates <= T:
+        raise ValueError(f"num_candidates must be in 0..{T}, got {num_candidates}")
+    dev = valid.device
+    v = valid.cpu()
+    ctx_len = v[:, :Tc].sum(1)
+    cand_len = v[:, Tc:].sum(1)
+    start = torch.cumsum(ctx_len + cand_len, 0) - (ctx_len + cand_len)  # first token per row
+    N = int((ctx_len + cand_len).sum())
+    # group key: the context length rounded up to a power of two (at least _MIN_GROUP_LEN)
+    key = torch.clamp(ctx_len, min=_MIN_GROUP_LEN)
+    key = torch.pow(2, torch.ceil(torch.log2(key.double()))).long()
+    groups, rows_out, perm = [], 0, torch.empty(N, dtype=torch.long)
+    for k in torch.unique(key).tolist():
+        rows = torch.nonzero(key == k).squeeze(1)
+        n = len(rows)
+        cl, ca, st = ctx_len[rows], cand_len[rows], start[rows]
+        L = max(1, int(cl.max()))  # at least one (masked) key column
+        Cg = int(ca.max())
+        slot = torch.arange(L)
+        ctx_ok = slot[None] < cl[:, None]  # [n, L]
+        ctx = torch.where(ctx_ok, st[:, None] + slot[None], N)
+        cslot = torch.arange(Cg)
+        cand_ok = cslot[None] < ca[:, None]
+        cand = torch.where(cand_ok, (st + cl)[:, None] + cslot[None], N)
+        # rows of this group's output: n * L context rows, then n * Cg candidate rows
+        perm[ctx[ctx_ok]] = rows_out + torch.nonzero(ctx_ok.reshape(-1)).squeeze(1)
+        rows_out += n * L
+        perm[cand[cand_ok]] = rows_out + torch.nonzero(cand_ok.reshape(-1)).squeeze(1)
+        rows_out += n * Cg
+        groups.append(_Group(ctx.to(dev), ctx_ok.to(dev), cand.to(dev)))
+    return VarlenPlan(groups, perm.to(dev), N)
+
+
+def varlen_isolated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: VarlenPlan,
+    causal: bool,
+    cap: float | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``isolated_attention`` on packed tokens: q [N, Hq, hd], k/v [N, Hkv, hd] -> [N, Hq, hd].
+
+    >>> valid = torch.tensor([[True, True, True], [True, False, True]])
+    >>> q, k = torch.randn(5, 2, 4), torch.randn(5, 1, 4)
+    >>> varlen_isolated_attention(q, k, k, plan_varlen(valid, 1), False, 30.0).shape
+    torch.Size([5, 2, 4])
+    """
+    N = plan.num_tokens
+    if q.shape[0] != N or k.shape[0] != N or v.shape[0] != N:
+        raise ValueError(f"q, k, v must hold the plan's {N} tokens, got {q.shape[0]}, "
+                         f"{k.shape[0]}, {v.shape[0]}")  # fmt: skip
+    Hq, hd = q.shape[1], q.shape[2]
+
+    def with_zero_row(t: torch.Tensor) -> torch.Tensor:  # index N = padding
+        return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+
+    qe, ke, ve = with_zero_row(q), with_zero_row(k), with_zero_row(v)
+    pieces = []
+    for g in plan.groups:
+        n, L = g.ctx.shape
+        Cg = g.cand.shape[1]
+        qx, kx, vx = (t[g.ctx].transpose(1, 2) for t in (qe, ke, ve))  # [n, H, L, hd]
+        mask = candidate_isolation_mask(g.ctx_valid, 0, causal)
+        out_ctx = _masked_attention(qx, kx, vx, mask, cap, scale)  # [n, Hq, L, hd]
+        pieces.append(out_ctx.transpose(1, 2).reshape(n * L, Hq, hd))
+        if Cg:
+            qc, kc, vc = (t[g.cand].transpose(1, 2) for t in (qe, ke, ve))  # [n, H, Cg, hd]
+            out_c = candidates_attend(qc, kc, vc, kx, vx, g.ctx_valid, cap, scale)
+            pieces.append(out_c.transpose(1, 2).reshape(n * Cg, Hq, hd))
+    return torch.cat(pieces).index_select(0, plan.perm)
