@@ -60,6 +60,10 @@ CONFIGS: dict[str, dict] = {
         "action_weights": {"like": 3.0, "follow": 3.0, "comment": 3.0, "forward": 3.0, "hate": 3.0},
     },
     "wide": {**DEFAULTS, "dim": 64},
+    # the defaults (hybrid) at D = 64, and with a history of 64 / 128 events
+    "hybridwide": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "dim": 64},
+    "hybridh64": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "history": 64},
+    "hybridh128": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "history": 128},
     "rates": {**DEFAULTS, "rates": True},
     # the hybrid table (the CLI default scheme) at two shares of private rows
     "hybrid": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5},
@@ -146,8 +150,9 @@ def run_phase(args, phase: str, split: Split, names: list[str], seeds: list[int]
             lg = log if cfg["side"] else plain
             spec, train = spec_for(lg, name, cfg, split)
             train = replace(train, seed=seed)
+            examples = ExampleConfig(history_len=cfg.get("history", 32))
             t0 = time.perf_counter()
-            r = run_model(lg, split, spec, ExampleConfig(), train,
+            r = run_model(lg, split, spec, examples, train,
                           out / "runs" / f"{phase}-{name}-{seed}", progress=False)  # fmt: skip
             rows, reqs = r.predictions.rows, r.predictions.requests
             m = evaluate_predictions(log, rows, reqs, {name: r.predictions.probs})[name]
