@@ -34,6 +34,7 @@ from hashrec.evaluation.experiment import Split, ranker_config
 from hashrec.models.losses import loss_terms
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.nn.optim import RowWiseAdagrad
+from hashrec.training.loop import dense_optimizer
 
 PHASES = ("data", "lookup", "reducers + side", "transformer + head", "loss", "backward",
           "dense optimizer (AdamW)", "table optimizer (RowWiseAdagrad)")  # fmt: skip
@@ -90,8 +91,8 @@ def main() -> None:
         model = PhoenixRanker(ranker_config(log, spec))
         model.train()
         model.pack_tokens = mode == "packed"
-        dense = torch.optim.AdamW(model.dense_parameters(), lr=train.lr,
-                                  weight_decay=train.weight_decay)  # fmt: skip
+        dense = dense_optimizer(model.dense_parameters(), train.lr, train.weight_decay,
+                                torch.device("cpu"))  # fmt: skip
         table = RowWiseAdagrad(model.table.parameters(), lr=train.table_lr)
         acc: dict[str, list[float]] = defaultdict(list)
         # the forward's phases: every call of these runs inside PhoenixRanker.forward

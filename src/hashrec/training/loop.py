@@ -64,6 +64,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def dense_optimizer(
+    params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW over the dense parameters; the fused kernel where torch has one (CPU, CUDA): one
+    pass over each parameter instead of a dozen small ops, the same update up to rounding (a
+    small model's step is mostly per-op overhead)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                             fused=device.type in ("cpu", "cuda"))  # fmt: skip
+
+
 class EpochTrainer:
     """Optimizers, checkpoints, resume and the epoch loop of a model over one fused table.
 
@@ -103,12 +113,9 @@ class EpochTrainer:
         distributed.seed_rank(config.seed, self.ctx)
         self.run_dir = Path(run_dir)
         self.progress = progress and self.ctx.is_main
-        # the fused kernel: one pass over each parameter instead of a dozen small ops (the
-        # model's tensors are tiny, so per-op overhead dominates); same update up to rounding
-        self.dense = torch.optim.AdamW(
-            model.dense_parameters(), lr=config.lr, weight_decay=config.weight_decay,
-            fused=self.device.type in ("cpu", "cuda"),
-        )  # fmt: skip
+        self.dense = dense_optimizer(
+            model.dense_parameters(), config.lr, config.weight_decay, self.device
+        )
         self.table = RowWiseAdagrad(model.table.parameters(), lr=config.table_lr)
         self.state = TrainState()
         self.extra: dict = {}  # what the run records beside the training settings (split, data)
