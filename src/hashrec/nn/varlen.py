@@ -26,7 +26,7 @@ from hashrec.nn.attention import _masked_attention, candidate_isolation_mask, ca
 
 __all__ = ["VarlenPlan", "plan_varlen", "varlen_isolated_attention"]
 
-_MIN_GROUP_LEN = 4  # contexts of 1..4 tokens share a group: fewer, larger groups
+_MIN_GROUP_LEN = 8  # contexts of 1..8 tokens share a group: each group costs ~100 ops
 
 
 @dataclass
