@@ -431,18 +431,20 @@ class RecommendPipeline:
                     torch.from_numpy(self.corpus.author_ids[np.maximum(pos[i], 0)]),
                     mask=torch.from_numpy(valid),
                 )
-                items = []
-                for j, s in zip(order[:k].tolist(), final[:k].tolist(), strict=True):
-                    p = int(pos[i, j])
-                    rs = float(rscore[i, j])
-                    items.append(Recommendation(
-                        post_id=int(self.corpus.post_ids[p]),
-                        author_id=int(self.corpus.author_ids[p]),
-                        score=float(s),
-                        probs={a: float(v) for a, v in zip(self.actions, probs[i, j],
-                                                           strict=True)},
-                        retrieval_score=None if np.isnan(rs) else rs,
-                    ))  # fmt: skip
+                # one conversion per column, not per item (a slate is hundreds of Python objects)
+                top = order[:k].numpy()
+                rows = pos[i, top]
+                items = [
+                    Recommendation(post_id=pid, author_id=aid, score=sc,
+                                   probs=dict(zip(self.actions, pr, strict=True)),
+                                   retrieval_score=None if rs != rs else rs)  # NaN: none
+                    for pid, aid, sc, pr, rs in zip(
+                        self.corpus.post_ids[rows].tolist(),
+                        self.corpus.author_ids[rows].tolist(),
+                        final[:k].tolist(), probs[i, top].tolist(), rscore[i, top].tolist(),
+                        strict=True,
+                    )
+                ]  # fmt: skip
                 notice = None
                 if r.cold:
                     notice = (
