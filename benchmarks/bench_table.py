@@ -31,9 +31,11 @@ from hashrec.hashing.functions import (
     phoenix_hash_reference,
     phoenix_hash_torch,
 )
-from hashrec.nn.layouts import weighted_combine
+from hashrec.nn.layouts import weighted_combine, weighted_lookup
 from hashrec.nn.optim import RowWiseAdagrad
 from hashrec.nn.table import FusedEmbeddingTable, MultiHashEmbedding
+
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU time, less hit by other load)
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -41,9 +43,9 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return float(np.median(times))
 
 
@@ -282,18 +284,26 @@ def bench_layouts(n_ids: int, budget: int, dim: int, repeats: int) -> None:
     ids = make_ids(n_ids, 20 * budget, True, 0.03, rng)
     small = (EntityHash("user", 1, 2, seed=1), EntityHash("author", 1, 2, seed=3))
     fns: dict[str, list] = {}
-    for name, ent in layout_entities(ids, budget).items():
+    # weighted twice: read from the table (weighted_lookup, the default) and gathered D wide
+    # then combined (weighted_combine: the path of a table sharded over processes)
+    schemes = {
+        label: ent
+        for name, ent in layout_entities(ids, budget).items()
+        for label in ((name, f"{name}, gather + combine") if ent.layout == "weighted" else (name,))
+    }
+    for name, ent in schemes.items():
         cfg = HashConfig(entities=(small[0], ent, small[1]), reserved_rows=0)
         rows = torch.from_numpy(cfg.rows("post", ids))  # [n, slots]
         torch.manual_seed(0)
         table = FusedEmbeddingTable(cfg.num_rows, dim)
         opt = RowWiseAdagrad(table.parameters(), lr=0.01)
         weighted = ent.layout == "weighted"
-        flat = rows.reshape(-1)
+        combine = name.endswith("gather + combine")
 
-        def lookup(rows=rows, flat=flat, table=table, weighted=weighted) -> torch.Tensor:
-            v = table(flat).view(*rows.shape, dim)
-            return weighted_combine(rows, v) if weighted else v
+        def lookup(rows=rows, table=table, weighted=weighted, combine=combine) -> torch.Tensor:
+            if not weighted:
+                return table(rows)
+            return weighted_combine(rows, table(rows)) if combine else weighted_lookup(table, rows)
 
         seed = torch.randn(n_ids, ent.num_hashes, dim)
 
@@ -312,10 +322,10 @@ def bench_layouts(n_ids: int, budget: int, dim: int, repeats: int) -> None:
     for r in range(repeats + 1):
         for name, fs in fns.items():
             for j, f in enumerate(fs):
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 f()
                 if r:  # round 0 warms up
-                    times[name][j].append(time.perf_counter() - t0)
+                    times[name][j].append(CLOCK() - t0)
     idx_t, look_t, step_t = (
         [(name, float(np.median(times[name][j]))) for name in fns] for j in range(3)
     )
@@ -378,10 +388,10 @@ def bench_layout_ranker(budget: int, repeats: int, batch_size: int = 128) -> Non
     times: dict[str, list[float]] = {n: [] for n in fns}
     for r in range(repeats + 1):
         for name, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             f()
             if r:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(CLOCK() - t0)
     ts = [(n, float(np.median(v))) for n, v in times.items()]
     base = ts[0][1]
     out = [(n, B / t, f"requests/s  {t * 1e3:8.1f} ms  {t / base:5.2f}x the time of multihash "
@@ -395,12 +405,26 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layouts-only", action="store_true", help="only the table-scheme rows")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
+        help="torch threads (default: OMP_NUM_THREADS, else every core)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or process CPU time (less hit by other jobs on a shared machine)",
+    )
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(args.threads)
     n_hash = 200_000 if args.quick else 4_000_000
     n_ids, vocab = (50_000, 100_000) if args.quick else (500_000, 1_000_000)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
         f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}"
     )
     if not args.layouts_only:

@@ -11,8 +11,10 @@ from hashrec.data import LogSchema, load_log
 from hashrec.data.tables import frequency_map, row_bytes, table_config
 from hashrec.hashing.config import EntityHash
 from hashrec.hashing.layouts import local_indices_reference
-from hashrec.nn.layouts import weighted_combine, weighted_combine_reference
+from hashrec.nn import layouts
+from hashrec.nn.layouts import weighted_combine, weighted_combine_reference, weighted_lookup
 from hashrec.nn.optim import RowWiseAdagrad
+from hashrec.nn.table import FusedEmbeddingTable, gather_rows
 from hashrec.training.checkpoint import load_checkpoint, save_checkpoint
 
 from conftest import SCHEMA_JSON, cli_error, make_batch, write_synthetic_log
@@ -106,6 +108,123 @@ def test_weighted_combine_matches_the_reference_in_outputs_and_gradients():
     b.backward(g)
     torch.testing.assert_close(v1.grad, v2.grad)
     assert v1.grad[..., 2, :].abs().sum() > 0  # the weight row learns
+
+
+def _weighted_rows(n: int = 40) -> tuple[HashConfig, torch.Tensor]:
+    """Rows of a weighted post block between two other entities' blocks, some IDs padding."""
+    cfg = _config("weighted", k=3)
+    ids = np.random.default_rng(0).integers(1, 60, n)  # repeats: rows shared by several IDs
+    ids[::7] = 0
+    return cfg, torch.from_numpy(cfg.rows("post", ids)).view(4, n // 4, -1)  # [4, n/4, K+1]
+
+
+def _twin_tables(cfg: HashConfig, sparse: bool, dim: int = 9, dtype=torch.float32):
+    torch.manual_seed(1)
+    a = FusedEmbeddingTable.from_config(cfg, dim, sparse=sparse, dtype=dtype)
+    with torch.no_grad():  # weights away from 0, so a wrong column or row shows
+        a.weight[1:].uniform_(-0.8, 0.8)
+    b = FusedEmbeddingTable.from_config(cfg, dim, sparse=sparse, dtype=dtype)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("rows_from", ["layout", "any rows"])
+def test_weighted_lookup_matches_the_reference_in_outputs_and_table_gradients(sparse, rows_from):
+    cfg, rows = _weighted_rows()
+    if rows_from == "any rows":  # component and weight rows interleave and collide
+        rows = torch.randint(0, 12, rows.shape)
+        rows[0, 0] = 0
+    fast, ref = _twin_tables(cfg, sparse)
+    a = weighted_lookup(fast, rows)
+    b = weighted_combine_reference(rows, ref(rows))
+    assert a.shape == (*rows.shape[:-1], 3, 9)
+    torch.testing.assert_close(a, b)
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    ga, gb = fast.weight.grad, ref.weight.grad
+    assert ga.is_sparse == sparse
+    if sparse:  # one entry per touched row, ascending, no padding: the optimizer sorts nothing
+        idx = ga._indices()[0]
+        assert bool((idx[1:] > idx[:-1]).all()) and int(idx[0]) > 0
+    torch.testing.assert_close(ga.to_dense(), gb.to_dense())
+    weight_rows = rows[..., -1][rows[..., -1] > 0].unique()
+    assert ga.to_dense()[weight_rows].abs().sum() > 0  # the weight rows learn
+
+
+def test_weighted_lookup_and_row_wise_adagrad_match_the_dense_reference_update():
+    cfg, rows = _weighted_rows()
+    fast, ref = _twin_tables(cfg, sparse=True)
+    opt = RowWiseAdagrad(fast.parameters(), lr=0.1)
+    g = torch.randn(*rows.shape[:-1], 3, 9)
+    for _ in range(2):  # the second step reads the accumulator the first one wrote
+        (weighted_lookup(fast, rows) * g).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    w, acc = ref.weight.detach().clone(), torch.zeros(ref.num_rows)
+    for _ in range(2):  # the formula, on the reference path's dense gradient
+        v = w.clone().requires_grad_(True)
+        (weighted_combine_reference(rows, v[rows]) * g).sum().backward()
+        touched = v.grad.ne(0).any(1)
+        touched[0] = False
+        acc[touched] += v.grad[touched].square().mean(1)
+        w[touched] -= 0.1 * v.grad[touched] / (acc[touched].sqrt() + 1e-8)[:, None]
+    torch.testing.assert_close(fast.weight.detach(), w)
+    torch.testing.assert_close(opt.state[fast.weight]["sum"], acc)
+    assert (fast.weight[0] == 0).all()
+
+
+def test_weighted_lookup_in_bfloat16_follows_the_combine_path():
+    cfg, rows = _weighted_rows()
+    fast, ref = _twin_tables(cfg, sparse=True, dtype=torch.bfloat16)
+    a, b = weighted_lookup(fast, rows), weighted_combine(rows, ref(rows))
+    assert a.dtype == torch.bfloat16
+    torch.testing.assert_close(a, b)
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    torch.testing.assert_close(
+        fast.weight.grad.to_dense().float(), ref.weight.grad.to_dense().float(), atol=0.1, rtol=0.02
+    )
+
+
+def test_weighted_lookup_on_a_sharded_table_takes_the_combine_path():
+    cfg, rows = _weighted_rows()
+    fast, ref = _twin_tables(cfg, sparse=True)
+    fast.backend = lambda flat: gather_rows(fast.weight, flat)  # stands in for the shards
+    torch.testing.assert_close(
+        weighted_lookup(fast, rows), weighted_combine_reference(rows, ref(rows))
+    )
+
+
+def test_rowwise_dot_across_chunks(monkeypatch):
+    monkeypatch.setattr(layouts, "_DOT_CHUNK", 4)  # 10 rows: chunks of 4, 4 and 2
+    torch.manual_seed(0)
+    a, b = torch.randn(10, 5), torch.randn(10, 5)
+    torch.testing.assert_close(layouts._rowwise_dot(a, b), (a * b).sum(-1))
+
+
+def test_weighted_lookup_gradient_where_a_weight_is_exactly_minus_one():
+    cfg, rows = _weighted_rows()
+    fast, ref = _twin_tables(cfg, sparse=True)
+    with torch.no_grad():  # scale 1 + w = 0: the output is 0, the weight's gradient is not
+        for t in (fast, ref):
+            t.weight[rows[..., -1]] = -1.0
+    a, b = weighted_lookup(fast, rows), weighted_combine_reference(rows, ref(rows))
+    torch.testing.assert_close(a, b)
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    torch.testing.assert_close(fast.weight.grad.to_dense(), ref.weight.grad.to_dense())
+    assert fast.weight.grad.to_dense()[rows[0, 1, -1]].abs().sum() > 0
+
+
+def test_weighted_layout_needs_k_at_most_d():
+    with pytest.raises(ValueError, match="1 <= K <= D, got K=5, D=4"):
+        weighted_lookup(FusedEmbeddingTable(20, 4), torch.ones(2, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="got K=0"):
+        weighted_combine(torch.ones(2, 1, dtype=torch.int64), torch.ones(2, 1, 4))
 
 
 @pytest.mark.parametrize("layout", ["multihash", "hybrid", "qr", "weighted"])

@@ -45,22 +45,46 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (idx,) = ctx.saved_tensors
-        rows, dim = ctx.shape
-        sorted_idx, order = torch.sort(idx)
-        uniq, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        g32 = grad.contiguous().float()  # fp32 sums, also for bf16 tables (no-op for fp32)
-        acc = F.embedding_bag(order, g32, starts, mode="sum").to(grad.dtype)  # [U, D]
-        if uniq.numel() and int(uniq[0]) == 0:  # padding row never receives a gradient
-            uniq, acc = uniq[1:], acc[1:]
-        if ctx.sparse:
-            g = torch.sparse_coo_tensor(
-                uniq[None], acc, (rows, dim), is_coalesced=True, check_invariants=False
-            )
-        else:
-            g = torch.zeros(rows, dim, dtype=grad.dtype, device=grad.device)
-            g.index_copy_(0, uniq, acc)
-        return g, None, None
+        uniq, acc = segment_sum(idx, grad)
+        return table_grad(uniq, acc.to(grad.dtype), ctx.shape, ctx.sparse), None, None
+
+
+def segment_sum(
+    idx: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor | None = None, tail: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient rows of a gather: idx [m] int64, grad [m, D], optional scale [m] ->
+    (rows [U] ascending without padding row 0, sums [U + tail, D] fp32), where
+    ``sums[u] = sum over i with idx[i] = rows[u] of scale[i] * grad[i]`` and the last ``tail``
+    rows are zeros for the caller to fill (more rows of the same gradient, no concatenation).
+
+    One sort of idx, then each run of equal indices summed as one bag of ``embedding_bag``
+    (``scale`` rides along as its per-sample weights: no separate pass). Sums are fp32, also
+    for bf16 tables.
+    """
+    sorted_idx, order = torch.sort(idx)
+    uniq, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    if tail:  # empty bags sum to zero rows
+        starts = torch.cat([starts, starts.new_full((tail,), idx.numel())])
+    g32 = grad.contiguous().float()  # no-op for fp32
+    w = None if scale is None else scale.float().index_select(0, order)
+    acc = F.embedding_bag(order, g32, starts, mode="sum", per_sample_weights=w)  # [U+tail, D]
+    if uniq.numel() and int(uniq[0]) == 0:  # padding row never receives a gradient
+        uniq, acc = uniq[1:], acc[1:]
+    return uniq, acc
+
+
+def table_grad(
+    rows: torch.Tensor, vals: torch.Tensor, shape: torch.Size, sparse: bool
+) -> torch.Tensor:
+    """The table's gradient from ascending unique ``rows`` [U] and their ``vals`` [U, D]: a
+    coalesced sparse tensor, or a dense one of ``shape``."""
+    if sparse:
+        return torch.sparse_coo_tensor(
+            rows[None], vals, shape, is_coalesced=True, check_invariants=False
+        )
+    g = torch.zeros(shape, dtype=vals.dtype, device=vals.device)
+    return g.index_copy_(0, rows, vals)
 
 
 def gather_rows(weight: torch.Tensor, idx: torch.Tensor, sparse: bool = True) -> torch.Tensor:
