@@ -12,7 +12,13 @@ from hashrec.data.tables import frequency_map, row_bytes, table_config
 from hashrec.hashing.config import EntityHash
 from hashrec.hashing.layouts import local_indices_reference
 from hashrec.nn import layouts
-from hashrec.nn.layouts import weighted_combine, weighted_combine_reference, weighted_lookup
+from hashrec.nn.layouts import (
+    apply_layouts,
+    lookup_layouts,
+    weighted_combine,
+    weighted_combine_reference,
+    weighted_lookup,
+)
 from hashrec.nn.optim import RowWiseAdagrad
 from hashrec.nn.table import FusedEmbeddingTable, gather_rows
 from hashrec.training.checkpoint import load_checkpoint, save_checkpoint
@@ -218,6 +224,27 @@ def test_weighted_lookup_gradient_where_a_weight_is_exactly_minus_one():
     b.backward(g)
     torch.testing.assert_close(fast.weight.grad.to_dense(), ref.weight.grad.to_dense())
     assert fast.weight.grad.to_dense()[rows[0, 1, -1]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mix", ["all weighted", "weighted posts, k=3", "no weighted"])
+def test_lookup_layouts_matches_apply_layouts_over_the_whole_batch(mix):
+    cfg = _config("weighted")
+    if mix != "all weighted":  # other entities plain multi-hash: one gather beside the weights
+        ents = _config("multihash").entities
+        post = _config("weighted", k=3)["post"] if mix.startswith("weighted") else ents[1]
+        cfg = HashConfig(entities=(ents[0], post, ents[2]))
+    batch = make_batch(cfg, A=2)
+    fast, ref = _twin_tables(cfg, sparse=True)
+    a, b = lookup_layouts(cfg, batch, fast), apply_layouts(cfg, batch, ref.lookup(batch))
+    loss_a = loss_b = 0
+    for name in ("user", "history_post", "history_author", "candidate_post", "candidate_author"):
+        x, y = getattr(a, f"{name}_embeddings"), getattr(b, f"{name}_embeddings")
+        torch.testing.assert_close(x, y)
+        g = torch.randn_like(x)
+        loss_a, loss_b = loss_a + (x * g).sum(), loss_b + (y * g).sum()
+    loss_a.backward()
+    loss_b.backward()
+    torch.testing.assert_close(fast.weight.grad.to_dense(), ref.weight.grad.to_dense())
 
 
 def test_weighted_layout_needs_k_at_most_d():

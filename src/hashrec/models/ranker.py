@@ -25,7 +25,7 @@ from hashrec.nn.blocks import (
     BlockUserReduce,
     padding_mask,
 )
-from hashrec.nn.layouts import apply_layouts
+from hashrec.nn.layouts import lookup_layouts
 from hashrec.nn.side import SideBatch, SideConfig, SideReduce
 from hashrec.nn.table import FusedEmbeddingTable
 from hashrec.nn.transformer import AttentionKernel, Transformer, TransformerConfig
@@ -372,7 +372,7 @@ class PhoenixRanker(nn.Module):
             raise ValueError(f"the model takes side features ({c.side}); pass side=SideBatch")
         if side is not None and side.user_numeric.device != self.device:
             side = side.to(self.device)
-        emb = apply_layouts(c.hash, batch, self.table.lookup(batch))
+        emb = lookup_layouts(c.hash, batch, self.table)
         user, user_mask = self.user_reduce(batch.user_hashes, emb.user_embeddings)
         hist_args = {
             "history_post_hashes": batch.history_post_hashes,

@@ -27,6 +27,7 @@ from hashrec.nn.table import FusedEmbeddingTable, segment_sum, table_grad
 
 __all__ = [
     "apply_layouts",
+    "lookup_layouts",
     "weighted_combine",
     "weighted_combine_reference",
     "weighted_lookup",
@@ -116,8 +117,10 @@ class _WeightedGather(torch.autograd.Function):
         if bool(zero.any()):
             i = zero.nonzero().squeeze(1)
             gs[i] = _rowwise_dot(g[i], weight.index_select(0, comp[i]))
-        wrows, inv = torch.unique(wrow, return_inverse=True)  # [U_w] ascending, [n]
-        tail = wrows.numel()
+        # distinct weight rows [U_w] ascending and each ID's among them [n] (int32 sorts faster)
+        narrow = wrow.int() if weight.shape[0] <= torch.iinfo(torch.int32).max else wrow
+        wrows, inv = torch.unique(narrow, return_inverse=True)
+        wrows, tail = wrows.long(), wrows.numel()
         pos = (inv * D + first).unsqueeze(-1) + torch.arange(K, device=g.device)  # [n, K]
         pad = tail > 0 and int(wrows[0]) == 0
         if pad:  # padding row never receives a gradient: its weights go to a last, dropped row
@@ -125,7 +128,7 @@ class _WeightedGather(torch.autograd.Function):
             pos = pos.sub_(D).remainder_(tail * D)  # row 0 -> row tail - 1, others one up
         # component rows (sum of scale * g), then the weight rows, in one [U_c + U_w, D] sum
         crows, acc = segment_sum(comp, g, scale, tail=tail)
-        acc[crows.numel() :].view(-1).index_add_(0, pos.view(-1), gs.float())
+        acc[crows.numel() :].view(-1).scatter_add_(0, pos.view(-1), gs.float())
         if pad:
             acc = acc[:-1]
         rows, vals = torch.cat([crows, wrows]), acc.to(g.dtype)
@@ -204,4 +207,43 @@ def apply_layouts(
         rows = getattr(batch, f.name)
         if rows is not None and config[f.entity].layout == "weighted":
             out[f.embedding] = weighted_combine(rows, out[f.embedding])
+    return RecsysEmbeddings(**out)
+
+
+def lookup_layouts(
+    config: HashConfig, batch: RecsysBatch, table: FusedEmbeddingTable
+) -> RecsysEmbeddings:
+    """``apply_layouts(config, batch, table.lookup(batch))`` with the weighted fields read by
+    ``weighted_lookup`` (one call per K): the same outputs and gradients, cheaper.
+
+    >>> from hashrec.hashing.config import EntityHash
+    >>> from hashrec.nn.batch import RecsysBatch
+    >>> w = EntityHash("post", 2, 50, seed=2, layout="weighted", extra_rows=9)
+    >>> cfg = HashConfig(entities=(EntityHash("user", 2, 50, seed=1), w,
+    ...                            EntityHash("author", 2, 50, seed=3)))
+    >>> table = FusedEmbeddingTable.from_config(cfg, dim=4)
+    >>> batch = RecsysBatch(
+    ...     torch.from_numpy(cfg.rows("user", [3])), torch.from_numpy(cfg.rows("post", [[7, 0]])),
+    ...     torch.from_numpy(cfg.rows("author", [[5, 0]])), torch.zeros(1, 2, 1, dtype=torch.bool),
+    ...     torch.zeros(1, 2, dtype=torch.int64))
+    >>> lookup_layouts(cfg, batch, table).history_post_embeddings.shape  # [B, S, K, D]
+    torch.Size([1, 2, 2, 4])
+    """
+    weighted = [
+        f
+        for f in HASH_FIELDS
+        if getattr(batch, f.name) is not None and config[f.entity].layout == "weighted"
+    ]
+    if not weighted or table.backend is not None:
+        return apply_layouts(config, batch, table.lookup(batch))
+    out = table.lookup_fields(batch, skip={f.name for f in weighted})
+    by_k: dict[int, list] = {}
+    for f in weighted:
+        by_k.setdefault(getattr(batch, f.name).shape[-1], []).append(f)
+    for slots, group in by_k.items():  # one gather and one gradient per K
+        rows = [getattr(batch, f.name) for f in group]
+        flat = torch.cat([r.reshape(-1, slots).to(torch.int64) for r in rows])  # [n, K+1]
+        pieces = torch.split(weighted_lookup(table, flat), [r[..., 0].numel() for r in rows])
+        for f, r, piece in zip(group, rows, pieces, strict=True):
+            out[f.embedding] = piece.view(*r.shape[:-1], slots - 1, table.dim)
     return RecsysEmbeddings(**out)

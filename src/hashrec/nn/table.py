@@ -9,7 +9,7 @@ O(touched rows), never O(table). Row 0 is padding: zero at init, dropped from ev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -201,7 +201,19 @@ class FusedEmbeddingTable(nn.Module):
 
         Index bounds come from the values the batch recorded when it was built: no host sync.
         """
-        present = [f for f in HASH_FIELDS if getattr(batch, f.name) is not None]
+        return RecsysEmbeddings(**self.lookup_fields(batch))
+
+    def lookup_fields(
+        self, batch: RecsysBatch, skip: Collection[str] = ()
+    ) -> dict[str, torch.Tensor | None]:
+        """``lookup``'s gather as ``{embedding name: [..., D] or None}``; the hash fields named
+        in ``skip`` (and absent ones) are not gathered and map to None."""
+        present = [
+            f for f in HASH_FIELDS if getattr(batch, f.name) is not None and f.name not in skip
+        ]
+        looked_up: dict[str, torch.Tensor | None] = {f.embedding: None for f in HASH_FIELDS}
+        if not present:
+            return looked_up
         if batch.max_index(tuple(f.name for f in present)) >= self.num_rows:
             for f in present:
                 self._check_indices(f.name, getattr(batch, f.name))
@@ -209,10 +221,9 @@ class FusedEmbeddingTable(nn.Module):
         flat = torch.cat([p.reshape(-1).to(torch.int64) for p in parts])
         out = self._gather(flat)
         pieces = torch.split(out, [p.numel() for p in parts])
-        looked_up = {f.embedding: None for f in HASH_FIELDS}
         for f, p, piece in zip(present, parts, pieces, strict=True):
             looked_up[f.embedding] = piece.view(*p.shape, self.dim)
-        return RecsysEmbeddings(**looked_up)
+        return looked_up
 
     def memory_report(self, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
         """Bytes of the table, of the optimizer state held for it, and of the frequency map of
