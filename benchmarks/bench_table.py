@@ -276,21 +276,25 @@ def layout_entities(ids: np.ndarray, budget: int) -> dict[str, EntityHash]:
     }  # fmt: skip
 
 
-def bench_layouts(n_ids: int, budget: int, dim: int, repeats: int) -> None:
+def bench_layouts(
+    n_ids: int, budget: int, dim: int, repeats: int, combine_row: bool = False
+) -> None:
     """Every table scheme at the same bytes: index computation (raw IDs -> rows, numpy, in the
     data loader), lookup (rows -> K vectors, with the importance weights where there are) and
-    the training step (lookup + backward + row-wise Adagrad)."""
+    the training step (lookup + backward + row-wise Adagrad). ``combine_row`` adds the weighted
+    layout's D-wide path (gather, then ``weighted_combine``: a sharded table's path); its large
+    temporaries slow the rows timed after it, so it is off by default."""
     rng = np.random.default_rng(2)
     ids = make_ids(n_ids, 20 * budget, True, 0.03, rng)
     small = (EntityHash("user", 1, 2, seed=1), EntityHash("author", 1, 2, seed=3))
     fns: dict[str, list] = {}
-    # weighted twice: read from the table (weighted_lookup, the default) and gathered D wide
-    # then combined (weighted_combine: the path of a table sharded over processes)
-    schemes = {
-        label: ent
-        for name, ent in layout_entities(ids, budget).items()
-        for label in ((name, f"{name}, gather + combine") if ent.layout == "weighted" else (name,))
-    }
+    # weighted read from the table (weighted_lookup, what the ranker does) and, with
+    # combine_row, gathered D wide then combined (weighted_combine)
+    schemes = {}
+    for name, ent in layout_entities(ids, budget).items():
+        schemes[name] = ent
+        if combine_row and ent.layout == "weighted":
+            schemes[f"{name}, gather + combine"] = ent
     for name, ent in schemes.items():
         cfg = HashConfig(entities=(small[0], ent, small[1]), reserved_rows=0)
         rows = torch.from_numpy(cfg.rows("post", ids))  # [n, slots]
@@ -406,6 +410,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layouts-only", action="store_true", help="only the table-scheme rows")
     p.add_argument(
+        "--weighted-combine",
+        action="store_true",
+        help="also time the weighted layout's D-wide path (gather + weighted_combine)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
@@ -431,7 +440,7 @@ def main() -> None:
         bench_hashing(n_hash, args.repeats)
         for skew in (True, False):
             bench_table(n_ids, vocab, 64, args.repeats, skew)
-    bench_layouts(n_ids, vocab // 4, 64, args.repeats)
+    bench_layouts(n_ids, vocab // 4, 64, args.repeats, args.weighted_combine)
     bench_layout_ranker(vocab // 4, args.repeats)
 
 
