@@ -10,8 +10,8 @@ parameter, so row-wise Adagrad updates the touched weight rows like any other ro
 Two paths give the same outputs and gradients: ``weighted_combine`` takes the gathered slots
 (the weight row D wide, as any lookup returns it; the sharded table's path), and
 ``weighted_lookup`` reads the table itself: it gathers only the K weights an ID uses and scales
-its component rows inside the gather, so a training step costs about what plain multi-hash's
-does (``benchmarks/bench_table.py --layouts-only``).
+its component rows inside the gather: a table training step 4-8x cheaper than the D-wide path's
+(README, "Speed of the table schemes"; ``benchmarks/bench_table.py --layouts-only``).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def weighted_combine(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
 def weighted_lookup(table: FusedEmbeddingTable, rows: torch.Tensor) -> torch.Tensor:
     """``weighted_combine(rows, table(rows))`` read straight from the table: rows [..., K+1]
-    int -> [..., K, D] in the table's dtype; same outputs and gradients, about the cost of a
+    int -> [..., K, D] in the table's dtype; same outputs and gradients, close to the cost of a
     plain K-row lookup (the weight rows are read K scalars per ID, not D wide).
 
     A table with a ``backend`` (sharded over processes) takes ``weighted_combine``'s path.
