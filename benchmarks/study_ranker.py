@@ -96,6 +96,28 @@ CONFIGS: dict[str, dict] = {
     # on every training day, the validation day included (no early stopping)
     "refit2": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "epochs": 2, "val_days": 0},
     "refit1": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "epochs": 1, "val_days": 0},
+    # ... with loss weight 3 on the six rarer actions, for the epochs hybridrare's validation
+    # day chose: 2 (seed 0) or 1 (seeds 1, 2)
+    "refitrare": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "epochs": 2,
+        "val_days": 0,
+        "action_weights": {
+            a: 3.0 for a in ("like", "follow", "comment", "forward", "hate", "profile_enter")
+        },
+    },
+    "refitrare1": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "epochs": 1,
+        "val_days": 0,
+        "action_weights": {
+            a: 3.0 for a in ("like", "follow", "comment", "forward", "hate", "profile_enter")
+        },
+    },
     # + the pairwise loss over each user's candidates (TrainConfig.pairwise_weight)
     "pair03": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.3},
     "pair1": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 1.0},
