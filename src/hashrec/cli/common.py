@@ -300,6 +300,10 @@ def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
     )
     t.add_argument("--patience", type=pos, default=1,
                    help="epochs without validation improvement before stopping")  # fmt: skip
+    t.add_argument("--refit", action="store_true",
+                   help="once validation has chosen the epoch count, train a fresh model for "
+                   "that many epochs on every training day, the validation days included "
+                   "(in <out>/refit/: the model evaluated and the one to serve)")  # fmt: skip
     t.add_argument("--seed", type=nonneg, default=0)
     t.add_argument("--seeds", type=pos, default=seeds,
                    help="train this many seeds (seed, seed+1, ...); figures are their mean "
@@ -545,6 +549,9 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
         raise UsageError(f"--table-fraction must be a finite number > 0, got {args.table_fraction}")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.refit and args.val_days == 0 and args.val_fraction == 0:
+        raise UsageError("--refit needs a validation split to choose the epoch count: "
+                         "--val-days or --val-fraction > 0")  # fmt: skip
     if not 0 <= args.head_share < 1:
         raise UsageError(f"--head-share must be in [0, 1) (the hashed tail needs bytes), got "
                          f"{args.head_share}")  # fmt: skip
@@ -560,7 +567,7 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
                             weight_decay=args.weight_decay, action_weights=args.action_weights,
                             pairwise_weight=args.pairwise_weight,
                             val_days=args.val_days, val_fraction=args.val_fraction,
-                            patience=args.patience)  # fmt: skip
+                            patience=args.patience, refit=args.refit)  # fmt: skip
         unknown = set(args.action_weights) - set(log.actions)
         if unknown:
             raise ValueError(f"--action-weights names {sorted(unknown)}; the log's actions are "

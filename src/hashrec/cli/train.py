@@ -79,6 +79,11 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
         return
     common.print_experiment(res)
     print(f"wrote {out}/metrics.json, results.md, results.png, checkpoint.safetensors")
+    if train_cfg.refit:
+        print(
+            f"refit on every training day for the chosen epochs: {out}/{experiment.REFIT_DIR}/"
+            "checkpoint.safetensors (the model evaluated above, the one to serve)"
+        )
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:

@@ -251,6 +251,9 @@ class ModelRun:
     train_examples: int
 
 
+REFIT_DIR = "refit"  # the refit model's folder inside a run's (``TrainConfig.refit``)
+
+
 def run_model(
     log: InteractionLog,
     split: Split,
@@ -263,27 +266,46 @@ def run_model(
     device: str | None = None,
 ) -> ModelRun:
     """Train ``spec`` on the training days (less the validation part, see ``TrainConfig``),
-    predict the evaluation days (rank 0 only)."""
+    predict the evaluation days (rank 0 only).
+
+    With ``train_cfg.refit``, the run in ``run_dir`` chooses the epoch count on the validation
+    rows; then a fresh model (same seed) trains that many epochs on every training row, in
+    ``run_dir / "refit"`` (``REFIT_DIR``), and is the one returned and evaluated; ``state``
+    stays the validated run's (its validation scores and best epoch)."""
     train, ev = split.masks(log)
     log = model_log(log, spec, train)
     set_seed(train_cfg.seed)
     hashes = RowHashes(log, spec.hash_config, spec.vocab)
     fit, val = validation_split(log, train, train_cfg)
     no_neg = ExampleConfig(**{**asdict(examples), "negatives_per_request": 0})
-    train_req = build_requests(log, fit, examples, negative_pool=np.flatnonzero(fit),
-                               seed=train_cfg.seed)  # fmt: skip
     val_req = build_requests(log, val, no_neg) if val.any() else None
     eval_req = build_requests(log, ev, no_neg)
-    model = PhoenixRanker(ranker_config(log, spec))
-    trainer = Trainer(model, train_cfg, run_dir, progress=progress, device=device)
-    trainer.extra = {
+    record = {
         **run_record(log, split, spec, examples),
         "side_features": spec.side_features,
         "rate_features": spec.rate_features,
     }
-    if resume:
-        trainer.resume()
-    state = trainer.fit(log, hashes, train_req, val_req)
+
+    def train_on(rows: np.ndarray, cfg: TrainConfig, folder: Path, extra: dict):
+        set_seed(cfg.seed)
+        requests = build_requests(log, rows, examples, negative_pool=np.flatnonzero(rows),
+                                  seed=cfg.seed)  # fmt: skip
+        model = PhoenixRanker(ranker_config(log, spec))
+        trainer = Trainer(model, cfg, folder, progress=progress, device=device)
+        trainer.extra = {**record, **extra}
+        if resume:
+            trainer.resume()
+        state = trainer.fit(log, hashes, requests, val_req if rows is fit else None)
+        return model, trainer, state, requests
+
+    model, trainer, state, train_req = train_on(fit, train_cfg, Path(run_dir), {})
+    if train_cfg.refit:
+        epochs = max(state.best_epoch, 0) + 1
+        refit_cfg = replace(train_cfg, epochs=epochs, val_days=0, val_fraction=0.0, refit=False)
+        model, trainer, _, train_req = train_on(
+            train, refit_cfg, Path(run_dir) / REFIT_DIR,
+            {"refit": {"epochs": epochs, "validation": state.validation}},
+        )  # fmt: skip
     return ModelRun(
         model=model,
         state=state,
@@ -446,7 +468,7 @@ def run(
     score the baselines, evaluate all of them on the same impressions; write ``metrics.json``,
     ``results.md`` and ``results.png`` to ``out``. Figures are the mean over ``seeds`` (default:
     the training seed alone) with their std. The first seed's checkpoint lands in ``out``, the
-    others' in ``out/seed_<s>``.
+    others' in ``out/seed_<s>`` (with ``train_cfg.refit``, the refit model in ``refit/`` there).
 
     Under torchrun every rank trains; rank 0 alone evaluates, writes and reports (the others
     return None once trained).

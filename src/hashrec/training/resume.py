@@ -14,6 +14,8 @@ difference is refused except these, which do not change the steps already taken:
   where the table lives; a checkpoint holds the whole table whatever the process count, and the
   position counts global batches, so a run may resume under another process count or layout;
 * ``split.eval_start``, ``split.eval_end``: the evaluation days;
+* ``train.refit``: whether a second model is trained after this one (``run_model``); the
+  validated run itself does not change;
 * ``targets``, ``corpus`` (the two-tower's): what its evaluation counts and what it ranks at
   request time (a top-level name here covers everything under it);
 * ``model``: the display name.
@@ -29,8 +31,8 @@ __all__ = ["ADDED_DEFAULTS", "MAY_CHANGE", "check_resumable", "resume_conflicts"
 
 MAY_CHANGE = frozenset(
     {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.dist_timeout_s",
-     "train.table_sharding", "split.eval_start", "split.eval_end", "model", "targets",
-     "corpus"}
+     "train.refit", "train.table_sharding", "split.eval_start", "split.eval_end", "model",
+     "targets", "corpus"}
 )  # fmt: skip
 
 

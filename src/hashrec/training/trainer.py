@@ -66,6 +66,10 @@ class TrainConfig:
     val_days: int = 0
     val_fraction: float = 0.0
     patience: int = 1
+    # after validation has chosen the epoch count (the best epoch), train a fresh model with the
+    # same seed on every training row, the validation rows included, for that many epochs
+    # (``hashrec.evaluation.experiment.run_model``): the held-out days are the most recent
+    refit: bool = False
     dist_timeout_s: float = distributed.DEFAULT_TIMEOUT_S  # a rank silent this long: stop
     table_sharding: str = "auto"  # over processes: distributed.TABLE_SHARDING
 
@@ -80,6 +84,9 @@ class TrainConfig:
                 f"need val_days >= 0, 0 <= val_fraction < 1, patience >= 1; got "
                 f"{self.val_days}, {self.val_fraction}, {self.patience}"
             )
+        if self.refit and self.val_days == 0 and self.val_fraction == 0.0:
+            raise ValueError("refit needs a validation split to choose the epoch count "
+                             "(val_days or val_fraction > 0)")  # fmt: skip
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(
                 f"need epochs >= 1 and batch_size >= 1, got {self.epochs}, {self.batch_size}"
