@@ -48,6 +48,9 @@ DEFAULTS = {
     "side": True,
 }
 
+# loss weight 3 on every KuaiRand action but click and long_view
+RARE_WEIGHTS = {a: 3.0 for a in ("like", "follow", "comment", "forward", "hate", "profile_enter")}
+
 CONFIGS: dict[str, dict] = {
     "noside": {**DEFAULTS, "side": False, "weights": None},
     "uniform": {**DEFAULTS, "weights": None},
@@ -74,9 +77,7 @@ CONFIGS: dict[str, dict] = {
         **DEFAULTS,
         "scheme": "hybrid",
         "head_share": 0.5,
-        "action_weights": {
-            a: 3.0 for a in ("like", "follow", "comment", "forward", "hate", "profile_enter")
-        },
+        "action_weights": RARE_WEIGHTS,
     },
     # ... and with rows moved from posts and authors to users
     "hybridu": {
@@ -104,9 +105,7 @@ CONFIGS: dict[str, dict] = {
         "head_share": 0.5,
         "epochs": 2,
         "val_days": 0,
-        "action_weights": {
-            a: 3.0 for a in ("like", "follow", "comment", "forward", "hate", "profile_enter")
-        },
+        "action_weights": RARE_WEIGHTS,
     },
     "refitrare1": {
         **DEFAULTS,
@@ -114,9 +113,7 @@ CONFIGS: dict[str, dict] = {
         "head_share": 0.5,
         "epochs": 1,
         "val_days": 0,
-        "action_weights": {
-            a: 3.0 for a in ("like", "follow", "comment", "forward", "hate", "profile_enter")
-        },
+        "action_weights": RARE_WEIGHTS,
     },
     # + the pairwise loss over each user's candidates (TrainConfig.pairwise_weight)
     "pair03": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.3},
