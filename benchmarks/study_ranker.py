@@ -115,6 +115,24 @@ CONFIGS: dict[str, dict] = {
         "val_days": 0,
         "action_weights": RARE_WEIGHTS,
     },
+    # TrainConfig.refit (`--refit`): the epochs each seed's validation run chose, then every day;
+    # with the action weights, and with those and the baselines' smoothed rates as features
+    "hybridrefit": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "refit": True},
+    "rarerefit": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "action_weights": RARE_WEIGHTS,
+        "refit": True,
+    },
+    "raterarerefit": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "action_weights": RARE_WEIGHTS,
+        "rates": True,
+        "refit": True,
+    },
     # + the pairwise loss over each user's candidates (TrainConfig.pairwise_weight)
     "pair03": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.3},
     "pair1": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 1.0},
@@ -157,7 +175,7 @@ def spec_for(log, name: str, cfg: dict, split: Split) -> tuple[ModelSpec, TrainC
                          rate_features=cfg.get("rates", False))  # fmt: skip
     train = TrainConfig(epochs=cfg["epochs"], weight_decay=cfg["weight_decay"],
                         action_weights=cfg["action_weights"], patience=1,
-                        val_days=cfg.get("val_days", 1),
+                        val_days=cfg.get("val_days", 1), refit=cfg.get("refit", False),
                         pairwise_weight=cfg.get("pairwise", 0.0))  # fmt: skip
     return spec, train
 

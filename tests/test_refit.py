@@ -19,7 +19,7 @@ from hashrec.evaluation.experiment import (
 )
 from hashrec.nn.transformer import TransformerConfig
 from hashrec.training.checkpoint import load_checkpoint, read_checkpoint_metadata
-from hashrec.training.trainer import TrainConfig, predict
+from hashrec.training.trainer import TrainConfig, Trainer, predict
 
 from conftest import cli_error
 
@@ -78,15 +78,24 @@ def test_refit_trains_the_chosen_epochs_on_every_training_row(side_log, tmp_path
         torch.equal(a, b) for a, b in zip(validated.state_dict().values(),
                                           model.state_dict().values(), strict=True)
     )  # fmt: skip
-    # resuming a finished run trains nothing more and gives the same predictions
-    again = run_model(log, split, spec, examples, cfg, tmp_path / "run", resume=True,
-                      progress=False)  # fmt: skip
+    # resuming the finished runs takes no training step and gives the same predictions
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "step_loss", lambda *a, **k: pytest.fail("a step was taken"))
+        again = run_model(log, split, spec, examples, cfg, tmp_path / "run", resume=True,
+                          progress=False)  # fmt: skip
     np.testing.assert_allclose(again.predictions.probs, run.predictions.probs, atol=1e-6)
+    # no validation score to choose from (stopped before the first epoch ended): refused
+    stopped = TrainConfig(epochs=3, batch_size=16, val_days=1, refit=True, max_steps=1)
+    with pytest.raises(ValueError, match="refit: the validation rows gave no score"):
+        run_model(log, split, spec, examples, stopped, tmp_path / "stopped", progress=False)
 
 
 def test_train_refit_cli(side_log, tmp_path, capsys):
     msg = cli_error(_train_argv(side_log, tmp_path / "x", "--refit"), capsys, 2)
     assert "--refit needs a validation split" in msg
+    msg = cli_error(_train_argv(side_log, tmp_path / "x", "--refit", "--val-days", "1",
+                                "--nproc", "2"), capsys, 2)  # fmt: skip
+    assert "--refit needs the validation split, which runs in one process only" in msg
     out = tmp_path / "run"
     argv = _train_argv(side_log, out, "--refit", "--val-days", "1", "--epochs", "2")
     assert main(argv) == 0

@@ -318,3 +318,21 @@ def test_checkpoint_streaming_load_refuses_bad_weights(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 64])
     with pytest.raises(ValueError):
         load_checkpoint(tmp_path / "cut.safetensors")
+
+
+def test_a_resumed_run_steps_with_the_fused_kernel(log_file, tmp_path):
+    """A checkpoint written before the fused AdamW (its param groups say fused=None) resumes
+    onto this torch's fused kernel: loading the state would otherwise restore the slow path."""
+    from hashrec.training.loop import _fused_adamw
+
+    log, hashes, req, first = _setup(log_file, tmp_path, max_steps=2)
+    cfg = first.config
+    first.dense = torch.optim.AdamW(first.model.dense_parameters(), lr=cfg.lr,
+                                    weight_decay=cfg.weight_decay)  # fmt: skip
+    first.fit(log, hashes, req)
+    _, _, _, second = _setup(log_file, tmp_path)
+    assert second.resume()
+    assert first.dense.param_groups[0]["fused"] is None
+    assert second.dense.param_groups[0]["fused"] is (_fused_adamw(second.device) or None)
+    second.fit(log, hashes, req)
+    assert second.state.done

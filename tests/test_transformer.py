@@ -123,15 +123,17 @@ def test_fast_path_matches_full_mask_outputs_and_gradients(cap, causal, S, C, op
 
 @pytest.mark.parametrize("cap", [30.0, None])
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal):
+@pytest.mark.parametrize("C", [3, 0])
+def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal, C):
     """Packed tokens, requests grouped by context length (here 0 to 40 tokens: every group),
-    against ``isolated_attention`` on the padded [B, T] layout: outputs and q, k, v gradients."""
+    against ``isolated_attention`` on the padded [B, T] layout: outputs and q, k, v gradients.
+    Row 0 has candidates but no context; C = 0 is the two-tower's user tower."""
     torch.manual_seed(0)
-    B, Tc, C, Hq, Hkv, hd = 9, 41, 3, 4, 2, 8
+    B, Tc, Hq, Hkv, hd = 9, 41, 4, 2, 8
     valid = torch.zeros(B, Tc + C, dtype=torch.bool)
     for b, n in enumerate([0, 1, 3, 5, 9, 17, 33, 40, 2]):
         valid[b, Tc - n : Tc] = True  # right-aligned context, as collated histories
-        valid[b, Tc : Tc + b % (C + 1)] = True  # 0..C candidates
+        valid[b, Tc : Tc + (b + 1) % (C + 1)] = True  # 0..C candidates
     index = valid.reshape(-1).nonzero().squeeze(1)
     N = len(index)
     q, k, v = (torch.randn(N, h, hd, requires_grad=True) for h in (Hq, Hkv, Hkv))
@@ -153,6 +155,18 @@ def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="the plan's"):
         varlen_isolated_attention(q[:-1], k, v, plan, causal, cap)
+
+
+@pytest.mark.parametrize("attention", ["isolated", "full"])
+@pytest.mark.parametrize("C", [0, 2])
+def test_a_batch_of_padding_only_gives_zeros(attention, C):
+    tf = Transformer(TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1,
+                                       attention=attention))  # fmt: skip
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    out = tf(x, torch.zeros(2, 6, dtype=torch.bool), C)
+    assert out.shape == (2, 6, 16) and not out.any()
+    out.sum().backward()
+    assert not x.grad.any()
 
 
 def test_context_never_depends_on_candidates():

@@ -132,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
     torchrun = os.environ.get("WORLD_SIZE", "1") not in ("", "1")
     if args.nproc > 1 and torchrun:
         raise common.UsageError("--nproc under torchrun: give one or the other")
+    if (args.nproc > 1 or torchrun) and args.refit:
+        raise common.UsageError(
+            "--refit needs the validation split, which runs in one process only for now: "
+            "train without --nproc or torchrun"
+        )
     if (args.nproc > 1 or torchrun) and (args.val_days or args.val_fraction):
         raise common.UsageError(
             "the validation split (early stopping) runs in one process only for now: "

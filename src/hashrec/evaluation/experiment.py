@@ -286,7 +286,7 @@ def run_model(
         "rate_features": spec.rate_features,
     }
 
-    def train_on(rows: np.ndarray, cfg: TrainConfig, folder: Path, extra: dict):
+    def train_on(rows: np.ndarray, cfg: TrainConfig, folder: Path, validate, extra: dict):
         set_seed(cfg.seed)
         requests = build_requests(log, rows, examples, negative_pool=np.flatnonzero(rows),
                                   seed=cfg.seed)  # fmt: skip
@@ -295,15 +295,18 @@ def run_model(
         trainer.extra = {**record, **extra}
         if resume:
             trainer.resume()
-        state = trainer.fit(log, hashes, requests, val_req if rows is fit else None)
+        state = trainer.fit(log, hashes, requests, validate)
         return model, trainer, state, requests
 
-    model, trainer, state, train_req = train_on(fit, train_cfg, Path(run_dir), {})
+    model, trainer, state, train_req = train_on(fit, train_cfg, Path(run_dir), val_req, {})
     if train_cfg.refit:
-        epochs = max(state.best_epoch, 0) + 1
+        if state.best_epoch < 0:
+            raise ValueError("refit: the validation rows gave no score to choose the epoch "
+                             "count (no validation request, or no finished epoch)")  # fmt: skip
+        epochs = state.best_epoch + 1
         refit_cfg = replace(train_cfg, epochs=epochs, val_days=0, val_fraction=0.0, refit=False)
         model, trainer, _, train_req = train_on(
-            train, refit_cfg, Path(run_dir) / REFIT_DIR,
+            train, refit_cfg, Path(run_dir) / REFIT_DIR, None,
             {"refit": {"epochs": epochs, "validation": state.validation}},
         )  # fmt: skip
     return ModelRun(

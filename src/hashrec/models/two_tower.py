@@ -134,7 +134,7 @@ class TwoTowerRetriever(nn.Module):
     def _gather(self, **fields: torch.Tensor) -> list[torch.Tensor]:
         """Several named index tensors looked up with one gather (one sparse gradient)."""
         for name, idx in fields.items():
-            self.table._check_indices(name, idx)
+            self.table.check_indices(name, idx)
         indices = list(fields.values())
         flat = torch.cat([i.reshape(-1).to(torch.int64) for i in indices])
         out = gather_rows(self.table.weight, flat, self.table.sparse)

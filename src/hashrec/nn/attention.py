@@ -20,8 +20,10 @@ __all__ = [
     "AttentionKernel",
     "AttentionLayout",
     "candidate_isolation_mask",
+    "candidates_attend",
     "full_mask_attention",
     "isolated_attention",
+    "masked_attention",
 ]
 
 
@@ -89,7 +91,7 @@ def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return q.view(B, num_kv_heads, Hq // num_kv_heads, T, hd)
 
 
-def _masked_attention(
+def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -119,7 +121,7 @@ def full_mask_attention(
 ) -> torch.Tensor:
     """Reference kernel: all T tokens against all T through ``candidate_isolation_mask``."""
     mask = candidate_isolation_mask(layout.valid, layout.num_candidates, layout.causal)
-    return _masked_attention(q, k, v, mask, layout.cap, layout.scale)
+    return masked_attention(q, k, v, mask, layout.cap, layout.scale)
 
 
 def isolated_attention(
@@ -132,7 +134,7 @@ def isolated_attention(
     Tc, C = layout.context_len, layout.num_candidates
     ctx_valid = layout.valid[:, :Tc]
     ctx_mask = candidate_isolation_mask(ctx_valid, 0, layout.causal)
-    out_ctx = _masked_attention(
+    out_ctx = masked_attention(
         q[:, :, :Tc], k[:, :, :Tc], v[:, :, :Tc], ctx_mask, layout.cap, layout.scale
     )
     if C == 0:

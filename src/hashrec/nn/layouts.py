@@ -162,12 +162,15 @@ def weighted_combine(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     return _WeightedCombine.apply(vectors, cols)  # cols [..., K]
 
 
-def weighted_lookup(table: FusedEmbeddingTable, rows: torch.Tensor) -> torch.Tensor:
+def weighted_lookup(
+    table: FusedEmbeddingTable, rows: torch.Tensor, check: bool = True
+) -> torch.Tensor:
     """``weighted_combine(rows, table(rows))`` read straight from the table: rows [..., K+1]
     int -> [..., K, D] in the table's dtype; same outputs and gradients, close to the cost of a
     plain K-row lookup (the weight rows are read K scalars per ID, not D wide).
 
     A table with a ``backend`` (sharded over processes) takes ``weighted_combine``'s path.
+    ``check=False`` skips the bounds check (a caller that knows them: ``lookup_layouts``).
 
     >>> table = FusedEmbeddingTable(20, 4)
     >>> weighted_lookup(table, torch.tensor([[5, 6, 19], [0, 0, 0]])).shape
@@ -175,7 +178,8 @@ def weighted_lookup(table: FusedEmbeddingTable, rows: torch.Tensor) -> torch.Ten
     """
     if table.backend is not None:
         return weighted_combine(rows, table(rows))
-    table._check_indices("rows", rows)
+    if check:
+        table.check_indices("rows", rows)
     K, D = rows.shape[-1] - 1, table.dim
     r = rows.reshape(-1, K + 1).to(torch.int64)  # [n, K+1]
     first = _first_col(r, D)  # [n]
@@ -237,13 +241,17 @@ def lookup_layouts(
     if not weighted or table.backend is not None:
         return apply_layouts(config, batch, table.lookup(batch))
     out = table.lookup_fields(batch, skip={f.name for f in weighted})
+    if batch.max_index(tuple(f.name for f in weighted)) >= table.num_rows:  # no host sync
+        for f in weighted:
+            table.check_indices(f.name, getattr(batch, f.name))
     by_k: dict[int, list] = {}
     for f in weighted:
         by_k.setdefault(getattr(batch, f.name).shape[-1], []).append(f)
     for slots, group in by_k.items():  # one gather and one gradient per K
         rows = [getattr(batch, f.name) for f in group]
         flat = torch.cat([r.reshape(-1, slots).to(torch.int64) for r in rows])  # [n, K+1]
-        pieces = torch.split(weighted_lookup(table, flat), [r[..., 0].numel() for r in rows])
+        pieces = torch.split(weighted_lookup(table, flat, check=False),
+                             [r[..., 0].numel() for r in rows])  # fmt: skip
         for f, r, piece in zip(group, rows, pieces, strict=True):
             out[f.embedding] = piece.view(*r.shape[:-1], slots - 1, table.dim)
     return RecsysEmbeddings(**out)

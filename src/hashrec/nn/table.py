@@ -174,7 +174,9 @@ class FusedEmbeddingTable(nn.Module):
         self.weight.normal_(0.0, self.init_std)
         self.weight[0].zero_()
 
-    def _check_indices(self, name: str, idx: torch.Tensor) -> None:
+    def check_indices(self, name: str, idx: torch.Tensor) -> None:
+        """ValueError naming ``name`` unless ``idx`` is int32/int64 within the table's rows
+        (reads the min and max: a host sync on GPU; batches carry their bounds instead)."""
         if idx.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} has dtype {idx.dtype}, expected torch.int32 or torch.int64")
         if idx.numel():
@@ -192,7 +194,7 @@ class FusedEmbeddingTable(nn.Module):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [...] int -> vectors [..., D] in the table's dtype."""
-        self._check_indices("indices", indices)
+        self.check_indices("indices", indices)
         flat = indices.reshape(-1).to(torch.int64)
         return self._gather(flat).view(*indices.shape, self.dim)
 
@@ -216,7 +218,7 @@ class FusedEmbeddingTable(nn.Module):
             return looked_up
         if batch.max_index(tuple(f.name for f in present)) >= self.num_rows:
             for f in present:
-                self._check_indices(f.name, getattr(batch, f.name))
+                self.check_indices(f.name, getattr(batch, f.name))
         parts = [getattr(batch, f.name) for f in present]
         flat = torch.cat([p.reshape(-1).to(torch.int64) for p in parts])
         out = self._gather(flat)

@@ -218,19 +218,21 @@ class DecoderLayer(nn.Module):
         q = apply_rotary(self.q_proj(h).view(N, c.num_q_heads, c.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(h).view(N, c.num_kv_heads, c.head_dim), cos, sin)
         v = self.v_proj(h).view(N, c.num_kv_heads, c.head_dim)
+        width = c.num_q_heads * c.head_dim  # explicit: N may be 0 (a batch of padding)
         if plan is not None:
             a = varlen_isolated_attention(q, k, v, plan, layout.causal, layout.cap, layout.scale)
-            x = x + self.post_attn_norm(self.o_proj(a.reshape(N, -1)))
-            return self._feed_forward(x)
-
-        def padded(t: torch.Tensor) -> torch.Tensor:  # [N, H, hd] -> [B, H, T, hd]
-            full = t.new_zeros(B * T, *t.shape[1:]).index_copy(0, index, t)
-            return full.view(B, T, *t.shape[1:]).transpose(1, 2)
-
-        a = kernel(padded(q), padded(k), padded(v), layout)  # [B, Hq, T, hd]
-        a = a.transpose(1, 2).reshape(B * T, -1).index_select(0, index)  # [N, Hq*hd]
-        x = x + self.post_attn_norm(self.o_proj(a))
+        else:
+            a = kernel(_padded(q, index, B, T), _padded(k, index, B, T), _padded(v, index, B, T),
+                       layout)  # [B, Hq, T, hd]  # fmt: skip
+            a = a.transpose(1, 2).reshape(B * T, width).index_select(0, index)
+        x = x + self.post_attn_norm(self.o_proj(a.reshape(N, width)))
         return self._feed_forward(x)
+
+
+def _padded(t: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Packed [N, H, hd] at flat positions ``index`` -> [B, H, T, hd], zeros elsewhere."""
+    full = t.new_zeros(B * T, *t.shape[1:]).index_copy(0, index, t)
+    return full.view(B, T, *t.shape[1:]).transpose(1, 2)
 
 
 KERNELS: dict[str, AttentionKernel] = {"isolated": isolated_attention, "full": full_mask_attention}

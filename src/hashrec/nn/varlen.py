@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hashrec.nn.attention import _masked_attention, candidate_isolation_mask, candidates_attend
+from hashrec.nn.attention import candidate_isolation_mask, candidates_attend, masked_attention
 
 __all__ = ["VarlenPlan", "plan_varlen", "varlen_isolated_attention"]
 
@@ -54,7 +54,10 @@ class VarlenPlan:
 
 def plan_varlen(valid: torch.Tensor, num_candidates: int) -> VarlenPlan:
     """Group the requests of ``valid`` [B, T] (last ``num_candidates`` slots candidates) by
-    context length; token ids follow ``valid.reshape(-1).nonzero()`` (the packed order)."""
+    context length; token ids follow ``valid.reshape(-1).nonzero()`` (the packed order).
+
+    Planned on the host (``valid`` is copied there once per forward, and each group's index
+    tensors copied back): on GPU one more sync beside the packed path's ``nonzero``."""
     B, T = valid.shape
     Tc = T - num_candidates
     if not 0 <= num_candidates <= T:
@@ -122,7 +125,7 @@ def varlen_isolated_attention(
         Cg = g.cand.shape[1]
         qx, kx, vx = (t[g.ctx].transpose(1, 2) for t in (qe, ke, ve))  # [n, H, L, hd]
         mask = candidate_isolation_mask(g.ctx_valid, 0, causal)
-        out_ctx = _masked_attention(qx, kx, vx, mask, cap, scale)  # [n, Hq, L, hd]
+        out_ctx = masked_attention(qx, kx, vx, mask, cap, scale)  # [n, Hq, L, hd]
         pieces.append(out_ctx.transpose(1, 2).reshape(n * L, Hq, hd))
         if Cg:
             qc, kc, vc = (t[g.cand].transpose(1, 2) for t in (qe, ke, ve))  # [n, H, Cg, hd]

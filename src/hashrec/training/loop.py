@@ -64,14 +64,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _fused_adamw(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for ``device`` (CPU: torch 2.4 and later)."""
+    if device.type == "cuda":
+        return True
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return device.type == "cpu" and (major, minor) >= (2, 4)
+
+
 def dense_optimizer(
     params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device
 ) -> torch.optim.AdamW:
-    """AdamW over the dense parameters; the fused kernel where torch has one (CPU, CUDA): one
-    pass over each parameter instead of a dozen small ops, the same update up to rounding (a
-    small model's step is mostly per-op overhead)."""
+    """AdamW over the dense parameters; the fused kernel where torch has one: one pass over
+    each parameter instead of a dozen small ops, the same update up to rounding (a small
+    model's step is mostly per-op overhead)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
-                             fused=device.type in ("cpu", "cuda"))  # fmt: skip
+                             fused=_fused_adamw(device) or None)  # fmt: skip
 
 
 class EpochTrainer:
@@ -193,6 +201,8 @@ class EpochTrainer:
         )
         self.model.load_state_dict(model.state_dict())
         self.dense.load_state_dict(info.optimizers["dense"])
+        for group in self.dense.param_groups:  # a checkpoint's groups say how it was stepped
+            group["fused"] = _fused_adamw(self.device) or None
         self.table.load_state_dict(info.optimizers["table"])
         if not self.ctx.distributed:  # a checkpoint from an older version has none
             if "cpu" in info.rng:

@@ -15,7 +15,9 @@ difference is refused except these, which do not change the steps already taken:
   position counts global batches, so a run may resume under another process count or layout;
 * ``split.eval_start``, ``split.eval_end``: the evaluation days;
 * ``train.refit``: whether a second model is trained after this one (``run_model``); the
-  validated run itself does not change;
+  validated run itself does not change; ``refit`` (the refit model's record of the validated
+  run): a validated run continued for more epochs may choose another epoch count, and the
+  refit model then continues to it (its epochs are seeded as a straight run's);
 * ``targets``, ``corpus`` (the two-tower's): what its evaluation counts and what it ranks at
   request time (a top-level name here covers everything under it);
 * ``model``: the display name.
@@ -32,7 +34,7 @@ __all__ = ["ADDED_DEFAULTS", "MAY_CHANGE", "check_resumable", "resume_conflicts"
 MAY_CHANGE = frozenset(
     {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.dist_timeout_s",
      "train.refit", "train.table_sharding", "split.eval_start", "split.eval_end", "model",
-     "targets", "corpus"}
+     "targets", "corpus", "refit"}
 )  # fmt: skip
 
 
