@@ -72,6 +72,8 @@ CONFIGS: dict[str, dict] = {
     "hybrid": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5},
     "hybrid85": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.85},
     "full": {**DEFAULTS, "scheme": "full"},
+    # the hybrid at 10% of the collision-free table's bytes
+    "hybrid10": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "fraction": 0.10},
     # the defaults with loss weight 3 on every action but click and long_view
     "hybridrare": {
         **DEFAULTS,
@@ -158,7 +160,7 @@ def spec_for(log, name: str, cfg: dict, split: Split) -> tuple[ModelSpec, TrainC
     tf = TransformerConfig(dim=dim, num_layers=2, num_q_heads=2, num_kv_heads=1,
                            widening_factor=2.0)  # fmt: skip
     # 24% rows per entity without weights: 25% would overshoot by the reserved rows
-    frac = 0.25 if cfg["weights"] is not None else 0.24
+    frac = cfg.get("fraction", 0.25 if cfg["weights"] is not None else 0.24)
     scheme = cfg.get("scheme", "multihash")
     if scheme == "full":  # the collision-free table (one row per ID), same training
         spec = collision_free_spec(log, tf, cfg["dropout"])
