@@ -72,8 +72,9 @@ CONFIGS: dict[str, dict] = {
     "hybrid": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5},
     "hybrid85": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.85},
     "full": {**DEFAULTS, "scheme": "full"},
-    # the hybrid at 10% of the collision-free table's bytes
+    # the hybrid at 10% and 5% of the collision-free table's bytes
     "hybrid10": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "fraction": 0.10},
+    "hybrid5": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "fraction": 0.05},
     # the defaults with loss weight 3 on every action but click and long_view
     "hybridrare": {
         **DEFAULTS,
