@@ -520,3 +520,18 @@ def test_a_post_time_in_the_log_rows_with_a_post_table_without_it(tmp_path):
                      + "".join(f"{p},{p % 17 + 1},g{p % 3},{p * 1000}\n" for p in range(1, 121)))  # fmt: skip
     log = load_log(str(path), LogSchema.from_dict(SIDE_SCHEMA), authors=str(posts))
     assert "post_age_days" in log.side.names["post_num"]
+
+
+def test_the_store_keeps_the_latest_real_value():
+    """A later row missing the value (NaN, categorical 0) does not hide an earlier real one; an
+    ID with no value at all stays unknown (looked up as missing)."""
+    from hashrec.data.side_store import Keyed
+
+    ids, time = np.array([5, 5, 7, 7, 9]), np.array([0, 9, 1, 2, 4])
+    num = Keyed.latest(ids, np.array([1.5, np.nan, 2.0, 3.0, np.nan]), time)
+    assert num.lookup(np.array([5, 7, 9])).tolist()[:2] == [1.5, 3.0]
+    assert np.isnan(num.lookup(np.array([9]))[0])
+    cat = Keyed.latest(ids, np.array([11, 0, 12, 0, 0]), time)
+    assert cat.lookup(np.array([5, 7, 9])).tolist() == [11, 12, 0]
+    empty = Keyed.latest(ids, np.zeros(5, np.int64), time)
+    assert empty.lookup(np.array([5])).tolist() == [0]

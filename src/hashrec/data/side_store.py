@@ -50,16 +50,25 @@ class Keyed:
         return np.nan if self.values.dtype.kind == "f" else 0
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
+        if not len(self.keys):  # a column without a single value
+            return np.full(np.shape(ids), self.missing, dtype=self.values.dtype)
         pos, found = sorted_lookup(self.keys, ids)
         return np.where(found, self.values[pos], self.missing)
 
     @classmethod
     def latest(cls, ids: np.ndarray, values: np.ndarray, time: np.ndarray) -> Keyed:
-        """Each ID's value in its latest row (by ``time``; ties: the later row).
+        """Each ID's value in its latest row with a value (by ``time``; ties: the later row):
+        a row missing the value (NaN; 0 for categorical IDs) does not hide an earlier real one.
 
         >>> Keyed.latest(np.array([5, 5, 2]), np.array([1, 7, 4]), np.array([0, 9, 3])).values
         array([4, 7])
+        >>> Keyed.latest(np.array([5, 5]), np.array([1.5, np.nan]), np.array([0, 9])).values
+        array([1.5])
         """
+        keep = ~np.isnan(values) if values.dtype.kind == "f" else values != 0
+        ids, values, time = ids[keep], values[keep], time[keep]
+        if not len(ids):  # nothing but missing values: every lookup is missing
+            return cls(ids, values)
         order = np.lexsort((np.arange(len(ids)), time, ids))  # by ID, then time, then row
         last = np.r_[ids[order][1:] != ids[order][:-1], True]
         return cls(ids[order][last], values[order][last])
