@@ -143,6 +143,13 @@ CONFIGS: dict[str, dict] = {
     "pair003": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.03},
     # the user-grouped order alone (a weight too small to matter)
     "grouped": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 1e-9},
+    # loss weight 5 on the six rarer actions
+    "hybridrare5": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "action_weights": {a: 5.0 for a in RARE_WEIGHTS},
+    },
     # ... and with rows moved from users (whose history speaks for them) to posts
     "hybridp": {
         **DEFAULTS,
