@@ -69,7 +69,7 @@ class RowHashes:
         self.post = config.rows("post", ids("post", log.post))
         self.author = config.rows("author", ids("author", log.author))
         n = len(log)
-        has = "feature" in [e.name for e in config.entities] and log.side.num_fields > 0
+        has = "feature" in config and log.side.num_fields > 0
         K = config["feature"].num_hashes if has else 1
         self.user_features = np.zeros((n, log.side.user_cat.shape[1], K), np.int64)
         self.post_features = np.zeros((n, log.side.post_cat.shape[1], K), np.int64)

@@ -490,7 +490,7 @@ def _side_columns(
         pn["post_age_days"] = post_age_days(
             time, value(schema.post_time, {schema.post_time: created}, post)
         )
-    sig_cols = {c: (row[c] if c in row else signal_columns[c].lookup(post)) for c in signal_cols}
+    sig_cols = {c: value(c, signal_columns, post) for c in signal_cols}
     signals = {name: history_signal(sig_cols[num], sig_cols[den] if den else None)
                for name, num, den in schema.history_signals}  # fmt: skip
     side = SideColumns.build(

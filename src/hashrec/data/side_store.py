@@ -126,7 +126,7 @@ class SideStore:
         """The ``SideConfig`` a ranker trained on these features has (categorical fields only
         with a ``feature`` block, as ``hashrec.evaluation.experiment.side_config``)."""
         n = self.names
-        block = "feature" in [e.name for e in hash_config.entities]
+        block = "feature" in hash_config
         return SideConfig(len(n["user_cat"]) if block else 0, len(n["post_cat"]) if block else 0,
                           len(n["user_num"]), len(n["post_num"]), len(n["signals"]))  # fmt: skip
 
@@ -195,7 +195,7 @@ class SideStore:
 def _rows(hash_config: HashConfig, ids: np.ndarray) -> np.ndarray:
     """Fused-table rows [..., F, K] of categorical value IDs [..., F] (as ``RowHashes``; no
     ``feature`` block: no categorical fields, as ``side_config`` counts them)."""
-    if "feature" not in [e.name for e in hash_config.entities]:
+    if "feature" not in hash_config:
         return np.zeros((*ids.shape[:-1], 0, 1), np.int64)
     return hash_config.rows("feature", ids)
 

@@ -155,7 +155,7 @@ def collision_free_spec(
 def side_config(log: InteractionLog, hash_config: HashConfig) -> SideConfig:
     """The ``SideConfig`` of a log's side features (categorical ones need a feature block)."""
     sd = log.side
-    has_block = "feature" in [e.name for e in hash_config.entities]
+    has_block = "feature" in hash_config
     return SideConfig(
         user_fields=sd.user_cat.shape[1] if has_block else 0,
         post_fields=sd.post_cat.shape[1] if has_block else 0,

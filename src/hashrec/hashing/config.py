@@ -239,6 +239,10 @@ class HashConfig:
                 ents.append(EntityHash(name, num_hashes, num_buckets, "default", seed=seed + i))
         return cls(entities=tuple(ents))
 
+    def __contains__(self, name: object) -> bool:
+        """Whether an entity block is named ``name`` (e.g. ``"feature" in config``)."""
+        return any(e.name == name for e in self.entities)
+
     def __getitem__(self, name: str) -> EntityHash:
         for e in self.entities:
             if e.name == name:

@@ -145,12 +145,11 @@ class RankerConfig(HashedModelConfig):
             self.side = SideConfig(**self.side)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.side.user_fields or self.side.post_fields:
+        if (self.side.user_fields or self.side.post_fields) and "feature" not in self.hash:
             names = [e.name for e in self.hash.entities]
-            if "feature" not in names:
-                raise ValueError(
-                    f"side has categorical fields but hash has no 'feature' entity (it has {names})"
-                )
+            raise ValueError(
+                f"side has categorical fields but hash has no 'feature' entity (it has {names})"
+            )
         self.actions = tuple(self.actions)
         self.continuous_actions = tuple(self.continuous_actions)
         if not self.actions:
