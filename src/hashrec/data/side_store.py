@@ -19,7 +19,7 @@ missing-value treatment: categorical ID 0, numbers standardised to 0, bucket 0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +29,7 @@ from hashrec.data.features import SideColumns, history_signal, post_age_days, so
 from hashrec.hashing.config import HashConfig
 from hashrec.nn.side import SideBatch, SideConfig
 
-__all__ = ["Keyed", "SideStore", "side_batch"]
+__all__ = ["Keyed", "SideStore", "left_padded_history", "side_batch"]
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,39 @@ def _rows(hash_config: HashConfig, ids: np.ndarray) -> np.ndarray:
     if "feature" not in hash_config:
         return np.zeros((*ids.shape[:-1], 0, 1), np.int64)
     return hash_config.rows("feature", ids)
+
+
+def left_padded_history(
+    store: SideStore,
+    histories: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]],
+    S: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Each request's (post IDs [n], signal column -> [n] raw values) history -> post IDs
+    [B, S] and values {column: [B, S]} (NaN: not sent) of its latest ``S`` events, right-aligned
+    as training collates them (0 = padding). A request with events but without a signal column
+    it must send (``SideStore.required_columns``) raises ValueError naming it.
+
+    >>> store = SideStore(request_columns=("watch_ms",))
+    >>> hp, values = left_padded_history(store, [(np.array([4, 5, 6]),
+    ...                                            {"watch_ms": np.array([1., 2., 3.])})], 2)
+    >>> hp.tolist(), values["watch_ms"].tolist()
+    ([[5, 6]], [[2.0, 3.0]])
+    """
+    hp = np.zeros((len(histories), S), np.int64)
+    values = {c: np.full((len(histories), S), np.nan) for c in store.request_columns}
+    for i, (posts, signals) in enumerate(histories):
+        n = min(len(posts), S)
+        if not n:
+            continue
+        missing = [c for c in store.required_columns if c not in signals]
+        if missing:
+            raise ValueError(f"history events need {missing[0]!r}: a history signal of this "
+                             "ranker")  # fmt: skip
+        hp[i, S - n :] = posts[len(posts) - n :]
+        for c, v in signals.items():
+            if c in values:
+                values[c][i, S - n :] = v[len(v) - n :]
+    return hp, values
 
 
 def side_batch(

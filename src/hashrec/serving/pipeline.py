@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hashrec.data import InteractionLog
-from hashrec.data.side_store import SideStore, side_batch
+from hashrec.data.side_store import SideStore, left_padded_history, side_batch
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.models.scoring import X_HOME_MIXER_WEIGHTS, ScoringConfig, WeightedScorer
 from hashrec.models.two_tower import TwoTowerRetriever
@@ -343,20 +343,11 @@ class RecommendPipeline:
         # the user's features by ID even when the ID is new to the log (its hash is padding):
         # the user table may know the user, as it would have in training
         users = np.array([r.user_id for r in requests], np.int64)
-        post = np.zeros((B, S), np.int64)
-        values = {c: np.full((B, S), np.nan) for c in store.request_columns}
+        post, values = left_padded_history(
+            store, [(r.history_post_ids, r.history_signals) for r in requests], S
+        )
         times = np.zeros((B, C), np.int64)
         for i, r in enumerate(requests):
-            n = min(len(r.history_post_ids), S)
-            if n:
-                missing = [c for c in store.required_columns if c not in r.history_signals]
-                if missing:
-                    raise ValueError(f"history events need {missing[0]!r}: a history signal "
-                                     "of this ranker")  # fmt: skip
-                post[i, S - n :] = r.history_post_ids[len(r.history_post_ids) - n :]
-                for c, v in r.history_signals.items():
-                    if c in values:
-                        values[c][i, S - n :] = v[len(v) - n :]
             if store.post_created is not None:
                 if r.time_ms is None:
                     raise ValueError("UserRequest.time_ms is missing: this ranker takes each "

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hashrec.data.side_store import SideStore, side_batch
+from hashrec.data.side_store import SideStore, left_padded_history, side_batch
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.models.scoring import ScoringConfig, WeightedScorer
 from hashrec.nn.batch import RecsysBatch
@@ -214,24 +214,21 @@ def to_side_batch(
     B, S = len(queries), history_len
     C = max(q.num_candidates for q in queries)
     users = np.array([q.user_id for q in queries], np.int64)
-    hp = np.zeros((B, S), np.int64)
-    values = {c: np.full((B, S), np.nan) for c in store.request_columns}
     cp, ct = np.zeros((B, C), np.int64), np.zeros((B, C), np.int64)
     for i, q in enumerate(queries):
         n, c = q.history_len, q.num_candidates
-        unknown = sorted(set(q.history_signals) - set(values))
+        if n > S:
+            raise ValueError(f"history has {n} events, at most {S} are allowed")
+        unknown = sorted(set(q.history_signals) - set(store.request_columns))
         if unknown:
             raise ValueError(f"history_signals names {unknown}; this ranker's history events "
                              f"carry {list(store.request_columns)}")  # fmt: skip
-        if n:
+        if n:  # a value the client sent as NaN is as missing as one it did not send
             missing = [k for k in store.required_columns if k not in q.history_signals
                        or np.isnan(q.history_signals[k]).any()]  # fmt: skip
             if missing:
                 raise ValueError(f"history events need {missing[0]!r}: a history signal of "
                                  "this ranker (what the user did with the post)")  # fmt: skip
-            hp[i, S - n :] = q.history_post_ids
-            for k, v in q.history_signals.items():
-                values[k][i, S - n :] = v
         if q.candidate_times_ms is None:
             if store.post_created is not None:
                 raise ValueError("candidate_times_ms is missing: this ranker takes each "
@@ -239,6 +236,9 @@ def to_side_batch(
         else:
             ct[i, :c] = q.candidate_times_ms
         cp[i, :c] = q.candidate_post_ids
+    hp, values = left_padded_history(
+        store, [(q.history_post_ids, q.history_signals) for q in queries], S
+    )
     return side_batch(store, model.config.hash, users, hp, values, cp, ct)
 
 
