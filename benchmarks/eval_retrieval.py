@@ -82,8 +82,7 @@ def retrieve_then_rank(pipe: RecommendPipeline, requests, k: int, batch: int) ->
     out = np.full((len(requests), k), -1, np.int64)
     for lo in range(0, len(requests), batch):
         for i, res in enumerate(pipe.recommend_batch(requests[lo : lo + batch], k, batch)):
-            ids = [it.post_id for it in res.items]
-            out[lo + i, : len(ids)] = ids
+            out[lo + i, : len(res.post_ids)] = res.post_ids
     return out
 
 

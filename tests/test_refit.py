@@ -1,6 +1,8 @@
 """``TrainConfig.refit`` / ``hashrec train --refit``: validation chooses the epoch count, then a
 fresh model trains that many epochs on every training row and is the one evaluated."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -66,7 +68,10 @@ def test_refit_trains_the_chosen_epochs_on_every_training_row(side_log, tmp_path
     assert run.train_examples == n_examples(train) > n_examples(fit)
     selected = read_checkpoint_metadata(tmp_path / "run" / "checkpoint.safetensors")
     assert selected["extra"]["train"]["refit"] and selected["extra"]["train"]["val_days"] == 1
-    # what was evaluated is the refit checkpoint, not the validated run
+    # what was evaluated is the refit checkpoint, not the validated run (on the log as the
+    # model saw it: numbers standardised by the training rows' statistics, as recorded)
+    log = replace(log, side=log.side.fit_stats(train))
+    assert meta["extra"]["side_stats"] == {k: list(v) for k, v in log.side.stats.items()}
     model, _ = load_checkpoint(path)
     model.eval()
     hashes = RowHashes(log, spec.hash_config, spec.vocab)

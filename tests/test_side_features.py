@@ -15,6 +15,7 @@ from hashrec.evaluation.experiment import (
     ModelSpec,
     Split,
     collision_free_config,
+    collision_free_spec,
     hashed_config,
     ranker_config,
     run_model,
@@ -84,6 +85,38 @@ def test_side_features_from_tables_and_missing_values(tmp_path):
     assert np.isfinite(sd.post_num).all() and np.isfinite(sd.signals).all()
     # categorical IDs depend on the column: the same value in two columns differs
     assert categorical_ids("a", np.array(["x"]))[0] != categorical_ids("b", np.array(["x"]))[0]
+
+
+def test_side_numbers_are_standardised_by_the_training_rows_only(tmp_path):
+    """No evaluation-day value shapes a training feature: the model's log standardises every
+    number by the training rows' statistics, and records them for serving."""
+    from dataclasses import replace
+
+    from hashrec.evaluation.experiment import model_log
+
+    log_path, posts, users = _write_side_log(tmp_path)
+    log = load_log(str(log_path), LogSchema.from_dict(SIDE_SCHEMA), authors=str(posts),
+                   users=str(users))  # fmt: skip
+    train = log.days(None, 20220428)
+    spec = collision_free_spec(log, TransformerConfig(dim=8, num_layers=1, num_q_heads=2,
+                                                      num_kv_heads=1))  # fmt: skip
+    fitted = model_log(log, spec, train).side
+    for kind in ("user_num", "post_num", "signals"):
+        x, raw = getattr(fitted, kind)[train], fitted.raw
+        for j, name in enumerate(fitted.names[kind]):
+            ok = ~np.isnan(raw[f"{kind}:{name}"][train])
+            assert abs(x[ok, j].mean()) < 1e-5 and abs(x[ok, j].std() - 1) < 1e-4, name
+    assert fitted.stats != log.side.stats  # the whole log's differ
+    assert fitted.store.stats == fitted.stats  # what serving standardises with
+    # an extreme evaluation-day value moves the whole log's statistics, not training's
+    raw = {k: np.where(train, v, v * 50) for k, v in log.side.raw.items()}
+    shifted = replace(log, side=replace(log.side, raw=raw))
+    again = model_log(shifted, spec, train).side
+    np.testing.assert_array_equal(again.post_num[train], fitted.post_num[train])
+    np.testing.assert_array_equal(again.signals[train], fitted.signals[train])
+    assert shifted.side.fit_stats(np.ones(len(log), bool)).stats != log.side.stats
+    with pytest.raises(ValueError, match=r"none for \['post_num:length'\]"):
+        log.side.with_stats({k: v for k, v in log.side.stats.items() if k != "post_num:length"})
 
 
 def test_threshold_labels_and_log_without_authors(tmp_path):
@@ -353,7 +386,8 @@ def test_rate_features_never_see_their_own_or_evaluation_labels(tmp_path):
     flipped.labels[changed] = 1 - flipped.labels[changed]
     after = with_rate_features(flipped, train)
     same = log.day <= day  # rows up to that day are encoded from earlier days only
-    # standardisation is over all rows (an affine map per column): compare the order of the rows
+    # standardisation is over the training rows, whose later rates the flip moves (an affine
+    # map per column): compare the order of the rows
     for a in range(4):
         r0 = np.argsort(np.argsort(base.side.post_num[same, a], kind="stable"), kind="stable")
         r1 = np.argsort(np.argsort(after.side.post_num[same, a], kind="stable"), kind="stable")

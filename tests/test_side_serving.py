@@ -7,6 +7,7 @@ service."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from hashrec.models.ranker import PhoenixRanker
 from hashrec.nn.side import SideBatch
 from hashrec.nn.transformer import TransformerConfig
 from hashrec.serving.rank import RankQuery, RequestRanker, to_batch, to_side_batch
+from hashrec.training.checkpoint import read_checkpoint_metadata
 
 from conftest import cli_error, write_synthetic_log
 
@@ -229,8 +231,12 @@ def trained(synthetic):
                  "--epochs", "1", "--seeds", "1", "--out", str(root / "ranker")]) == 0  # fmt: skip
     assert main(["train-retrieval", *data, *SPLIT, *ARCH, "--batch-size", "16", "--epochs", "1",
                  "--out", str(root / "retriever")]) == 0  # fmt: skip
+    # as training saw it: numbers standardised by the training days' statistics
+    stats = read_checkpoint_metadata(root / "ranker" / "checkpoint.safetensors")["extra"]
+    log = synthetic["log"]
     return {
         **synthetic,
+        "log": replace(log, side=log.side.with_stats(stats["side_stats"])),
         "data": data,
         "ranker": str(root / "ranker" / "checkpoint.safetensors"),
         "retriever": str(root / "retriever" / "checkpoint.safetensors"),

@@ -487,8 +487,9 @@ def side_store_for(model: Any, info: Any, log: Any, option: str, data_flag: str 
     trained without side features; the store ``load_log`` built from ``log`` (the log the
     ranker was trained on, read from ``data_flag``) otherwise. A clear error when there is no
     store, or when the ranker takes rates (``--rate-features``), which serving does not
-    compute. A log other than the training log only gets a notice: its side tables and
-    standardisation are used as they are."""
+    compute. The numbers are standardised as in training (the checkpoint's ``side_stats``; a
+    checkpoint from before they were recorded: the log's own). A log other than the training
+    log only gets a notice: its side tables are used as they are."""
     import sys
 
     if not model.config.side.any:
@@ -512,8 +513,14 @@ def side_store_for(model: Any, info: Any, log: Any, option: str, data_flag: str 
             same = False
         if not same:
             print(f"notice: {data_flag} is not the log {option} was trained on (its training "
-                  "rows differ): side features are looked up and standardised on "
-                  f"{data_flag}", file=sys.stderr)  # fmt: skip
+                  f"rows differ): side features are looked up in {data_flag}",
+                  file=sys.stderr)  # fmt: skip
+    stats = info.extra.get("side_stats")
+    if stats:
+        try:
+            store = store.with_stats(stats)
+        except ValueError as e:
+            raise ValueError(f"{option}: {e}: give {data_flag} the log it was trained on") from None
     return store
 
 

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hashrec.data import ExampleConfig, RowHashes, build_requests
+    from dataclasses import replace
+
+    from hashrec.data import ExampleConfig, RowHashes, SideColumns, build_requests
     from hashrec.evaluation.experiment import baseline_predictions, evaluate_predictions
     from hashrec.evaluation.report import format_results
     from hashrec.training.checkpoint import load_checkpoint
@@ -46,11 +48,9 @@ def run(args: argparse.Namespace) -> int:
     examples = ExampleConfig(**{**extra.get("examples", {}), "negatives_per_request": 0})
     train, ev = split.masks(log)
     if extra.get("side_features") is False:
-        from dataclasses import replace
-
-        from hashrec.data import SideColumns
-
         log = replace(log, side=SideColumns.empty(len(log)))
+    elif extra.get("side_stats"):  # standardised as in training
+        log = replace(log, side=log.side.with_stats(extra["side_stats"]))
     if extra.get("rate_features"):  # the same time-respecting encodings as in training
         from hashrec.evaluation.experiment import with_rate_features
 

@@ -140,21 +140,14 @@ def run(args: argparse.Namespace) -> int:
         res.user_id -= off
         if res.notice:
             print(f"hashrec recommend: notice: user {res.user_id}: {res.notice}", file=sys.stderr)
-        for item in res.items:
-            item.post_id -= off
-            item.author_id -= off
+        res.post_ids = res.post_ids - off  # before ``items`` is first built
+        res.author_ids = res.author_ids - off
     if args.json:
-        print(json.dumps([_as_dict(r) for r in results], indent=2))
+        print(json.dumps([r.as_dict() for r in results], indent=2))
     else:
         for r in results:
             print(_table(r, pipe.actions))
     return 0
-
-
-def _as_dict(r) -> dict:
-    from dataclasses import asdict
-
-    return asdict(r)
 
 
 def _table(r, actions: tuple[str, ...]) -> str:

@@ -3,16 +3,17 @@
 Categorical columns (a video's type or tag, a user's activity level) become value IDs: the
 xxh64 hash of ``"column=value"`` (0 = missing), later hashed into the fused table's ``feature``
 block like any other ID. Numeric columns (duration, follower counts, the post's age at the
-impression) are log-scaled, ``sign(x) * log1p(|x|)``, standardised over the log (feature values
-only, never labels), and also bucketised: the rounded log value is one more categorical value,
-so the model sees both a smooth and a per-range signal. History events carry continuous signals
+impression) are log-scaled, ``sign(x) * log1p(|x|)``, standardised (feature values only, never
+labels; a model by its training rows' statistics, ``SideColumns.fit_stats``, which its
+checkpoint keeps), and also bucketised: the rounded log value is one more categorical value, so
+the model sees both a smooth and a per-range signal. History events carry continuous signals
 (``history_signals``, e.g. play time / duration), as Phoenix's newer model carries continuous
 and post-age embeddings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -89,8 +90,8 @@ def standard_stats(x: np.ndarray) -> tuple[float, float]:
 def standardise(x: np.ndarray, stats: tuple[float, float]) -> np.ndarray:
     """(x - mean) / scale as float32, 0 where x is missing (or the column never had a value).
 
-    Training takes ``stats`` from the whole log (``standard_stats``); serving reuses them, so a
-    value gets the same number in both.
+    Training takes ``stats`` from its own rows (``standard_stats``, ``SideColumns.fit_stats``);
+    serving reuses them from the checkpoint, so a value gets the same number in both.
 
     >>> standardise(np.array([1.0, np.nan, 5.0]), (3.0, 2.0)).tolist()
     [-1.0, 0.0, 1.0]
@@ -144,7 +145,8 @@ class SideColumns:
     user_cat [n, Fu] / post_cat [n, Fp] int64 value IDs (0 = missing; numeric columns add one
     bucket field each); user_num [n, Nu] / post_num [n, Np] float32 standardised log values
     (0 = missing); signals [n, Ah] float32 standardised history signals. ``names``: the
-    column names of each; ``stats``: the standardisation of each number (``build``);
+    column names of each; ``stats``: the standardisation of each number (``build``,
+    ``fit_stats``); ``raw``: each number before standardisation, keyed as ``stats``;
     ``raw_signals``: the history-signal columns read from the log rows, raw (what a served
     request carries); ``store``: the side tables by ID (``hashrec.data.side_store``), set by
     ``load_log``.
@@ -163,6 +165,7 @@ class SideColumns:
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)
     raw_signals: dict[str, np.ndarray] = field(default_factory=dict)
     store: SideStore | None = None
+    raw: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, n: int) -> SideColumns:
@@ -186,12 +189,14 @@ class SideColumns:
 
         ``stats``: the standardisation of each numeric column and signal, keyed
         ``user_num:name`` / ``post_num:name`` / ``signals:name``; None computes them over these
-        rows (training, on the whole log) and records them in ``self.stats`` (serving passes
-        training's back in)."""
+        rows (the whole log as read; training refits them on its rows, ``fit_stats``) and
+        records them in ``self.stats`` (serving passes training's back in)."""
         computed: dict[str, tuple[float, float]] = {}
+        raw: dict[str, np.ndarray] = {}
 
         def std(kind: str, name: str, x: np.ndarray) -> np.ndarray:
             key = f"{kind}:{name}"
+            raw[key] = x
             computed[key] = standard_stats(x) if stats is None else stats[key]
             return standardise(x, computed[key])
 
@@ -214,7 +219,40 @@ class SideColumns:
         names = {"user_cat": ucn, "post_cat": pcn, "user_num": tuple(user_num),
                  "post_num": tuple(post_num), "signals": tuple(signals)}  # fmt: skip
         return cls(uc, pc, nums("user_num", user_num), nums("post_num", post_num), sig, names,
-                   computed)  # fmt: skip
+                   computed, raw=raw)  # fmt: skip
+
+    def fit_stats(self, rows: np.ndarray) -> SideColumns:
+        """These features with every number standardised by statistics of ``rows`` only (a
+        mask or indices: training's rows, so no evaluation day shapes a feature); the store, if
+        any, carries the same statistics (what serving looks up with).
+
+        >>> side = SideColumns.build({}, {}, {}, {"n": np.array([0.0, 2.0, 6.0])}, {}, 3)
+        >>> fit = side.fit_stats(np.array([True, True, False]))
+        >>> [round(float(v), 3) for v in fit.post_num[:, 0]]  # log1p: 0, 1.099, 1.946
+        [-1.0, 1.0, 2.542]
+        """
+        return self.with_stats({k: standard_stats(x[rows]) for k, x in self.raw.items()})
+
+    def with_stats(self, stats: dict[str, tuple[float, float]]) -> SideColumns:
+        """These features standardised with ``stats`` (keyed as ``self.stats``; a checkpoint's
+        ``side_stats``). ValueError naming the numbers ``stats`` lacks."""
+        if not self.raw:
+            return self
+        missing = sorted(set(self.raw) - set(stats))
+        if missing:
+            raise ValueError(f"side feature statistics: none for {missing} (they cover "
+                             f"{sorted(stats)})")  # fmt: skip
+        stats = {k: (float(stats[k][0]), float(stats[k][1])) for k in self.raw}
+
+        def nums(kind: str, old: np.ndarray) -> np.ndarray:
+            cols = [standardise(self.raw[f"{kind}:{n}"], stats[f"{kind}:{n}"])
+                    for n in self.names.get(kind, ())]  # fmt: skip
+            return np.stack(cols, axis=1) if cols else old
+
+        store = None if self.store is None else replace(self.store, stats=stats)
+        return SideColumns(self.user_cat, self.post_cat, nums("user_num", self.user_num),
+                           nums("post_num", self.post_num), nums("signals", self.signals),
+                           self.names, stats, self.raw_signals, store, self.raw)  # fmt: skip
 
     @property
     def num_fields(self) -> int:
@@ -228,10 +266,10 @@ class SideColumns:
         return self.user_cat, self.post_cat, self.user_num, self.post_num, self.signals
 
     def take(self, idx: np.ndarray) -> SideColumns:
+        rows = lambda d: {k: v[idx] for k, v in d.items()}  # noqa: E731
         return SideColumns(*(a[idx] for a in self._arrays()), names=self.names,
-                           stats=self.stats,
-                           raw_signals={k: v[idx] for k, v in self.raw_signals.items()},
-                           store=self.store)  # fmt: skip
+                           stats=self.stats, raw_signals=rows(self.raw_signals),
+                           store=self.store, raw=rows(self.raw))  # fmt: skip
 
 
 def read_side_table(

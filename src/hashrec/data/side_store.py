@@ -2,7 +2,8 @@
 
 Training (``load_log``) joins every log row with its user's and its post's side features, takes
 the post's age at the row's time and the row's continuous signals (play time / duration), and
-standardises the numbers over the whole log (``hashrec.data.features``). A served ranker needs the
+standardises the numbers (``hashrec.data.features``; a model's by its training rows'
+statistics, ``SideColumns.fit_stats``, which its checkpoint records). A served ranker needs the
 same numbers for a request that is not in the log: ``SideStore`` keeps the side tables by user
 and post ID (columns that training read from the log rows are kept by ID too, the latest row's
 value) and training's standardisation; ``side_batch`` turns a request's rows into the
@@ -20,7 +21,8 @@ missing-value treatment: categorical ID 0, numbers standardised to 0, bucket 0.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,6 +131,22 @@ class SideStore:
         block = "feature" in hash_config
         return SideConfig(len(n["user_cat"]) if block else 0, len(n["post_cat"]) if block else 0,
                           len(n["user_num"]), len(n["post_num"]), len(n["signals"]))  # fmt: skip
+
+    def with_stats(self, stats: dict[str, Any]) -> SideStore:
+        """This store standardising with ``stats`` (a checkpoint's ``extra["side_stats"]``:
+        its training rows' statistics), what serving a model needs. ValueError naming the
+        numbers ``stats`` lacks (a model trained without them).
+
+        >>> store = SideStore(stats={"post_num:length": (3.0, 0.5)})
+        >>> store.with_stats({"post_num:length": [2.0, 1.0]}).stats
+        {'post_num:length': (2.0, 1.0)}
+        """
+        missing = sorted(set(self.stats) - set(stats))
+        if missing:
+            raise ValueError(f"side feature statistics: none for {missing} (the model was "
+                             f"trained with {sorted(stats)})")  # fmt: skip
+        return replace(self, stats={k: (float(stats[k][0]), float(stats[k][1]))
+                                    for k in self.stats})  # fmt: skip
 
     @property
     def required_columns(self) -> tuple[str, ...]:

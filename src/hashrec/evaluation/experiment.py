@@ -197,12 +197,14 @@ def data_fingerprint(log: InteractionLog, rows: np.ndarray) -> str:
 
 def run_record(log: InteractionLog, split: Split, spec: ModelSpec, examples: ExampleConfig) -> dict:
     """What a run's checkpoint records besides the model and training settings (compared on
-    resume): split, example settings, model name, fingerprint of the training rows, and
-    whether side and rate features were used (``evaluate`` rebuilds the same inputs)."""
+    resume): split, example settings, model name, fingerprint of the training rows, whether
+    side and rate features were used (``evaluate`` rebuilds the same inputs) and the side
+    numbers' standardisation (``log`` is ``model_log``'s: the training rows' statistics, what
+    serving standardises requests with)."""
     train, _ = split.masks(log)
     return {"split": asdict(split), "examples": asdict(examples), "model": spec.name,
             "data": data_fingerprint(log, train), "side_features": spec.side_features,
-            "rate_features": spec.rate_features}  # fmt: skip
+            "rate_features": spec.rate_features, "side_stats": log.side.stats}  # fmt: skip
 
 
 def check_resume(
@@ -219,9 +221,9 @@ def check_resume(
         return False
     meta = read_checkpoint_metadata(checkpoint)
     saved = {"model_config": meta["model_config"], **meta["extra"]}
-    model = ranker_config(model_log(log, spec, split.masks(log)[0]), spec)  # as run_model's
-    current = {"model_config": model.to_dict(), "train": asdict(train_cfg),
-               **run_record(log, split, spec, examples)}  # fmt: skip
+    mlog = model_log(log, spec, split.masks(log)[0])  # as run_model's
+    current = {"model_config": ranker_config(mlog, spec).to_dict(), "train": asdict(train_cfg),
+               **run_record(mlog, split, spec, examples)}  # fmt: skip
     check_resumable(checkpoint, saved, current, meta["train_state"], train_cfg.epochs)
     return True
 
@@ -280,11 +282,7 @@ def run_model(
     no_neg = ExampleConfig(**{**asdict(examples), "negatives_per_request": 0})
     val_req = build_requests(log, val, no_neg) if val.any() else None
     eval_req = build_requests(log, ev, no_neg)
-    record = {
-        **run_record(log, split, spec, examples),
-        "side_features": spec.side_features,
-        "rate_features": spec.rate_features,
-    }
+    record = run_record(log, split, spec, examples)
 
     def train_on(rows: np.ndarray, cfg: TrainConfig, folder: Path, validate, extra: dict):
         set_seed(cfg.seed)
@@ -320,9 +318,13 @@ def run_model(
 
 def model_log(log: InteractionLog, spec: ModelSpec, train: np.ndarray) -> InteractionLog:
     """The log as ``spec``'s model sees it: no side columns when its side features are off,
-    the rate features (from the ``train`` rows) added when they are on."""
+    their numbers standardised by the ``train`` rows' statistics when they are on
+    (``SideColumns.fit_stats``), the rate features (from the ``train`` rows) added when those
+    are on."""
     if not spec.side_features:
         log = replace(log, side=SideColumns.empty(len(log)))
+    else:
+        log = replace(log, side=log.side.fit_stats(train))
     if spec.rate_features:
         log = with_rate_features(log, train)
     return log
@@ -353,8 +355,8 @@ def with_rate_features(log: InteractionLog, train: np.ndarray) -> InteractionLog
         user[rows] = rates("user")
         post[rows] = np.concatenate([rates("post"), rates("author")], axis=1)
 
-    def std(x: np.ndarray) -> np.ndarray:
-        return ((x - x.mean(0)) / np.maximum(x.std(0), 1e-6)).astype(np.float32)
+    def std(x: np.ndarray) -> np.ndarray:  # by the training rows' statistics
+        return ((x - x[train].mean(0)) / np.maximum(x[train].std(0), 1e-6)).astype(np.float32)
 
     sd = log.side
     names = dict(sd.names)

@@ -20,7 +20,8 @@ IDs here are the log's (``InteractionLog``) IDs; the CLI converts dataset IDs at
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -90,7 +91,8 @@ def scoring_config(
 
 SIDE_STORE_MISSING = (
     "this ranker was trained with side features: it needs the side store of the log it was "
-    "trained on (its user and post tables: load_log(...).side.store)"
+    "trained on (its user and post tables: load_log(...).side.store, standardising with the "
+    "checkpoint's statistics: .with_stats(info.extra['side_stats']))"
 )
 
 
@@ -200,12 +202,42 @@ class Recommendation:
 
 @dataclass
 class RecommendResult:
-    """A user's list, best first; ``notice`` says when the cold-start path was taken."""
+    """A user's list, best first, kept as columns (one row per post): ``post_ids``,
+    ``author_ids``, ``scores`` [k], ``probs`` [k, len(actions)], ``retrieval_scores`` (NaN: not
+    retrieved, the cold-start path). ``items`` builds one ``Recommendation`` per row on first
+    access: a batch over many users that only needs the IDs never pays for the objects.
+    ``notice`` says when the cold-start path was taken."""
 
     user_id: int
-    items: list[Recommendation]
+    actions: tuple[str, ...]
+    post_ids: np.ndarray
+    author_ids: np.ndarray
+    scores: np.ndarray
+    probs: np.ndarray
+    retrieval_scores: np.ndarray
     cold_start: bool = False
     notice: str | None = None
+
+    @cached_property
+    def items(self) -> list[Recommendation]:
+        return [
+            Recommendation(post_id=pid, author_id=aid, score=sc,
+                           probs=dict(zip(self.actions, pr, strict=True)),
+                           retrieval_score=None if rs != rs else rs)  # NaN: none
+            for pid, aid, sc, pr, rs in zip(
+                self.post_ids.tolist(), self.author_ids.tolist(), self.scores.tolist(),
+                self.probs.tolist(), self.retrieval_scores.tolist(), strict=True,
+            )
+        ]  # fmt: skip
+
+    def as_dict(self) -> dict:
+        """JSON-ready: the user, its items (each a dict) and the cold-start flag and notice."""
+        return {
+            "user_id": self.user_id,
+            "items": [asdict(it) for it in self.items],
+            "cold_start": self.cold_start,
+            "notice": self.notice,
+        }
 
 
 def _check_k(k: int, n: int) -> None:
@@ -422,27 +454,17 @@ class RecommendPipeline:
                     torch.from_numpy(self.corpus.author_ids[np.maximum(pos[i], 0)]),
                     mask=torch.from_numpy(valid),
                 )
-                # one conversion per column, not per item (a slate is hundreds of Python objects)
                 top = order[:k].numpy()
                 rows = pos[i, top]
-                items = [
-                    Recommendation(post_id=pid, author_id=aid, score=sc,
-                                   probs=dict(zip(self.actions, pr, strict=True)),
-                                   retrieval_score=None if rs != rs else rs)  # NaN: none
-                    for pid, aid, sc, pr, rs in zip(
-                        self.corpus.post_ids[rows].tolist(),
-                        self.corpus.author_ids[rows].tolist(),
-                        final[:k].tolist(), probs[i, top].tolist(), rscore[i, top].tolist(),
-                        strict=True,
-                    )
-                ]  # fmt: skip
+                columns = (self.corpus.post_ids[rows], self.corpus.author_ids[rows],
+                           final[:k].numpy(), probs[i, top], rscore[i, top])  # fmt: skip
                 notice = None
                 if r.cold:
                     notice = (
                         f"unknown user without history: cold start, ranking the "
                         f"{int(valid.sum())} most popular posts"
                     )
-                results.append(RecommendResult(r.user_id, items, r.cold, notice))
+                results.append(RecommendResult(r.user_id, self.actions, *columns, r.cold, notice))
         return results
 
     def recommend(self, request: UserRequest, k: int = 20) -> RecommendResult:

@@ -261,7 +261,8 @@ class RequestRanker:
     [(3,), (3,)]
 
     A ranker trained with side features needs ``side_store``: the ``SideStore`` of the log it
-    was trained on (``load_log(...).side.store``).
+    was trained on with its checkpoint's statistics
+    (``load_log(...).side.store.with_stats(info.extra["side_stats"])``).
     """
 
     def __init__(

@@ -81,7 +81,7 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
         if key in MAY_CHANGE or name in MAY_CHANGE or name not in top:
             continue
         a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
-        if a != b:
+        if a != b and not (a != a and b != b):  # NaN (a column never seen) equals NaN
             out.append(f"{key}: {a} in the checkpoint, {b} now")
     return out
 
