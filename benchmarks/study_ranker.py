@@ -121,6 +121,21 @@ CONFIGS: dict[str, dict] = {
     # TrainConfig.refit (`--refit`): the epochs each seed's validation run chose, then every day;
     # with the action weights, and with those and the baselines' smoothed rates as features
     "hybridrefit": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "refit": True},
+    # the dense learning rate decaying to 0 over two epochs (the count validation chose)
+    "hybridlin2": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "epochs": 2,
+        "lr_schedule": "linear",
+    },
+    "hybridcos2": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "epochs": 2,
+        "lr_schedule": "cosine",
+    },
     "rarerefit": {
         **DEFAULTS,
         "scheme": "hybrid",
@@ -186,7 +201,8 @@ def spec_for(log, name: str, cfg: dict, split: Split) -> tuple[ModelSpec, TrainC
     train = TrainConfig(epochs=cfg["epochs"], weight_decay=cfg["weight_decay"],
                         action_weights=cfg["action_weights"], patience=1,
                         val_days=cfg.get("val_days", 1), refit=cfg.get("refit", False),
-                        pairwise_weight=cfg.get("pairwise", 0.0))  # fmt: skip
+                        pairwise_weight=cfg.get("pairwise", 0.0),
+                        lr_schedule=cfg.get("lr_schedule", "constant"))  # fmt: skip
     return spec, train
 
 

@@ -42,19 +42,20 @@ def log_file(tmp_path):
     return path
 
 
-def _setup(log_file, tmp_path, max_steps=None):
-    return tiny_trainer(log_file, tmp_path, max_steps=max_steps, checkpoint_every=3)
+def _setup(log_file, tmp_path, max_steps=None, **train):
+    return tiny_trainer(log_file, tmp_path, max_steps=max_steps, checkpoint_every=3, **train)
 
 
-def test_resume_continues_exactly(log_file, tmp_path):
-    log, hashes, req, straight = _setup(log_file, tmp_path / "a")
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_continues_exactly(log_file, tmp_path, schedule):
+    log, hashes, req, straight = _setup(log_file, tmp_path / "a", lr_schedule=schedule)
     straight.fit(log, hashes, req)
     total = straight.state.global_step
     assert total > 6
-    _, _, _, first = _setup(log_file, tmp_path / "b", max_steps=5)  # killed after 5 steps
-    first.fit(log, hashes, req)
+    _, _, _, first = _setup(log_file, tmp_path / "b", max_steps=5, lr_schedule=schedule)
+    first.fit(log, hashes, req)  # killed after 5 steps
     assert first.state.global_step == 5 and not first.state.done
-    _, _, _, second = _setup(log_file, tmp_path / "b")
+    _, _, _, second = _setup(log_file, tmp_path / "b", lr_schedule=schedule)
     assert second.resume()
     second.fit(log, hashes, req)
     assert second.state.global_step == total and second.state.done
@@ -63,6 +64,36 @@ def test_resume_continues_exactly(log_file, tmp_path):
     ):
         assert torch.equal(a, b), name
     assert straight.state.losses == second.state.losses
+
+
+def test_lr_schedule_sets_both_rates_at_every_step(log_file, tmp_path, capsys):
+    """Linear decay: step t of T runs the dense optimizer at (1 - t / T) times its configured
+    rate; the table's Adagrad keeps its own."""
+    from hashrec.training.loop import LR_SCHEDULES, lr_factor
+
+    log, hashes, req, tr = _setup(log_file, tmp_path, lr_schedule="linear", lr=0.01,
+                                  table_lr=0.2)  # fmt: skip
+    seen = []
+    step = tr.step
+
+    def recording(*args, **kwargs):
+        seen.append((tr.dense.param_groups[0]["lr"], tr.table.param_groups[0]["lr"]))
+        return step(*args, **kwargs)
+
+    tr.step = recording
+    tr.fit(log, hashes, req)
+    total = tr.state.global_step
+    assert len(seen) == total > 6
+    for t, (dense, table) in enumerate(seen):
+        assert dense == pytest.approx(0.01 * (1 - t / total))
+        assert table == 0.2
+    assert lr_factor("constant", 3, 10) == 1.0 and lr_factor("cosine", 10, 10) == 0.0
+    assert set(LR_SCHEDULES) == {"constant", "linear", "cosine"}  # the CLI's choices
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        TrainConfig(lr_schedule="step")
+    err = cli_error(["train", "--data", str(log_file), "--schema", SCHEMA_JSON, *TINY,
+                     "--lr-schedule", "warm", "--out", str(tmp_path / "x")], capsys, 2)  # fmt: skip
+    assert "--lr-schedule" in err and "cosine" in err
 
 
 def test_failed_save_keeps_the_previous_checkpoint(log_file, tmp_path, monkeypatch):

@@ -278,6 +278,10 @@ def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
                    help="row-wise Adagrad (table)")  # fmt: skip
     t.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
                    help="AdamW weight decay (dense weights)")  # fmt: skip
+    t.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="the dense learning rate over the planned steps: constant, or "
+                   "decaying to 0 by the last epoch's end (linear, cosine); the table's "
+                   "Adagrad keeps --table-lr")  # fmt: skip
     t.add_argument(
         "--action-weights",
         type=name_values,
@@ -574,7 +578,8 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
                             weight_decay=args.weight_decay, action_weights=args.action_weights,
                             pairwise_weight=args.pairwise_weight,
                             val_days=args.val_days, val_fraction=args.val_fraction,
-                            patience=args.patience, refit=args.refit)  # fmt: skip
+                            patience=args.patience, refit=args.refit,
+                            lr_schedule=args.lr_schedule)  # fmt: skip
         unknown = set(args.action_weights) - set(log.actions)
         if unknown:
             raise ValueError(f"--action-weights names {sorted(unknown)}; the log's actions are "

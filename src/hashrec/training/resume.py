@@ -40,7 +40,7 @@ MAY_CHANGE = frozenset(
 
 # Settings added after checkpoints were first written, with the value older versions ran with:
 # a checkpoint without the key resumes when this run keeps that value.
-ADDED_DEFAULTS: dict[str, Any] = {"train.pairwise_weight": 0.0}
+ADDED_DEFAULTS: dict[str, Any] = {"train.pairwise_weight": 0.0, "train.lr_schedule": "constant"}
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -22,7 +22,7 @@ from hashrec.models.losses import loss_terms, pairwise_loss
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.training import distributed
 from hashrec.training.checkpoint import TrainState
-from hashrec.training.loop import EpochTrainer, NonFiniteError, resolve_device
+from hashrec.training.loop import LR_SCHEDULES, EpochTrainer, NonFiniteError, resolve_device
 
 __all__ = [
     "NonFiniteError",
@@ -72,8 +72,15 @@ class TrainConfig:
     refit: bool = False
     dist_timeout_s: float = distributed.DEFAULT_TIMEOUT_S  # a rank silent this long: stop
     table_sharding: str = "auto"  # over processes: distributed.TABLE_SHARDING
+    # the dense (AdamW) learning rate over the planned steps (``epochs`` x steps per epoch):
+    # "constant", or decaying to 0 by the last step, "linear" or "cosine" (``lr_factor``); the
+    # table's row-wise Adagrad keeps ``table_lr``
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got "
+                             f"{self.lr_schedule!r}")  # fmt: skip
         if isinstance(self.action_weights, dict):
             self.action_weights = tuple(self.action_weights.items())
         self.action_weights = tuple((str(a), float(w)) for a, w in self.action_weights)
