@@ -70,3 +70,22 @@ def test_a_run_without_side_features_or_with_rate_features_resumes(side_log, tmp
     assert main(_train_argv(side_log, out, flag, "--resume", "--epochs", "2")) == 0
     _, info = load_checkpoint(out / "checkpoint.safetensors")
     assert info.train_state.epoch == 2 and info.train_state.done
+
+
+def test_evaluate_standardises_side_numbers_as_training_did(side_log, tmp_path, capsys):
+    """``hashrec evaluate`` rebuilds the side numbers with the checkpoint's statistics (the
+    training days'), not the whole log's, so it scores what training scored."""
+    out = tmp_path / "run"
+    assert main(_train_argv(side_log, out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    name = next(k for k in metrics["results"] if k.startswith("hashed"))
+    _, info = load_checkpoint(out / "checkpoint.safetensors")
+    assert set(info.extra["side_stats"]) >= {"post_num:length", "user_num:fans"}
+    log_path, posts, users = side_log
+    rc = main(["evaluate", "--checkpoint", str(out / "checkpoint.safetensors"), "--data",
+               str(log_path), "--schema", json.dumps(SIDE_SCHEMA), "--authors", str(posts),
+               "--users", str(users), "--eval-start", "2022-04-29", "--out",
+               str(tmp_path / "eval.json")])  # fmt: skip
+    assert rc == 0
+    got = json.loads((tmp_path / "eval.json").read_text())["results"][name]["auc"]
+    assert got == pytest.approx(metrics["results"][name]["auc"], abs=1e-6, nan_ok=True)
