@@ -87,33 +87,46 @@ def format_results(
 
 def plot_run(results: dict[str, dict], losses: dict[str, list[float]], actions: tuple[str, ...],
              path: Path, positives: dict[str, int] | None = None) -> None:  # fmt: skip
-    """PNG: training curves (left) and AUC per shown action (see ``format_results``), every
-    model side by side, with error bars of the std over seeds when there are several (right)."""
+    """PNG: training curves (left; left out when ``losses`` holds none) and AUC per shown
+    action (see ``format_results``), every model side by side, with error bars of the std over
+    seeds when there are several (right), the legend beside the bars."""
     actions = tuple(shown_actions(actions, positives))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for name, ls in losses.items():
-        if ls:
-            w = max(1, len(ls) // 50)
-            smooth = np.convolve(ls, np.ones(w) / w, mode="valid")
-            ax1.plot(np.arange(len(smooth)) + w, smooth, label=name)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss (moving average)")
-    ax1.set_title("Training curve")
-    ax1.grid(alpha=0.3)
-    ax1.legend()
+    if any(losses.values()):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.5))
+        for name, ls in losses.items():
+            if ls:
+                w = max(1, len(ls) // 50)
+                smooth = np.convolve(ls, np.ones(w) / w, mode="valid")
+                ax1.plot(np.arange(len(smooth)) + w, smooth, label=name)
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("training loss (moving average)")
+        ax1.set_title("Training curve")
+        ax1.grid(alpha=0.3)
+        ax1.legend()
+    else:  # results without curves (a study's merged runs): the AUC panel alone
+        fig, ax2 = plt.subplots(figsize=(9, 4.5))
     names = list(results)
     x = np.arange(len(actions))
     width = 0.8 / max(1, len(names))
+    colors = plt.get_cmap("tab20" if len(names) > 10 else "tab10").colors  # one per model
     for i, name in enumerate(names):
         vals = [results[name]["auc"][a] for a in actions]
         std = results[name].get("auc_std") if results[name].get("seeds", 1) > 1 else None
         err = [std[a] for a in actions] if std else None
-        ax2.bar(x + i * width - 0.4 + width / 2, vals, width, yerr=err, capsize=2, label=name)
+        ax2.bar(
+            x + i * width - 0.4 + width / 2,
+            vals,
+            width,
+            yerr=err,
+            capsize=2,
+            label=name,
+            color=colors[i % len(colors)],
+        )
     ax2.set_xticks(x)
     ax2.set_xticklabels(actions, rotation=30, ha="right")
     lowest = min(
@@ -125,8 +138,8 @@ def plot_run(results: dict[str, dict], losses: dict[str, list[float]], actions: 
     ax2.set_ylabel("AUC (evaluation days)")
     ax2.set_title("AUC per action" + (" (mean ± std over seeds)" if any(
         m.get("seeds", 1) > 1 for m in results.values()) else ""))  # fmt: skip
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over a bar
     ax2.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
