@@ -136,6 +136,16 @@ CONFIGS: dict[str, dict] = {
         "epochs": 2,
         "lr_schedule": "cosine",
     },
+    # twice the requests per step (fewer, larger steps: less per-operation overhead), at the
+    # same and at twice the dense learning rate
+    "hybridb256": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "batch_size": 256},
+    "hybridb256lr": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "batch_size": 256,
+        "lr": 4e-3,
+    },
     "rarerefit": {
         **DEFAULTS,
         "scheme": "hybrid",
@@ -202,7 +212,8 @@ def spec_for(log, name: str, cfg: dict, split: Split) -> tuple[ModelSpec, TrainC
                         action_weights=cfg["action_weights"], patience=1,
                         val_days=cfg.get("val_days", 1), refit=cfg.get("refit", False),
                         pairwise_weight=cfg.get("pairwise", 0.0),
-                        lr_schedule=cfg.get("lr_schedule", "constant"))  # fmt: skip
+                        lr_schedule=cfg.get("lr_schedule", "constant"),
+                        batch_size=cfg.get("batch_size", 128), lr=cfg.get("lr", 2e-3))  # fmt: skip
     return spec, train
 
 

@@ -541,3 +541,48 @@ def test_the_store_keeps_the_latest_real_value():
     assert cat.lookup(np.array([5, 7, 9])).tolist() == [11, 12, 0]
     empty = Keyed.latest(ids, np.zeros(5, np.int64), time)
     assert empty.lookup(np.array([5])).tolist() == [0]
+
+
+@pytest.mark.parametrize("side", [True, False])
+def test_a_rate_feature_ranker_is_served_the_rates_training_computed(synthetic, tmp_path, side):
+    """``--rate-features``: serving looks each user's, post's and author's smoothed rates over
+    the training days up by ID (``RateTables``); a request on an evaluation day gets the side
+    batch training built for it, bit for bit, and the same scores -- with side features and
+    without (a store of rates only)."""
+    from hashrec.cli import common
+    from hashrec.data import SideColumns
+    from hashrec.evaluation.experiment import Split, with_rate_features
+    from hashrec.training.checkpoint import load_checkpoint
+
+    data = ["--data", synthetic["log_path"], "--schema", json.dumps(SIDE_SCHEMA),
+            "--authors", synthetic["posts"], "--users", synthetic["users"]]  # fmt: skip
+    flags = ["--rate-features"] + ([] if side else ["--no-side-features"])
+    assert main(["train", *data, *SPLIT, *ARCH, "--max-candidates", str(C), "--batch-size", "16",
+                 "--epochs", "1", "--seeds", "1", *flags, "--out", str(tmp_path)]) == 0  # fmt: skip
+    model, info = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    model.eval()
+    log = synthetic["log"]
+    store = common.side_store_for(model, info, log, "--ranker x")
+    assert store.rates is not None and len(store.rates.tables["author"].keys) > 1
+    # the log as training saw it
+    train = Split(**info.extra["split"]).masks(log)[0]
+    seen = replace(log, side=log.side.with_stats(info.extra["side_stats"]) if side
+                   else SideColumns.empty(len(log)))  # fmt: skip
+    seen = with_rate_features(seen, train)
+    assert seen.side.names["post_num"][-1] == "author_rate:like"
+    req = build_requests(seen, ~train, ExampleConfig(S, C))
+    lb = next(batches(seen, RowHashes(seen, model.config.hash), req, batch_size=len(req)))
+    queries = _queries(seen, req, store.request_columns)
+    served = to_side_batch(queries, model, S, store)
+    _assert_same_side(served, lb.side)
+    with torch.no_grad():
+        want = model(lb.batch, side=lb.side).probs
+    ranker = RequestRanker(model, history_len=S, side_store=store)
+    for q, res, p in zip(queries, ranker.rank(queries), want, strict=True):
+        np.testing.assert_allclose(res.probs, p[: q.num_candidates].numpy(), atol=1e-6)
+    # the rates are what moves them: an unseen author reads the prior's rates
+    rates = store.rates.lookup("author", np.array([10**9, int(log.author[0])]))
+    assert not np.array_equal(rates[0], rates[1])
+    np.testing.assert_array_equal(rates[0], store.rates.unseen["author"])
+    with pytest.raises(ValueError, match="need author_ids of shape"):
+        store.post_features(log.post[:2], log.time[:2])

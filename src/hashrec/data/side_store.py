@@ -31,7 +31,7 @@ from hashrec.data.features import SideColumns, history_signal, post_age_days, so
 from hashrec.hashing.config import HashConfig
 from hashrec.nn.side import SideBatch, SideConfig
 
-__all__ = ["Keyed", "SideStore", "left_padded_history", "side_batch"]
+__all__ = ["Keyed", "RateTables", "SideStore", "left_padded_history", "side_batch"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,37 @@ class Keyed:
         return cls(ids[order][last], values[order][last])
 
 
+@dataclass(frozen=True)
+class RateTables:
+    """A ``--rate-features`` model's smoothed rates by ID, as served: ``tables["user"]``,
+    ``["post"]``, ``["author"]`` hold each ID's standardised rate logits [n, A] (float32, over
+    every training row), ``unseen[entity]`` [A] those of an ID no training row has (the prior).
+    Built by ``hashrec.evaluation.experiment.rate_tables``; the numbers a training row after
+    the last training day carries, bit for bit.
+
+    >>> t = RateTables(("click",), {"user": Keyed(np.array([4]), np.array([[1.5]], np.float32))},
+    ...                {"user": np.array([-0.5], np.float32)})
+    >>> t.lookup("user", np.array([4, 9])).tolist()
+    [[1.5], [-0.5]]
+    """
+
+    actions: tuple[str, ...]
+    tables: dict[str, Keyed]
+    unseen: dict[str, np.ndarray]
+
+    def lookup(self, entity: str, ids: np.ndarray) -> np.ndarray:
+        """[n, A] float32 of ``ids`` [n] (``entity``: user, post or author)."""
+        table, ids = self.tables[entity], np.asarray(ids, np.int64).reshape(-1)
+        out = np.repeat(self.unseen[entity][None].astype(np.float32), len(ids), axis=0)
+        if len(table.keys) and len(ids):
+            pos, found = sorted_lookup(table.keys, ids)
+            out[found] = table.values[pos[found]]
+        return out
+
+    def names(self, entity: str) -> tuple[str, ...]:
+        return tuple(f"{entity}_rate:{a}" for a in self.actions)
+
+
 @dataclass
 class SideStore:
     """The side features of users and posts by ID, and training's standardisation.
@@ -107,10 +138,15 @@ class SideStore:
     signal_columns: dict[str, Keyed] = field(default_factory=dict)
     request_columns: tuple[str, ...] = ()
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    rates: RateTables | None = None  # a --rate-features model's: after the other numbers
 
     # -- what the store gives ------------------------------------------------------------------
     def _post_num_names(self) -> tuple[str, ...]:
         return (*self.post_numeric, *(("post_age_days",) if self.post_created else ()))
+
+    def _rate_names(self, *entities: str) -> tuple[str, ...]:
+        r = self.rates
+        return () if r is None else tuple(n for e in entities for n in r.names(e))
 
     @property
     def names(self) -> dict[str, tuple[str, ...]]:
@@ -119,8 +155,8 @@ class SideStore:
         return {
             "user_cat": (*self.user_categorical, *(f"{k}#bucket" for k in self.user_numeric)),
             "post_cat": (*self.post_categorical, *(f"{k}#bucket" for k in post_num)),
-            "user_num": tuple(self.user_numeric),
-            "post_num": post_num,
+            "user_num": (*self.user_numeric, *self._rate_names("user")),
+            "post_num": (*post_num, *self._rate_names("post", "author")),
             "signals": tuple(name for name, _, _ in self.signals),
         }
 
@@ -162,13 +198,16 @@ class SideStore:
             {k: c.lookup(ids) for k, c in self.user_numeric.items()}, {}, {}, len(ids),
             stats=self.stats,
         )  # fmt: skip
-        return side.user_cat, side.user_num
+        if self.rates is None:
+            return side.user_cat, side.user_num
+        return side.user_cat, np.concatenate([side.user_num, self.rates.lookup("user", ids)], 1)
 
     def post_features(
-        self, post_ids: np.ndarray, time_ms: np.ndarray
+        self, post_ids: np.ndarray, time_ms: np.ndarray, author_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Categorical value IDs [n, Fp] int64 and standardised numbers [n, Np] float32 of posts
-        shown at ``time_ms`` [n] (epoch ms: the post's age)."""
+        shown at ``time_ms`` [n] (epoch ms: the post's age) by ``author_ids`` [n] (needed only
+        with ``rates``: the author's rates follow the post's)."""
         ids = np.asarray(post_ids, np.int64).reshape(-1)
         nums = {k: c.lookup(ids) for k, c in self.post_numeric.items()}
         if self.post_created is not None:
@@ -176,7 +215,14 @@ class SideStore:
             nums["post_age_days"] = post_age_days(time, self.post_created.lookup(ids))
         side = SideColumns.build({}, {k: c.lookup(ids) for k, c in self.post_categorical.items()},
                                  {}, nums, {}, len(ids), stats=self.stats)  # fmt: skip
-        return side.post_cat, side.post_num
+        if self.rates is None:
+            return side.post_cat, side.post_num
+        got = None if author_ids is None else list(np.shape(author_ids))
+        if got != [len(ids)]:
+            raise ValueError(f"post_features: this store serves rate features, which need "
+                             f"author_ids of shape [{len(ids)}], got {got}")  # fmt: skip
+        rates = [self.rates.lookup("post", ids), self.rates.lookup("author", author_ids)]
+        return side.post_cat, np.concatenate([side.post_num, *rates], 1)
 
     def history_signals(
         self, post_ids: np.ndarray, values: Mapping[str, np.ndarray] | None = None
@@ -259,14 +305,16 @@ def side_batch(
     history_values: Mapping[str, np.ndarray],
     candidate_post_ids: np.ndarray,
     candidate_time_ms: np.ndarray,
+    candidate_author_ids: np.ndarray | None = None,
 ) -> SideBatch:
     """The ``SideBatch`` training builds for these request rows (``hashrec.data.collate``).
 
     user_ids [B] (0: no user, features missing); history_post_ids [B, S] (0 = padding: signals
     0); history_values: signal column -> [B, S] raw numbers (NaN = not sent, see
-    ``SideStore.history_signals``); candidate_post_ids [B, C] (0 = padding: features 0) and
-    candidate_time_ms [B, C] (epoch ms of the impression). Hashes with ``hash_config``'s
-    ``feature`` block, as training does.
+    ``SideStore.history_signals``); candidate_post_ids [B, C] (0 = padding: features 0),
+    candidate_time_ms [B, C] (epoch ms of the impression) and candidate_author_ids [B, C]
+    (needed only when the store serves rates). Hashes with ``hash_config``'s ``feature``
+    block, as training does.
 
     >>> store = SideStore(post_categorical={"genre": Keyed(np.array([10]), np.array([77]))})
     >>> from hashrec.hashing.config import EntityHash
@@ -297,7 +345,14 @@ def side_batch(
     pcat = np.zeros((B * C, len(store.names["post_cat"])), np.int64)
     pnum = np.zeros((B * C, cfg.post_numeric), np.float32)
     times = np.asarray(candidate_time_ms, np.int64).reshape(-1)
-    pcat[valid], pnum[valid] = store.post_features(cp.reshape(-1)[valid], times[valid])
+    authors = None
+    if candidate_author_ids is not None:
+        if np.shape(candidate_author_ids) != cp.shape:
+            raise ValueError(f"side_batch: candidate_author_ids "
+                             f"{list(np.shape(candidate_author_ids))} and candidate_post_ids "
+                             f"{list(cp.shape)} disagree")  # fmt: skip
+        authors = np.asarray(candidate_author_ids, np.int64).reshape(-1)[valid]
+    pcat[valid], pnum[valid] = store.post_features(cp.reshape(-1)[valid], times[valid], authors)
     events = hp.reshape(-1) != 0
     sig = np.zeros((B * S, cfg.history_signals), np.float32)
     sig[events] = store.history_signals(

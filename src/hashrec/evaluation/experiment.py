@@ -22,6 +22,7 @@ from hashrec.data import (
     build_requests,
     collision_free_config,
 )
+from hashrec.data.side_store import Keyed, RateTables, SideStore
 from hashrec.data.tables import ENTITY_WEIGHTS, table_config
 from hashrec.evaluation.baselines import (
     GBDTBaseline,
@@ -64,6 +65,7 @@ __all__ = [
     "hashed_config",
     "model_log",
     "ranker_config",
+    "rate_tables",
     "run",
     "run_model",
     "run_record",
@@ -333,7 +335,9 @@ def model_log(log: InteractionLog, spec: ModelSpec, train: np.ndarray) -> Intera
 def with_rate_features(log: InteractionLog, train: np.ndarray) -> InteractionLog:
     """``log`` with the logistic baseline's target encodings as numeric side features: smoothed
     per-user rates of every action (user fields) and per-post and per-author rates (post
-    fields), as standardised logits.
+    fields), as logits standardised by the training rows' statistics; the store
+    (``log.side.store``, one is made if the log has none) gets them by ID for serving
+    (``rate_tables``).
 
     Time-respecting like the baseline: a row on training day d is encoded from the training
     rows of days before d, any later row from the training rows only, so no row's own label and
@@ -355,17 +359,48 @@ def with_rate_features(log: InteractionLog, train: np.ndarray) -> InteractionLog
         user[rows] = rates("user")
         post[rows] = np.concatenate([rates("post"), rates("author")], axis=1)
 
-    def std(x: np.ndarray) -> np.ndarray:  # by the training rows' statistics
-        return ((x - x[train].mean(0)) / np.maximum(x[train].std(0), 1e-6)).astype(np.float32)
-
+    stats = {"user": _rate_stats(user, train), "post": _rate_stats(post[:, :A], train),
+             "author": _rate_stats(post[:, A:], train)}  # fmt: skip
     sd = log.side
     names = dict(sd.names)
     names["user_num"] = (*names.get("user_num", ()), *(f"user_rate:{a}" for a in log.actions))
     names["post_num"] = (*names.get("post_num", ()), *(f"post_rate:{a}" for a in log.actions),
                          *(f"author_rate:{a}" for a in log.actions))  # fmt: skip
-    side = SideColumns(sd.user_cat, sd.post_cat, np.concatenate([sd.user_num, std(user)], 1),
-                       np.concatenate([sd.post_num, std(post)], 1), sd.signals, names)  # fmt: skip
+    store = replace(sd.store or SideStore(), rates=rate_tables(log, train, stats))
+    side = SideColumns(sd.user_cat, sd.post_cat,
+                       np.concatenate([sd.user_num, _standardised(user, stats["user"])], 1),
+                       np.concatenate([sd.post_num, _standardised(post[:, :A], stats["post"]),
+                                       _standardised(post[:, A:], stats["author"])], 1),
+                       sd.signals, names, sd.stats, sd.raw_signals, store, sd.raw)  # fmt: skip
     return replace(log, side=side)
+
+
+def _rate_stats(x: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column (mean, scale) of the rate logits ``x`` over the training rows."""
+    return x[train].mean(0), np.maximum(x[train].std(0), 1e-6)
+
+
+def _standardised(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return ((x - stats[0]) / stats[1]).astype(np.float32)
+
+
+def rate_tables(
+    log: InteractionLog,
+    train: np.ndarray,
+    stats: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> RateTables:
+    """Each user's, post's and author's standardised rate logits over every training row (what
+    ``with_rate_features`` gives any row after the last training day), by ID, for serving."""
+    y = log.labels[train].astype(np.float64)
+    prior = y.mean(0)
+    tables, unseen = {}, {}
+    for entity in ("user", "post", "author"):
+        keys = getattr(log, entity)[train]
+        ids = np.unique(keys)
+        x = _logit(smoothed_rates(keys, y, ids, prior))
+        tables[entity] = Keyed(ids, _standardised(x, stats[entity]))
+        unseen[entity] = _standardised(_logit(prior[None]), stats[entity])[0]
+    return RateTables(tuple(log.actions), tables, unseen)
 
 
 def validation_split(

@@ -387,7 +387,8 @@ class RecommendPipeline:
                 times[i] = r.time_ms
         valid = candidates >= 0
         cp = np.where(valid, self.corpus.post_ids[np.maximum(candidates, 0)], 0)
-        return side_batch(store, self.ranker.config.hash, users, post, values, cp, times)
+        ca = np.where(valid, self.corpus.author_ids[np.maximum(candidates, 0)], 0)
+        return side_batch(store, self.ranker.config.hash, users, post, values, cp, times, ca)
 
     # -- stages --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -215,6 +215,7 @@ def to_side_batch(
     C = max(q.num_candidates for q in queries)
     users = np.array([q.user_id for q in queries], np.int64)
     cp, ct = np.zeros((B, C), np.int64), np.zeros((B, C), np.int64)
+    ca = np.zeros((B, C), np.int64)  # authors: their rates, for a rate-feature ranker
     for i, q in enumerate(queries):
         n, c = q.history_len, q.num_candidates
         if n > S:
@@ -236,10 +237,11 @@ def to_side_batch(
         else:
             ct[i, :c] = q.candidate_times_ms
         cp[i, :c] = q.candidate_post_ids
+        ca[i, :c] = q.candidate_author_ids
     hp, values = left_padded_history(
         store, [(q.history_post_ids, q.history_signals) for q in queries], S
     )
-    return side_batch(store, model.config.hash, users, hp, values, cp, ct)
+    return side_batch(store, model.config.hash, users, hp, values, cp, ct, ca)
 
 
 class RequestRanker:
