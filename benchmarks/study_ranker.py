@@ -161,6 +161,16 @@ CONFIGS: dict[str, dict] = {
         "rates": True,
         "refit": True,
     },
+    # ... with the dense learning rate's cosine decay
+    "raterarecos": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "action_weights": RARE_WEIGHTS,
+        "rates": True,
+        "refit": True,
+        "lr_schedule": "cosine",
+    },
     # + the pairwise loss over each user's candidates (TrainConfig.pairwise_weight)
     "pair03": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.3},
     "pair1": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 1.0},

@@ -115,6 +115,13 @@ def test_side_numbers_are_standardised_by_the_training_rows_only(tmp_path):
     np.testing.assert_array_equal(again.post_num[train], fitted.post_num[train])
     np.testing.assert_array_equal(again.signals[train], fitted.signals[train])
     assert shifted.side.fit_stats(np.ones(len(log), bool)).stats != log.side.stats
+    # columns standardised when added (rate features) have no raw values: they stay as they are
+    from hashrec.evaluation.experiment import with_rate_features
+
+    rated = with_rate_features(log, train).side
+    refit = rated.fit_stats(train)
+    assert refit.post_num.shape == rated.post_num.shape
+    np.testing.assert_array_equal(refit.post_num[:, 2:], rated.post_num[:, 2:])
     with pytest.raises(ValueError, match=r"none for \['post_num:length'\]"):
         log.side.with_stats({k: v for k, v in log.side.stats.items() if k != "post_num:length"})
 

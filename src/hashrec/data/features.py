@@ -245,8 +245,9 @@ class SideColumns:
         stats = {k: (float(stats[k][0]), float(stats[k][1])) for k in self.raw}
 
         def nums(kind: str, old: np.ndarray) -> np.ndarray:
-            cols = [standardise(self.raw[f"{kind}:{n}"], stats[f"{kind}:{n}"])
-                    for n in self.names.get(kind, ())]  # fmt: skip
+            # a column without a raw value (a rate feature, standardised when added) stays
+            cols = [standardise(self.raw[k], stats[k]) if (k := f"{kind}:{n}") in self.raw
+                    else old[:, j] for j, n in enumerate(self.names.get(kind, ()))]  # fmt: skip
             return np.stack(cols, axis=1) if cols else old
 
         store = None if self.store is None else replace(self.store, stats=stats)
