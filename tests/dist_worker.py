@@ -144,6 +144,7 @@ def main(spec_path: str) -> None:
             spec["log"], job["dir"], max_steps=job.get("max_steps"),
             dist_timeout_s=spec.get("timeout_s", 60),
             table_sharding=job.get("table_sharding", "replicated"),
+            pairwise_weight=job.get("pairwise_weight", 0.0),
         )  # fmt: skip
         if job.get("die_at") and rank == 1:
             trainer.model.forward = _dying(trainer.model.forward, job["die_at"])

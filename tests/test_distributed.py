@@ -172,6 +172,23 @@ def test_two_processes_train_the_same_model_as_one(log_file, reference, tmp_path
     _assert_same_model({k: v.detach() for k, v in last.model.state_dict().items()}, ref_weights)
 
 
+def test_the_pairwise_loss_over_two_processes_is_the_one_process_loss(log_file, tmp_path):
+    """With ``pairwise_weight``, the pair term averages over every pair of the global batch
+    (the ranks' pair counts summed first), as one process does: same gradients, same model."""
+    log, hashes, req, ref = tiny_trainer(log_file, tmp_path / "ref", pairwise_weight=0.5)
+    ref_grads = capture_first_grads(ref)
+    ref.fit(log, hashes, req)
+    jobs = [{"dir": str(tmp_path / "two"), "pairwise_weight": 0.5}]
+    codes, errs, _ = launch({"log": str(log_file), "jobs": jobs}, tmp_path)
+    assert codes == [0, 0], errs
+    for r in (0, 1):
+        grads = load_file(str(tmp_path / "two" / f"grads{r}.safetensors"))
+        _assert_same_model(grads, ref_grads, atol=GRAD_ATOL)
+    np.testing.assert_allclose(_losses(tmp_path / "two"), ref.state.losses, rtol=LOSS_RTOL)
+    ref_weights = {k: v.detach() for k, v in ref.model.state_dict().items()}
+    _assert_same_model(load_file(str(tmp_path / "two" / "rank0.safetensors")), ref_weights)
+
+
 def test_a_dead_rank_stops_the_others_with_a_clear_error(log_file, tmp_path):
     timeout_s = 15
     jobs = [{"dir": str(tmp_path / "run"), "die_at": 3}]

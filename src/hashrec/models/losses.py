@@ -16,6 +16,7 @@ __all__ = [
     "in_batch_logits",
     "loss_terms",
     "pairwise_loss",
+    "pairwise_terms",
     "ranking_loss",
     "retrieval_loss",
 ]
@@ -134,7 +135,8 @@ def pairwise_loss(
     mask: torch.Tensor,
     groups: torch.Tensor,
 ) -> torch.Tensor:
-    """Mean logistic loss of every (positive, negative) pair of candidates in one group.
+    """Mean logistic loss of every (positive, negative) pair of candidates in one group
+    (``pairwise_terms``' sum over its count).
 
     For each action, every candidate i with label 1 and candidate j with label 0 of the same
     group (a user) adds ``softplus(s_j - s_i)``: the loss a user's per-user AUC (GAUC) asks for.
@@ -153,6 +155,18 @@ def pairwise_loss(
     >>> round(float(pairwise_loss(s, y, torch.ones_like(y, dtype=torch.bool), g)), 4)
     0.1269
     """
+    total, n = pairwise_terms(logits, labels, mask, groups)
+    return total / n.clamp(min=1)
+
+
+def pairwise_terms(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    groups: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pairwise_loss``'s sum over the pairs (0-d float32, connected to ``logits``) and the
+    pair count (0-d int64): what a multi-process step sums over ranks before dividing."""
     if labels.shape != logits.shape or mask.shape != logits.shape:
         raise ValueError(f"labels {list(labels.shape)} and mask {list(mask.shape)} must have the "
                          f"logits' shape {list(logits.shape)}")  # fmt: skip
@@ -174,10 +188,7 @@ def pairwise_loss(
     first = torch.cumsum(size, 0) - size  # [N]: where candidate i's pairs begin in [P]
     j = start[i] + torch.arange(len(i), device=g.device) - first.repeat_interleave(size)
     pairs = (m[i] & (y[i] > 0.5)) & (m[j] & (y[j] < 0.5))  # [P, A]: positive i, negative j
-    n = pairs.sum()
-    if n == 0:
-        return logits.new_zeros((), dtype=torch.float32) + 0.0 * logits.sum()
-    return F.softplus(s[j] - s[i])[pairs].sum() / n
+    return F.softplus(s[j] - s[i])[pairs].sum(), pairs.sum()
 
 
 def in_batch_logits(

@@ -45,6 +45,7 @@ __all__ = [
     "env_world",
     "gather_sparse_rows",
     "global_loss",
+    "global_mean",
     "rank_slice",
     "resolve_sharding",
     "seed_rank",
@@ -190,13 +191,29 @@ def seed_rank(seed: int, ctx: DistContext) -> None:
         torch.manual_seed(seed + ctx.rank)
 
 
-def rank_slice(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+def rank_slice(
+    indices: np.ndarray, rank: int, world: int, groups: np.ndarray | None = None
+) -> np.ndarray:
     """Rank ``rank``'s contiguous share of one global batch (sizes differ by at most 1).
+
+    With ``groups`` (a key per index in contiguous runs, e.g. each request's user), every cut
+    moves forward to the next run's start, so no run is split between ranks (a pairwise loss
+    needs each user's candidates on one rank); shares may then differ more, or be empty.
 
     >>> rank_slice(np.arange(5), 1, 2)
     array([3, 4])
+    >>> rank_slice(np.arange(5), 1, 2, groups=np.array([7, 7, 7, 8, 8]))  # the 7s stay together
+    array([3, 4])
+    >>> rank_slice(np.arange(5), 0, 2, groups=np.array([7, 7, 8, 8, 8]))  # cut at 3 -> 5
+    array([0, 1, 2, 3, 4])
     """
-    return np.array_split(indices, world)[rank]
+    if groups is None:
+        return np.array_split(indices, world)[rank]
+    n = len(indices)
+    even = np.cumsum([len(p) for p in np.array_split(np.arange(n), world)])[:-1]
+    starts = np.r_[np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]), n]
+    edges = np.r_[0, starts[np.searchsorted(starts, even)], n]
+    return indices[edges[rank] : edges[rank + 1]]
 
 
 @dataclass(frozen=True)
@@ -234,6 +251,26 @@ def global_loss(terms: LossTerms, continuous_weight: float, examples: int, ctx: 
         dist.all_reduce(logged)
     # DDP averages gradients over ranks: scale by world so the average is the global gradient
     return StepLoss(part * ctx.world, float(logged), int(counts[2]))
+
+
+def global_mean(
+    total: torch.Tensor, count: torch.Tensor, ctx: DistContext, weight: float = 1.0
+) -> tuple[torch.Tensor, float]:
+    """A mean over the global batch from each rank's ``total`` (0-d, with its graph) and
+    ``count`` (e.g. ``pairwise_terms``): (this rank's backward term, the global mean). The
+    counts are summed over ranks first, so the mean weighs every item alike however the ranks'
+    counts differ (not a mean of the ranks' means); ``weight`` as in ``global_loss``."""
+    if not ctx.distributed:
+        mean = total / count.clamp(min=1)
+        return mean, float(mean.detach())
+    n = (count.detach().to(total.dtype) * weight).reshape(1)
+    with ctx.collectives("summing the counts"):
+        dist.all_reduce(n)
+    part = weight * total / n.clamp(min=1)[0]
+    logged = part.detach().clone()
+    with ctx.collectives("summing the loss"):
+        dist.all_reduce(logged)
+    return part * ctx.world, float(logged)  # DDP averages over ranks: see ``global_loss``
 
 
 def gather_sparse_rows(grad: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -353,13 +390,17 @@ class DataParallel:
                 self.replicated = ReplicatedTable(model.table.weight, ctx)
             self.module = wrap_dense(model, ctx, ignore=["table.weight"])
 
-    def local_requests(self, indices: np.ndarray) -> tuple[np.ndarray, float]:
-        """(this rank's requests of a global batch, loss weight).
+    def local_requests(
+        self, indices: np.ndarray, groups: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float]:
+        """(this rank's requests of a global batch, loss weight); ``groups``: runs of
+        requests kept on one rank (``rank_slice``).
 
-        A rank left without requests (a last batch shorter than ``world``) trains on a stand-in,
-        the batch's first request, with weight 0: it must take part in every collective.
+        A rank left without requests (a last batch shorter than ``world``, or one user's run
+        taking it all) trains on a stand-in, the batch's first request, with weight 0: it must
+        take part in every collective.
         """
-        mine = rank_slice(indices, self.ctx.rank, self.ctx.world)
+        mine = rank_slice(indices, self.ctx.rank, self.ctx.world, groups)
         return (mine, 1.0) if len(mine) else (indices[:1], 0.0)
 
     def __call__(self, batch, side=None):

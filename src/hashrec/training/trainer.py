@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hashrec.data import InteractionLog, Requests, RowHashes, batches
-from hashrec.models.losses import loss_terms, pairwise_loss
+from hashrec.models.losses import loss_terms, pairwise_terms
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.training import distributed
 from hashrec.training.checkpoint import TrainState
@@ -201,7 +201,9 @@ class Trainer(EpochTrainer):
         """The loss of the global batch ``requests[indices]``: this rank's slice, forward,
         masked per-action losses (``loss_terms``) summed over ranks."""
         self.parallel.begin(self.table)  # no-op once begun (or with nothing to shard)
-        mine, weight = self.parallel.local_requests(indices)
+        pairwise = self.config.pairwise_weight > 0
+        users = log.user[requests.user_row[indices]] if pairwise else None  # kept whole
+        mine, weight = self.parallel.local_requests(indices, users)
         lb = next(batches(log, hashes, requests, len(mine), mine)).to(self.device)
         out = self.parallel(lb.batch, side=lb.side)
         terms = loss_terms(out, lb.labels, lb.label_mask, lb.continuous, self._action_weights)
@@ -210,15 +212,15 @@ class Trainer(EpochTrainer):
             terms, self.config.continuous_weight, examples, self.ctx, weight
         )
         w = self.config.pairwise_weight
-        if w > 0:  # each rank's pairs (a user's requests are contiguous, see epoch_order)
+        if w > 0:  # each user's pairs on one rank (a user's requests are contiguous)
             rows = lb.candidate_rows
             users = np.where(rows >= 0, log.user[np.maximum(rows, 0)], -1)
             mask = out.candidate_mask[..., None] & lb.label_mask
-            pair = pairwise_loss(out.logits, lb.labels, mask,
-                                 torch.from_numpy(users).to(out.logits.device))  # fmt: skip
-            # DDP averages the ranks' gradients: the pair term is the mean of the ranks' means
-            value = loss.value + w * float(pair.detach())
-            loss = distributed.StepLoss(loss.backward + w * weight * pair, value, loss.examples)
+            total, n = pairwise_terms(out.logits, lb.labels, mask,
+                                      torch.from_numpy(users).to(out.logits.device))  # fmt: skip
+            pair, value = distributed.global_mean(total, n, self.ctx, weight)  # over all pairs
+            loss = distributed.StepLoss(loss.backward + w * pair, loss.value + w * value,
+                                        loss.examples)  # fmt: skip
         return loss
 
     def epoch_order(self, epoch: int, n_examples: int) -> np.ndarray:
