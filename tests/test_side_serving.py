@@ -383,14 +383,20 @@ def test_http_requests_missing_side_fields_get_422_naming_them(trained, app):
     log = trained["log"]
     rows = np.flatnonzero(log.user == int(log.user[0]))[:4]
     good = _rank_request(log, rows[:2], rows[2:], log.time[rows[2]])
-    no_time = {k: v for k, v in good.items() if k != "time_ms"}
+    # every candidate with its own time: the request's may be left out, same scores
+    own_times = {k: v for k, v in good.items() if k != "time_ms"}
+    no_time = json.loads(json.dumps(own_times))
+    del no_time["candidates"][1]["time_ms"]  # one candidate without: the request needs one
     no_signal = json.loads(json.dumps(good))
     del no_signal["history"][0]["signals"]
     nan = json.dumps(good).replace('"watch_ms": ', '"watch_ms": NaN, "x": ', 1)
     unknown = json.loads(json.dumps(good))
     unknown["history"][0]["signals"]["watch_s"] = 1.0
     with _served(app) as client:
-        assert client.post("/rank", json=good).status_code == 200
+        r = client.post("/rank", json=good)
+        assert r.status_code == 200
+        same = client.post("/rank", json=own_times)
+        assert same.status_code == 200 and same.json() == r.json(), same.text
         for body, where in ((no_time, ["body", "time_ms"]),
                             (no_signal, ["body", "history", "0", "signals"])):  # fmt: skip
             r = client.post("/rank", json=body)
@@ -403,7 +409,10 @@ def test_http_requests_missing_side_fields_get_422_naming_them(trained, app):
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "time_ms"]
         schema = client.get("/openapi.json").json()["components"]["schemas"]
         assert schema["HistorySignals"]["required"] == ["watch_ms"]
-        assert "time_ms" in schema["RankRequest"]["required"]
+        timed = {"required": ["time_ms"], "properties": {"time_ms": {"type": "integer"}}}
+        assert schema["RankRequest"]["anyOf"] == [
+            timed, {"properties": {"candidates": {"items": timed}}}]  # fmt: skip
+        assert "time_ms" in schema["RecommendRequest"]["required"]
 
 
 def test_serve_cli_needs_data_for_a_side_ranker(trained, capsys):

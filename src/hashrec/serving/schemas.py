@@ -193,10 +193,30 @@ def build_schemas(
         history: list[HistoryEvent] = Field(default_factory=list, max_length=max_history)
         candidates: list[Candidate] = Field(min_length=1, max_length=limits.max_candidates)
 
-    if time_field:
-        RankRequest = create_model(  # type: ignore[misc]
-            "RankRequest", __base__=RankRequest, __doc__=RankRequest.__doc__, **time_field
-        )
+    if side.time:
+        # the request's time, or every candidate's own: either way each candidate has one
+        timed = {"required": ["time_ms"], "properties": {"time_ms": {"type": "integer"}}}
+        each = {"properties": {"candidates": {"items": timed}}}
+
+        class RankRequest(RankRequest):  # type: ignore[no-redef]
+            """A user, the user's history (oldest first) and the candidates to score."""
+
+            model_config = ConfigDict(**_STRICT, json_schema_extra={"anyOf": [timed, each]})
+            time_ms: TimeMs | None = Field(  # type: ignore[valid-type]
+                default=None,
+                validate_default=True,
+                description="when the posts are shown (their age), epoch ms; required unless "
+                "every candidate has its own time_ms",
+            )
+
+            @field_validator("time_ms")
+            @classmethod
+            def _time_for_every_candidate(cls, v: int | None, info: Any) -> int | None:
+                cands = info.data.get("candidates")  # absent when they failed validation
+                if v is None and cands is not None and any(c.time_ms is None for c in cands):
+                    raise ValueError("time_ms is required unless every candidate has its own "
+                                     "time_ms (the posts' ages at the impression)")  # fmt: skip
+                return v
 
     class CandidateScore(BaseModel):
         post_id: int
