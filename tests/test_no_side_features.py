@@ -12,6 +12,8 @@ from hashrec.data import LogSchema, load_log
 from hashrec.data.tables import ENTITY_WEIGHTS, table_config
 from hashrec.training.checkpoint import load_checkpoint
 
+from conftest import cli_error
+
 ENTITIES = ("user", "post", "author")
 
 
@@ -89,3 +91,23 @@ def test_evaluate_standardises_side_numbers_as_training_did(side_log, tmp_path, 
     assert rc == 0
     got = json.loads((tmp_path / "eval.json").read_text())["results"][name]["auc"]
     assert got == pytest.approx(metrics["results"][name]["auc"], abs=1e-6, nan_ok=True)
+
+
+def test_a_checkpoint_without_side_stats_is_not_resumed_with_new_features(side_log, tmp_path,
+                                                                           capsys):  # fmt: skip
+    """A side-feature run written before checkpoints recorded their standardisation would
+    resume on differently standardised numbers: refused, naming why."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    assert main(_train_argv(side_log, out)) == 0
+    path = out / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    extra = json.loads(meta["extra"])
+    del extra["side_stats"]  # as an older version wrote it
+    save_file(load_file(str(path)), str(path), metadata={**meta, "extra": json.dumps(extra)})
+    capsys.readouterr()
+    err = cli_error(_train_argv(side_log, out, "--resume", "--epochs", "2"), capsys, 1)
+    assert "written before side numbers were standardised" in err
