@@ -161,6 +161,16 @@ CONFIGS: dict[str, dict] = {
         "rates": True,
         "refit": True,
     },
+    # ... at D = 64 (25% of its own collision-free table's bytes)
+    "raterarewide": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "action_weights": RARE_WEIGHTS,
+        "rates": True,
+        "refit": True,
+        "dim": 64,
+    },
     # ... with the dense learning rate's cosine decay
     "raterarecos": {
         **DEFAULTS,

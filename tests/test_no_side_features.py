@@ -93,15 +93,16 @@ def test_evaluate_standardises_side_numbers_as_training_did(side_log, tmp_path, 
     assert got == pytest.approx(metrics["results"][name]["auc"], abs=1e-6, nan_ok=True)
 
 
+@pytest.mark.parametrize("flags", [(), ("--no-side-features", "--rate-features")])
 def test_a_checkpoint_without_side_stats_is_not_resumed_with_new_features(side_log, tmp_path,
-                                                                           capsys):  # fmt: skip
-    """A side-feature run written before checkpoints recorded their standardisation would
-    resume on differently standardised numbers: refused, naming why."""
+                                                                           capsys, flags):  # fmt: skip
+    """A side-feature (or rate-feature) run written before checkpoints recorded their
+    standardisation would resume on differently standardised numbers: refused, naming why."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "run"
-    assert main(_train_argv(side_log, out)) == 0
+    assert main(_train_argv(side_log, out, *flags)) == 0
     path = out / "checkpoint.safetensors"
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata())
@@ -109,5 +110,5 @@ def test_a_checkpoint_without_side_stats_is_not_resumed_with_new_features(side_l
     del extra["side_stats"]  # as an older version wrote it
     save_file(load_file(str(path)), str(path), metadata={**meta, "extra": json.dumps(extra)})
     capsys.readouterr()
-    err = cli_error(_train_argv(side_log, out, "--resume", "--epochs", "2"), capsys, 1)
+    err = cli_error(_train_argv(side_log, out, *flags, "--resume", "--epochs", "2"), capsys, 1)
     assert "written before side numbers were standardised" in err

@@ -553,14 +553,17 @@ def test_the_store_keeps_the_latest_real_value():
 
 
 @pytest.mark.parametrize("side", [True, False])
-def test_a_rate_feature_ranker_is_served_the_rates_training_computed(synthetic, tmp_path, side):
+def test_a_rate_feature_ranker_is_served_the_rates_training_computed(synthetic, trained,
+                                                                      tmp_path, side):  # fmt: skip
     """``--rate-features``: serving looks each user's, post's and author's smoothed rates over
     the training days up by ID (``RateTables``); a request on an evaluation day gets the side
     batch training built for it, bit for bit, and the same scores -- with side features and
     without (a store of rates only)."""
-    from hashrec.cli import common
     from hashrec.data import SideColumns
     from hashrec.evaluation.experiment import Split, with_rate_features
+    from hashrec.retrieval import Corpus
+    from hashrec.serving.pipeline import RecommendPipeline, UserRequest
+    from hashrec.serving.store import checkpoint_side_store
     from hashrec.training.checkpoint import load_checkpoint
 
     data = ["--data", synthetic["log_path"], "--schema", json.dumps(SIDE_SCHEMA),
@@ -571,7 +574,7 @@ def test_a_rate_feature_ranker_is_served_the_rates_training_computed(synthetic, 
     model, info = load_checkpoint(tmp_path / "checkpoint.safetensors")
     model.eval()
     log = synthetic["log"]
-    store = common.side_store_for(model, info, log, "--ranker x")
+    store = checkpoint_side_store(model, info, log)
     assert store.rates is not None and len(store.rates.tables["author"].keys) > 1
     # the log as training saw it
     train = Split(**info.extra["split"]).masks(log)[0]
@@ -595,3 +598,18 @@ def test_a_rate_feature_ranker_is_served_the_rates_training_computed(synthetic, 
     np.testing.assert_array_equal(rates[0], store.rates.unseen["author"])
     with pytest.raises(ValueError, match="need author_ids of shape"):
         store.post_features(log.post[:2], log.time[:2])
+    # the pipeline passes each candidate's author: its rates are the corpus author's
+    corpus = Corpus.from_log(log)
+    retriever, _ = load_checkpoint(trained["retriever"])
+    pipe = RecommendPipeline(retriever, model, corpus, history_len=S, side_store=store)
+    h = np.flatnonzero(log.user == int(log.user[0]))[-3:]
+    req = UserRequest(int(log.user[0]), tuple(log.actions), log.post[h], log.author[h],
+                      log.labels[h].astype(np.float32), log.surface[h],
+                      history_signals={c: log.side.raw_signals[c][h] for c in store.request_columns},
+                      time_ms=int(log.time.max()))  # fmt: skip
+    cand = np.array([[0, 1, 2, -1]])
+    side = pipe._side_batch([req], cand)
+    A = len(log.actions)
+    want = store.rates.lookup("author", corpus.author_ids[:3])
+    np.testing.assert_array_equal(side.candidate_numeric[0, :3, -A:].numpy(), want)
+    assert not side.candidate_numeric[0, 3].any()  # padding

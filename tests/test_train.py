@@ -66,7 +66,17 @@ def test_resume_continues_exactly(log_file, tmp_path, schedule):
     assert straight.state.losses == second.state.losses
 
 
-def test_lr_schedule_sets_both_rates_at_every_step(log_file, tmp_path, capsys):
+def test_a_decaying_schedule_resumes_only_with_its_epochs(log_file, tmp_path):
+    log, hashes, req, tr = _setup(log_file, tmp_path, lr_schedule="cosine")
+    tr.fit(log, hashes, req)
+    _, _, _, more = _setup(log_file, tmp_path, lr_schedule="cosine", epochs=3)
+    with pytest.raises(ValueError, match="decays over the planned epochs"):
+        more.resume()
+    _, _, _, same = _setup(log_file, tmp_path, lr_schedule="cosine")
+    assert same.resume() and same.state.done
+
+
+def test_lr_schedule_sets_the_dense_rate_at_every_step(log_file, tmp_path, capsys):
     """Linear decay: step t of T runs the dense optimizer at (1 - t / T) times its configured
     rate; the table's Adagrad keeps its own."""
     from hashrec.training.loop import LR_SCHEDULES, lr_factor

@@ -487,57 +487,16 @@ def load_corpus(
 
 
 def side_store_for(model: Any, info: Any, log: Any, option: str, data_flag: str = "--data"):
-    """The ``SideStore`` serving looks a ranker's side features up in: None for a ranker
-    trained without side features; the store ``load_log`` built from ``log`` (the log the
-    ranker was trained on, read from ``data_flag``) otherwise; a clear error when there is no
-    store. The numbers are standardised as in training (the checkpoint's ``side_stats``; a
-    checkpoint from before they were recorded: the log's own). A ``--rate-features`` ranker
-    also gets every user's, post's and author's smoothed rates over the checkpoint's training
-    days (``RateTables``). A log other than the training log only gets a notice: its side
-    tables (and rates) are used as they are."""
+    """``hashrec.serving.store.checkpoint_side_store`` with the CLI's names in its messages
+    (``option``: the checkpoint's flag, ``data_flag``: the log's) and its notice on stderr."""
     import sys
 
-    if not model.config.side.any:
-        return None
-    rates = bool(info.extra.get("rate_features"))
-    store = getattr(log.side, "store", None) if info.extra.get("side_features", True) else None
-    if store is None and not rates:
-        raise ValueError(f"{option} was trained with side features, but {data_flag} holds none: "
-                         f"give {data_flag} the log it was trained on, with its side tables "
-                         "(a KuaiRand folder, or --authors / --users for a log file)")  # fmt: skip
-    split, trained = info.extra.get("split"), info.extra.get("data")
-    if split and trained:
-        from hashrec.evaluation.experiment import Split, data_fingerprint
+    from hashrec.serving.store import checkpoint_side_store
 
-        try:
-            same = data_fingerprint(log, Split(**split).masks(log)[0]) == trained
-        except (TypeError, ValueError):
-            same = False
-        if not same:
-            print(f"notice: {data_flag} is not the log {option} was trained on (its training "
-                  f"rows differ): side features are looked up in {data_flag}",
-                  file=sys.stderr)  # fmt: skip
-    stats = info.extra.get("side_stats")
-    if stats and store is not None:
-        try:
-            store = store.with_stats(stats)
-        except ValueError as e:
-            raise ValueError(f"{option}: {e}: give {data_flag} the log it was trained on") from None
-    if rates:  # the smoothed rates of every training row, by ID, as training encoded them
-        from dataclasses import replace
+    def notice(message: str) -> None:
+        print(f"notice: {message}", file=sys.stderr)
 
-        from hashrec.data import SideColumns
-        from hashrec.evaluation.experiment import Split, with_rate_features
-
-        if not split:
-            raise ValueError(f"{option} was trained with --rate-features but records no "
-                             "training split to compute the rates from")  # fmt: skip
-        if store is None:
-            log = replace(log, side=SideColumns.empty(len(log)))
-        else:
-            log = replace(log, side=replace(log.side, store=store))
-        store = with_rate_features(log, Split(**split).masks(log)[0]).side.store
-    return store
+    return checkpoint_side_store(model, info, log, source=option, data=data_flag, notice=notice)
 
 
 def weights_option(text: str | None) -> dict[str, float] | None:

@@ -50,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
     if extra.get("side_features") is False:
         log = replace(log, side=SideColumns.empty(len(log)))
     elif extra.get("side_stats"):  # standardised as in training
-        log = replace(log, side=log.side.with_stats(extra["side_stats"]))
+        try:
+            log = replace(log, side=log.side.with_stats(extra["side_stats"]))
+        except ValueError as e:
+            raise ValueError(
+                f"--checkpoint {args.checkpoint}: {e}; give --data the log it was trained on"
+            ) from None
     if extra.get("rate_features"):  # the same time-respecting encodings as in training
         from hashrec.evaluation.experiment import with_rate_features
 

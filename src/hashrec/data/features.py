@@ -13,8 +13,9 @@ and post-age embeddings.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +28,7 @@ __all__ = [
     "SideColumns",
     "bucket_ids",
     "categorical_ids",
+    "checked_stats",
     "history_signal",
     "log_scale",
     "post_age_days",
@@ -85,6 +87,34 @@ def standard_stats(x: np.ndarray) -> tuple[float, float]:
         return float("nan"), float("nan")
     mu, sd = float(x[ok].mean()), float(x[ok].std())
     return mu, (sd if sd > 0 else 1.0)
+
+
+def checked_stats(stats: Mapping[str, Any], keys: Iterable[str]) -> dict[str, tuple[float, float]]:
+    """``stats`` (a checkpoint's ``side_stats``) for ``keys``, as (mean, scale) floats; a
+    ValueError naming the numbers it lacks or an entry that is not a finite mean and a scale
+    > 0 (or NaN, NaN: a column without a value).
+
+    >>> checked_stats({"post_num:n": [1, 2.0]}, ["post_num:n"])
+    {'post_num:n': (1.0, 2.0)}
+    """
+    keys = list(keys)
+    missing = sorted(set(keys) - set(stats))
+    if missing:
+        raise ValueError(f"side feature statistics: none for {missing} (they cover "
+                         f"{sorted(stats)})")  # fmt: skip
+    out = {}
+    for k in keys:
+        v = stats[k]
+        try:
+            mu, sd = (float(x) for x in v)
+        except (TypeError, ValueError):
+            raise ValueError(f"side feature statistics {k!r}: expected [mean, scale], got "
+                             f"{v!r}") from None  # fmt: skip
+        if not ((np.isfinite(mu) and np.isfinite(sd) and sd > 0) or (mu != mu and sd != sd)):
+            raise ValueError(f"side feature statistics {k!r}: expected a finite mean and a "
+                             f"scale > 0 (or NaN, NaN), got {[mu, sd]}")  # fmt: skip
+        out[k] = (mu, sd)
+    return out
 
 
 def standardise(x: np.ndarray, stats: tuple[float, float]) -> np.ndarray:
@@ -238,11 +268,7 @@ class SideColumns:
         ``side_stats``). ValueError naming the numbers ``stats`` lacks."""
         if not self.raw:
             return self
-        missing = sorted(set(self.raw) - set(stats))
-        if missing:
-            raise ValueError(f"side feature statistics: none for {missing} (they cover "
-                             f"{sorted(stats)})")  # fmt: skip
-        stats = {k: (float(stats[k][0]), float(stats[k][1])) for k in self.raw}
+        stats = checked_stats(stats, self.raw)
 
         def nums(kind: str, old: np.ndarray) -> np.ndarray:
             # a column without a raw value (a rate feature, standardised when added) stays

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from hashrec.data.features import SideColumns, history_signal, post_age_days, sorted_lookup
+from hashrec.data.features import (
+    SideColumns,
+    checked_stats,
+    history_signal,
+    post_age_days,
+    sorted_lookup,
+)
 from hashrec.hashing.config import HashConfig
 from hashrec.nn.side import SideBatch, SideConfig
 
@@ -177,12 +183,7 @@ class SideStore:
         >>> store.with_stats({"post_num:length": [2.0, 1.0]}).stats
         {'post_num:length': (2.0, 1.0)}
         """
-        missing = sorted(set(self.stats) - set(stats))
-        if missing:
-            raise ValueError(f"side feature statistics: none for {missing} (the model was "
-                             f"trained with {sorted(stats)})")  # fmt: skip
-        return replace(self, stats={k: (float(stats[k][0]), float(stats[k][1]))
-                                    for k in self.stats})  # fmt: skip
+        return replace(self, stats=checked_stats(stats, self.stats))
 
     @property
     def required_columns(self) -> tuple[str, ...]:
@@ -309,7 +310,8 @@ def side_batch(
 ) -> SideBatch:
     """The ``SideBatch`` training builds for these request rows (``hashrec.data.collate``).
 
-    user_ids [B] (0: no user, features missing); history_post_ids [B, S] (0 = padding: signals
+    user_ids [B] (0: no user, features missing; a store's rates read the prior's, as for any
+    user without training rows); history_post_ids [B, S] (0 = padding: signals
     0); history_values: signal column -> [B, S] raw numbers (NaN = not sent, see
     ``SideStore.history_signals``); candidate_post_ids [B, C] (0 = padding: features 0),
     candidate_time_ms [B, C] (epoch ms of the impression) and candidate_author_ids [B, C]

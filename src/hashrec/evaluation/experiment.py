@@ -226,11 +226,6 @@ def check_resume(
     mlog = model_log(log, spec, split.masks(log)[0])  # as run_model's
     current = {"model_config": ranker_config(mlog, spec).to_dict(), "train": asdict(train_cfg),
                **run_record(mlog, split, spec, examples)}  # fmt: skip
-    if current["side_stats"] and "side_stats" not in saved:
-        raise ValueError(f"{checkpoint}: cannot resume: it was written before side numbers "
-                         "were standardised by the training days' statistics (it records "
-                         "none), and resuming would change its features; start a new run in "
-                         "another --out")  # fmt: skip
     check_resumable(checkpoint, saved, current, meta["train_state"], train_cfg.epochs)
     return True
 

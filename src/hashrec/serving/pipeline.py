@@ -91,15 +91,16 @@ def scoring_config(
 
 SIDE_STORE_MISSING = (
     "this ranker was trained with side features: it needs the side store of the log it was "
-    "trained on (its user and post tables: load_log(...).side.store, standardising with the "
-    "checkpoint's statistics: .with_stats(info.extra['side_stats']))"
+    "trained on, standardising with the checkpoint's statistics (and its rates, for "
+    "--rate-features): hashrec.serving.store.checkpoint_side_store(model, info, log)"
 )
 
 
 def check_side_store(ranker: PhoenixRanker, store: SideStore | None) -> SideStore | None:
     """The store a ranker's side features come from: None for a ranker without side features
     (a store given is not used); a ValueError for a ranker with side features and no store, or
-    a store whose fields are not the ranker's (another log, or ``--rate-features``)."""
+    a store whose fields are not the ranker's (another log, or a ``--rate-features`` ranker
+    served without its rates: ``hashrec.serving.store.checkpoint_side_store`` builds both)."""
     want = ranker.config.side
     if not want.any:
         return None
@@ -200,13 +201,14 @@ class Recommendation:
     retrieval_score: float | None
 
 
-@dataclass
+@dataclass(eq=False)  # arrays have no single truth value: compare the columns yourself
 class RecommendResult:
     """A user's list, best first, kept as columns (one row per post): ``post_ids``,
     ``author_ids``, ``scores`` [k], ``probs`` [k, len(actions)], ``retrieval_scores`` (NaN: not
     retrieved, the cold-start path). ``items`` builds one ``Recommendation`` per row on first
-    access: a batch over many users that only needs the IDs never pays for the objects.
-    ``notice`` says when the cold-start path was taken."""
+    access and keeps them (change the columns before that, as ``hashrec recommend`` does with
+    its ID offset): a batch over many users that only needs the IDs never pays for the
+    objects. ``notice`` says when the cold-start path was taken."""
 
     user_id: int
     actions: tuple[str, ...]

@@ -263,8 +263,8 @@ class RequestRanker:
     [(3,), (3,)]
 
     A ranker trained with side features needs ``side_store``: the ``SideStore`` of the log it
-    was trained on with its checkpoint's statistics
-    (``load_log(...).side.store.with_stats(info.extra["side_stats"])``).
+    was trained on, with its checkpoint's statistics and rates
+    (``hashrec.serving.store.checkpoint_side_store(model, info, log)``).
     """
 
     def __init__(

@@ -210,6 +210,9 @@ def rank_slice(
     if groups is None:
         return np.array_split(indices, world)[rank]
     n = len(indices)
+    if np.shape(groups) != (n,):
+        raise ValueError(f"rank_slice: groups has shape {list(np.shape(groups))}, expected [{n}]"
+                         " (one key per index)")  # fmt: skip
     even = np.cumsum([len(p) for p in np.array_split(np.arange(n), world)])[:-1]
     starts = np.r_[np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]), n]
     edges = np.r_[0, starts[np.searchsorted(starts, even)], n]

@@ -8,7 +8,8 @@ steps; a different learning rate would be ignored by the restored optimizer stat
 difference is refused except these, which do not change the steps already taken:
 
 * ``train.epochs``: more epochs continue a finished run (each epoch's order is seeded by
-  (seed, epoch)); fewer than the checkpoint has started are refused;
+  (seed, epoch)); fewer than the checkpoint has started are refused, and so is any change under
+  a decaying ``lr_schedule`` (it is planned over the epochs);
 * ``train.max_steps``, ``train.checkpoint_every``: when to stop and save;
 * ``train.dist_timeout_s``, ``train.table_sharding``: how processes wait for each other and
   where the table lives; a checkpoint holds the whole table whatever the process count, and the
@@ -94,8 +95,20 @@ def check_resumable(
     epochs: int,
 ) -> None:
     """Raise ValueError naming every conflicting setting between ``saved`` (the checkpoint at
-    ``path``) and ``current``, or epochs fewer than the checkpoint has already started."""
+    ``path``) and ``current``, epochs fewer than the checkpoint has already started, other
+    epochs under a decaying ``lr_schedule`` (its length), or side features from a checkpoint
+    that predates their recorded standardisation (``side_stats``)."""
     conflicts = resume_conflicts(saved, current)
+    schedule = (current.get("train") or {}).get("lr_schedule", "constant")
+    before = (saved.get("train") or {}).get("epochs")
+    if schedule != "constant" and before is not None and before != epochs:
+        conflicts.append(f"train.epochs: {before} in the checkpoint, {epochs} now, and the "
+                         f"lr_schedule {schedule!r} decays over the planned epochs")  # fmt: skip
+    rates = bool(current.get("rate_features"))
+    if "side_stats" in current and "side_stats" not in saved and (current["side_stats"] or rates):
+        conflicts.append("side_stats: none in the checkpoint (written before side numbers "
+                         "were standardised by the training days' statistics), so its "
+                         "features would change")  # fmt: skip
     if saved_state is not None:
         started = saved_state["epoch"] + (1 if saved_state["step_in_epoch"] else 0)
         if epochs < started:

@@ -74,7 +74,9 @@ class TrainConfig:
     table_sharding: str = "auto"  # over processes: distributed.TABLE_SHARDING
     # the dense (AdamW) learning rate over the planned steps (``epochs`` x steps per epoch):
     # "constant", or decaying to 0 by the last step, "linear" or "cosine" (``lr_factor``); the
-    # table's row-wise Adagrad keeps ``table_lr``
+    # table's row-wise Adagrad keeps ``table_lr``. A decaying run resumes only with the same
+    # epochs; ``refit`` decays over the epochs validation chose (early stopping may have cut
+    # the validated run's decay short)
     lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
