@@ -397,6 +397,10 @@ def test_http_requests_missing_side_fields_get_422_naming_them(trained, app):
         assert r.status_code == 200
         same = client.post("/rank", json=own_times)
         assert same.status_code == 200 and same.json() == r.json(), same.text
+        same = client.post("/rank", json={**own_times, "time_ms": None})  # null: as absent
+        assert same.status_code == 200 and same.json() == r.json(), same.text
+        r = client.post("/rank", json={**no_time, "time_ms": None})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "time_ms"]
         for body, where in ((no_time, ["body", "time_ms"]),
                             (no_signal, ["body", "history", "0", "signals"])):  # fmt: skip
             r = client.post("/rank", json=body)

@@ -206,6 +206,8 @@ def rank_slice(
     array([3, 4])
     >>> rank_slice(np.arange(5), 0, 2, groups=np.array([7, 7, 8, 8, 8]))  # cut at 3 -> 5
     array([0, 1, 2, 3, 4])
+    >>> rank_slice(np.arange(5), 1, 2, groups=np.array([7, 7, 8, 8, 8]))  # a stand-in's rank
+    array([], dtype=int64)
     """
     if groups is None:
         return np.array_split(indices, world)[rank]
