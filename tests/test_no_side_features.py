@@ -112,3 +112,19 @@ def test_a_checkpoint_without_side_stats_is_not_resumed_with_new_features(side_l
     capsys.readouterr()
     err = cli_error(_train_argv(side_log, out, *flags, "--resume", "--epochs", "2"), capsys, 1)
     assert "written before side numbers were standardised" in err
+
+
+def test_broken_side_statistics_are_named(side_log):
+    """Statistics handed back (a checkpoint's, or a library user's) are checked: a missing
+    number, a zero or infinite scale, an entry that is not two numbers."""
+    log_path, posts, users = side_log
+    log = load_log(str(log_path), LogSchema.from_dict(SIDE_SCHEMA), authors=str(posts),
+                   users=str(users))  # fmt: skip
+    good = {k: list(v) for k, v in log.side.stats.items()}
+    for bad, match in (([1.0, 0.0], "scale > 0"), ([1.0, float("inf")], "scale > 0"),
+                       ([1.0], r"expected \[mean, scale\]"), ("x", r"expected \[mean, scale\]")):  # fmt: skip
+        stats = {**good, "post_num:length": bad}
+        for target in (log.side, log.side.store):
+            with pytest.raises(ValueError, match=f"'post_num:length'.*{match}"):
+                target.with_stats(stats)
+    assert log.side.store.with_stats(good).stats == log.side.stats
