@@ -161,6 +161,16 @@ CONFIGS: dict[str, dict] = {
         "rates": True,
         "refit": True,
     },
+    # ... at half the bytes (two of them within the budget: an ensemble, diagnostic)
+    "raterare12": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "action_weights": RARE_WEIGHTS,
+        "rates": True,
+        "refit": True,
+        "fraction": 0.125,
+    },
     # ... at D = 64 (25% of its own collision-free table's bytes)
     "raterarewide": {
         **DEFAULTS,
