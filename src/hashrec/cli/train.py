@@ -148,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     log = common.load_data(args)
     try:
         run_experiment(args, log, args.train_end, args.full_table, resume=args.resume)
-    finally:
-        teardown()
+    except BaseException:
+        teardown(wait=False)
+        raise
+    teardown()
     return 0

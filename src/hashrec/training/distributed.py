@@ -174,10 +174,30 @@ def setup(
     return ctx
 
 
-def teardown() -> None:
-    """Leave the process group, if this process joined one."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+_DONE_KEY = "hashrec/rank0_done"
+
+
+def teardown(wait: bool = True) -> None:
+    """Leave the process group, if this process joined one: every rank once rank 0 is done
+    (``wait=False``, on an error: at once, so torchrun stops the others without delay).
+
+    Rank 0 still evaluates and writes after training while the other ranks have finished; a
+    rank that tore its gloo group down meanwhile was seen to abort ("terminate called without
+    an active exception", about one run in ten of the two-process test). So rank 0 marks the
+    end in the rendezvous store and the others wait for that mark (no collective, so no
+    timeout however long rank 0's evaluation; if rank 0 dies, torchrun stops them)."""
+    if not dist.is_initialized():
+        return
+    if wait:
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            if dist.get_rank() == 0:
+                store.set(_DONE_KEY, "1")
+            else:
+                store.wait([_DONE_KEY], datetime.timedelta(days=1))
+        except (RuntimeError, AttributeError, ValueError):  # no store (or it is gone): leave
+            pass
+    dist.destroy_process_group()
 
 
 def seed_rank(seed: int, ctx: DistContext) -> None:
