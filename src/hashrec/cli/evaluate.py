@@ -20,10 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from hashrec.data import ExampleConfig, RowHashes, SideColumns, build_requests
-    from hashrec.evaluation.experiment import baseline_predictions, evaluate_predictions
+    from hashrec.data import ExampleConfig, RowHashes, build_requests
+    from hashrec.evaluation.experiment import (
+        baseline_predictions,
+        checkpoint_log,
+        evaluate_predictions,
+    )
     from hashrec.evaluation.report import format_results
     from hashrec.training.checkpoint import load_checkpoint
     from hashrec.training.trainer import predict, resolve_device
@@ -47,19 +49,12 @@ def run(args: argparse.Namespace) -> int:
     split = common.split(args, train_end)
     examples = ExampleConfig(**{**extra.get("examples", {}), "negatives_per_request": 0})
     train, ev = split.masks(log)
-    if extra.get("side_features") is False:
-        log = replace(log, side=SideColumns.empty(len(log)))
-    elif extra.get("side_stats"):  # standardised as in training
-        try:
-            log = replace(log, side=log.side.with_stats(extra["side_stats"]))
-        except ValueError as e:
-            raise ValueError(
-                f"--checkpoint {args.checkpoint}: {e}; give --data the log it was trained on"
-            ) from None
-    if extra.get("rate_features"):  # the same time-respecting encodings as in training
-        from hashrec.evaluation.experiment import with_rate_features
-
-        log = with_rate_features(log, train)
+    try:  # standardised as in training, the same time-respecting rate encodings
+        log = checkpoint_log(log, extra, train)
+    except ValueError as e:
+        raise ValueError(
+            f"--checkpoint {args.checkpoint}: {e}; give --data the log it was trained on"
+        ) from None
     if model.config.hash.entities[0].scheme == "identity":
         raise ValueError("evaluate full-table checkpoints with the run that trained them")
     hashes = RowHashes(log, model.config.hash)

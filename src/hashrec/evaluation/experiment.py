@@ -59,6 +59,7 @@ __all__ = [
     "Split",
     "baseline_predictions",
     "check_resume",
+    "checkpoint_log",
     "collision_free_spec",
     "data_fingerprint",
     "evaluate_predictions",
@@ -328,6 +329,31 @@ def model_log(log: InteractionLog, spec: ModelSpec, train: np.ndarray) -> Intera
     else:
         log = replace(log, side=log.side.fit_stats(train))
     if spec.rate_features:
+        log = with_rate_features(log, train)
+    return log
+
+
+def checkpoint_log(
+    log: InteractionLog, extra: dict, train: np.ndarray | None = None
+) -> InteractionLog:
+    """The log as the model of a checkpoint (its ``extra`` record) saw it: ``model_log`` with
+    the checkpoint's side statistics (``side_stats``) instead of statistics fitted here, and
+    the rate features from the ``train`` rows (needed only when it took them). ValueError from
+    statistics the log's numbers do not match.
+
+    >>> from hashrec.datasets import kuairand_sample_dir
+    >>> from hashrec.data import load_kuairand
+    >>> log = load_kuairand(kuairand_sample_dir())
+    >>> checkpoint_log(log, {"side_features": False}).side.num_fields
+    0
+    """
+    if extra.get("side_features") is False:
+        log = replace(log, side=SideColumns.empty(len(log)))
+    elif extra.get("side_stats"):
+        log = replace(log, side=log.side.with_stats(extra["side_stats"]))
+    if extra.get("rate_features"):
+        if train is None:
+            raise ValueError("the checkpoint's model takes rate features: give the training rows")
         log = with_rate_features(log, train)
     return log
 

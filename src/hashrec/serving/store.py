@@ -17,7 +17,7 @@ from typing import Any
 
 from hashrec.data import InteractionLog, SideColumns
 from hashrec.data.side_store import SideStore
-from hashrec.evaluation.experiment import Split, data_fingerprint, with_rate_features
+from hashrec.evaluation.experiment import Split, checkpoint_log, data_fingerprint
 from hashrec.models.ranker import PhoenixRanker
 
 __all__ = ["checkpoint_side_store"]
@@ -57,19 +57,13 @@ def checkpoint_side_store(
         if not same:
             notice(f"{data} is not the log {source} was trained on (its training rows "
                    f"differ): side features are looked up in {data}")  # fmt: skip
-    stats = extra.get("side_stats")
-    if stats and store is not None:
-        try:
-            store = store.with_stats(stats)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}: give {data} the log it was trained on") from None
-    if rates:  # the smoothed rates of every training row, by ID, as training encoded them
-        if not split:
-            raise ValueError(f"{source} was trained with --rate-features but records no "
-                             "training split to compute the rates from")  # fmt: skip
-        if store is None:
-            log = replace(log, side=SideColumns.empty(len(log)))
-        else:
-            log = replace(log, side=replace(log.side, store=store))
-        store = with_rate_features(log, Split(**split).masks(log)[0]).side.store
-    return store
+    if rates and not split:
+        raise ValueError(f"{source} was trained with --rate-features but records no "
+                         "training split to compute the rates from")  # fmt: skip
+    if store is None:  # rates alone
+        log = replace(log, side=SideColumns.empty(len(log)))
+    train = Split(**split).masks(log)[0] if rates else None  # every training row's rates
+    try:
+        return checkpoint_log(log, extra, train).side.store
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}: give {data} the log it was trained on") from None
