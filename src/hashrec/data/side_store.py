@@ -42,8 +42,9 @@ __all__ = ["Keyed", "RateTables", "SideStore", "left_padded_history", "side_batc
 
 @dataclass(frozen=True)
 class Keyed:
-    """One side column by ID: sorted unique ``keys`` [n] int64 and their ``values`` [n]
-    (categorical value IDs, or raw numbers); an absent ID reads as missing (0 / NaN).
+    """One side column by ID: sorted unique ``keys`` [n] int64 and their ``values`` [n, ...]
+    (categorical value IDs, or raw numbers); an absent ID reads as missing (0 / NaN), or as
+    ``lookup``'s ``default``.
 
     >>> col = Keyed(np.array([3, 8]), np.array([1.5, 2.5]))
     >>> col.lookup(np.array([8, 4])).tolist()
@@ -57,11 +58,16 @@ class Keyed:
     def missing(self) -> float | int:
         return np.nan if self.values.dtype.kind == "f" else 0
 
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
+    def lookup(self, ids: np.ndarray, default: Any = None) -> np.ndarray:
+        """Values of ``ids`` [m] -> [m, ...]; an absent ID gets ``default`` (one value's shape;
+        None: missing)."""
+        fill = self.missing if default is None else default
+        shape = (*np.shape(ids), *self.values.shape[1:])
         if not len(self.keys):  # a column without a single value
-            return np.full(np.shape(ids), self.missing, dtype=self.values.dtype)
+            return np.broadcast_to(np.asarray(fill, self.values.dtype), shape).copy()
         pos, found = sorted_lookup(self.keys, ids)
-        return np.where(found, self.values[pos], self.missing)
+        found = found.reshape(found.shape + (1,) * (self.values.ndim - 1))
+        return np.where(found, self.values[pos], fill)
 
     @classmethod
     def latest(cls, ids: np.ndarray, values: np.ndarray, time: np.ndarray) -> Keyed:
@@ -102,12 +108,8 @@ class RateTables:
 
     def lookup(self, entity: str, ids: np.ndarray) -> np.ndarray:
         """[n, A] float32 of ``ids`` [n] (``entity``: user, post or author)."""
-        table, ids = self.tables[entity], np.asarray(ids, np.int64).reshape(-1)
-        out = np.repeat(self.unseen[entity][None].astype(np.float32), len(ids), axis=0)
-        if len(table.keys) and len(ids):
-            pos, found = sorted_lookup(table.keys, ids)
-            out[found] = table.values[pos[found]]
-        return out
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        return self.tables[entity].lookup(ids, default=self.unseen[entity])
 
     def names(self, entity: str) -> tuple[str, ...]:
         return tuple(f"{entity}_rate:{a}" for a in self.actions)
