@@ -242,9 +242,7 @@ def lookup_layouts(
     if not weighted or table.backend is not None:
         return apply_layouts(config, batch, table.lookup(batch))
     out = table.lookup_fields(batch, skip={f.name for f in weighted})
-    if batch.max_index(tuple(f.name for f in weighted)) >= table.num_rows:  # no host sync
-        for f in weighted:
-            table.check_indices(f.name, getattr(batch, f.name))
+    table.check_batch(batch, [f.name for f in weighted])
     by_k: dict[int, list] = {}
     for f in weighted:
         by_k.setdefault(getattr(batch, f.name).shape[-1], []).append(f)

@@ -9,7 +9,7 @@ O(touched rows), never O(table). Row 0 is padding: zero at init, dropped from ev
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +192,13 @@ class FusedEmbeddingTable(nn.Module):
             return self.backend(flat)
         return gather_rows(self.weight, flat, self.sparse)
 
+    def check_batch(self, batch: RecsysBatch, names: Sequence[str]) -> None:
+        """``check_indices`` on the hash fields ``names`` of ``batch``, only when the bounds the
+        batch recorded when built say one may be out of range (no host sync otherwise)."""
+        if batch.max_index(tuple(names)) >= self.num_rows:
+            for name in names:
+                self.check_indices(name, getattr(batch, name))
+
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [...] int -> vectors [..., D] in the table's dtype."""
         self.check_indices("indices", indices)
@@ -216,9 +223,7 @@ class FusedEmbeddingTable(nn.Module):
         looked_up: dict[str, torch.Tensor | None] = {f.embedding: None for f in HASH_FIELDS}
         if not present:
             return looked_up
-        if batch.max_index(tuple(f.name for f in present)) >= self.num_rows:
-            for f in present:
-                self.check_indices(f.name, getattr(batch, f.name))
+        self.check_batch(batch, [f.name for f in present])
         parts = [getattr(batch, f.name) for f in present]
         flat = torch.cat([p.reshape(-1).to(torch.int64) for p in parts])
         out = self._gather(flat)

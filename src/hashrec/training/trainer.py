@@ -203,9 +203,9 @@ class Trainer(EpochTrainer):
         """The loss of the global batch ``requests[indices]``: this rank's slice, forward,
         masked per-action losses (``loss_terms``) summed over ranks."""
         self.parallel.begin(self.table)  # no-op once begun (or with nothing to shard)
-        pairwise = self.config.pairwise_weight > 0
-        users = log.user[requests.user_row[indices]] if pairwise else None  # kept whole
-        mine, weight = self.parallel.local_requests(indices, users)
+        w = self.config.pairwise_weight
+        request_users = log.user[requests.user_row[indices]] if w > 0 else None  # kept whole
+        mine, weight = self.parallel.local_requests(indices, request_users)
         lb = next(batches(log, hashes, requests, len(mine), mine)).to(self.device)
         out = self.parallel(lb.batch, side=lb.side)
         terms = loss_terms(out, lb.labels, lb.label_mask, lb.continuous, self._action_weights)
@@ -213,7 +213,6 @@ class Trainer(EpochTrainer):
         loss = distributed.global_loss(
             terms, self.config.continuous_weight, examples, self.ctx, weight
         )
-        w = self.config.pairwise_weight
         if w > 0:  # each user's pairs on one rank (a user's requests are contiguous)
             rows = lb.candidate_rows
             users = np.where(rows >= 0, log.user[np.maximum(rows, 0)], -1)
