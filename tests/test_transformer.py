@@ -124,10 +124,14 @@ def test_fast_path_matches_full_mask_outputs_and_gradients(cap, causal, S, C, op
 @pytest.mark.parametrize("cap", [30.0, None])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("C", [3, 0])
-def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal, C):
+@pytest.mark.parametrize("groups", [3, 2, 1])
+def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal, C, groups, monkeypatch):
     """Packed tokens, requests grouped by context length (here 0 to 40 tokens: every group),
     against ``isolated_attention`` on the padded [B, T] layout: outputs and q, k, v gradients.
-    Row 0 has candidates but no context; C = 0 is the two-tower's user tower."""
+    Row 0 has candidates but no context; C = 0 is the two-tower's user tower. The group
+    overhead of the planner's cost model decides how many groups the bins merge into."""
+    overhead = {3: 0, 2: 2_000, 1: 10**6}[groups]
+    monkeypatch.setattr("hashrec.nn.varlen._GROUP_OVERHEAD", overhead)
     torch.manual_seed(0)
     B, Tc, Hq, Hkv, hd = 9, 41, 4, 2, 8
     valid = torch.zeros(B, Tc + C, dtype=torch.bool)
@@ -138,7 +142,8 @@ def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal, C):
     N = len(index)
     q, k, v = (torch.randn(N, h, hd, requires_grad=True) for h in (Hq, Hkv, Hkv))
     plan = plan_varlen(valid, C)
-    assert len(plan.groups) == 3  # contexts of <= 16, 32, 64 tokens
+    # bins of contexts of <= 16, 32, 64 tokens: apart, the last two merged, all merged
+    assert len(plan.groups) == groups
     out = varlen_isolated_attention(q, k, v, plan, causal, cap)
 
     def padded(t):

@@ -21,6 +21,7 @@ __all__ = [
     "AttentionLayout",
     "candidate_isolation_mask",
     "candidates_attend",
+    "context_bias",
     "full_mask_attention",
     "isolated_attention",
     "masked_attention",
@@ -155,10 +156,12 @@ def candidates_attend(
     ctx_valid: torch.Tensor,
     cap: float | None,
     scale: float | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each candidate against the context keys plus its own key: qc [B, Hq, C, hd], kc/vc
     [B, Hkv, C, hd] (the candidates' own), kx/vx [B, Hkv, Tc, hd] (the context's), ctx_valid
-    [B, Tc] -> [B, Hq, C, hd]."""
+    [B, Tc] -> [B, Hq, C, hd]. ``bias``: ``context_bias(ctx_valid, Hkv, dtype)`` when the
+    caller reuses it across layers."""
     B, Hq, C, hd = qc.shape
     Hkv, Tc = kx.shape[1], kx.shape[2]
     G = Hq // Hkv
@@ -170,11 +173,23 @@ def candidates_attend(
     # each query row's own candidate key/value, [B*Hkv, G*C, hd]
     kc = kc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
     vc = vc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
-    bias = torch.zeros(B, Hkv, 1, Tc, dtype=q.dtype, device=q.device)
-    bias.masked_fill_(~ctx_valid[:, None, None, :], float("-inf"))
-    bias = bias.view(B * Hkv, 1, Tc)
+    if bias is None:
+        bias = context_bias(ctx_valid, Hkv, q.dtype)
     out = _CandidateAttention.apply(q, kx, vx, kc, vc, bias, cap)  # [B*Hkv, G*C, hd]
     return out.view(B, Hq, C, hd)
+
+
+def context_bias(ctx_valid: torch.Tensor, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive key bias of ``candidates_attend``: [B * Hkv, 1, Tc], 0 at valid context
+    keys and -inf at padding.
+
+    >>> context_bias(torch.tensor([[True, False]]), 1, torch.float32).tolist()
+    [[[0.0, -inf]]]
+    """
+    B, Tc = ctx_valid.shape
+    bias = torch.zeros(B, num_kv_heads, 1, Tc, dtype=dtype, device=ctx_valid.device)
+    bias.masked_fill_(~ctx_valid[:, None, None, :], float("-inf"))
+    return bias.view(B * num_kv_heads, 1, Tc)
 
 
 _CHUNK_ELEMENTS = 1 << 19  # logits per chunk of (batch, kv-head) slices: ~2 MB of fp32

@@ -18,18 +18,49 @@ pointing at an extra zero row that every mask hides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from hashrec.nn.attention import candidate_isolation_mask, candidates_attend, masked_attention
+from hashrec.nn.attention import (
+    candidate_isolation_mask,
+    candidates_attend,
+    context_bias,
+    masked_attention,
+)
 
 __all__ = ["VarlenPlan", "plan_varlen", "varlen_isolated_attention"]
 
-# contexts of 1..16 tokens share a group: each group costs ~100 ops. Measured on KuaiRand
-# (one training step, CPU clock, 1 thread, 3 alternating rounds): 16 is 2-5% faster than 8
-# at histories of 32 and 128, and 32 / 64 slower again (padding outweighs the saved ops)
+# Requests are first binned by context length rounded up to a power of two (at least
+# _MIN_GROUP_LEN), then neighbouring bins merge when that is cheaper: a group costs a fixed
+# ~100 ops forward and as many backward (_GROUP_OVERHEAD, in padded logits) plus its padded
+# logits n * (L^2 + Cg * (L + 1)). Small bins of long contexts (a few requests each) join the
+# next one instead of paying their own ops.
 _MIN_GROUP_LEN = 16
+_GROUP_OVERHEAD = 32_768
+
+
+def _merge_bins(n: list[int], ctx: list[int], cand: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs [a, b) of bins (sorted by context length; ``n`` requests, longest
+    context, fullest slate each) of least total cost: one group per run.
+
+    >>> _merge_bins([100, 3, 1], [16, 28, 33], [4, 6, 1])  # the two small bins join
+    [(0, 1), (1, 3)]
+    """
+    m = len(n)
+    best, cut = [0] + [float("inf")] * m, [0] * (m + 1)
+    for b in range(1, m + 1):
+        rows = L = C = 0
+        for a in range(b - 1, -1, -1):  # the run a..b-1, grown leftwards
+            rows, L, C = rows + n[a], max(L, ctx[a]), max(C, cand[a])
+            cost = best[a] + _GROUP_OVERHEAD + rows * (L * L + C * (L + 1))
+            if cost < best[b]:
+                best[b], cut[b] = cost, a
+    runs, b = [], m
+    while b:
+        runs.append((cut[b], b))
+        b = cut[b]
+    return runs[::-1]
 
 
 @dataclass
@@ -37,6 +68,20 @@ class _Group:
     ctx: torch.Tensor  # [n, L] packed token of each context slot; N (the zero row) = padding
     ctx_valid: torch.Tensor  # [n, L] bool
     cand: torch.Tensor  # [n, Cg] packed token of each candidate slot; N = padding
+    # masks and biases built by the first layer, reused by the others (keyed by their options)
+    cache: dict = field(default_factory=dict)
+
+    def ctx_mask(self, causal: bool) -> torch.Tensor:
+        key = ("mask", causal)
+        if key not in self.cache:
+            self.cache[key] = candidate_isolation_mask(self.ctx_valid, 0, causal)
+        return self.cache[key]
+
+    def cand_bias(self, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        key = ("bias", num_kv_heads, dtype)
+        if key not in self.cache:
+            self.cache[key] = context_bias(self.ctx_valid, num_kv_heads, dtype)
+        return self.cache[key]
 
 
 @dataclass
@@ -74,9 +119,14 @@ def plan_varlen(valid: torch.Tensor, num_candidates: int) -> VarlenPlan:
     # group key: the context length rounded up to a power of two (at least _MIN_GROUP_LEN)
     key = torch.clamp(ctx_len, min=_MIN_GROUP_LEN)
     key = torch.pow(2, torch.ceil(torch.log2(key.double()))).long()
+    bins = torch.unique(key)
+    in_bin = key[None] == bins[:, None]  # [bins, B]
+    n_bin = in_bin.sum(1).tolist()
+    ctx_bin = torch.where(in_bin, ctx_len[None], 0).amax(1).tolist()
+    cand_bin = torch.where(in_bin, cand_len[None], 0).amax(1).tolist()
     groups, rows_out, perm = [], 0, torch.empty(N, dtype=torch.long)
-    for k in torch.unique(key).tolist():
-        rows = torch.nonzero(key == k).squeeze(1)
+    for a, b in _merge_bins(n_bin, ctx_bin, cand_bin):
+        rows = torch.nonzero(in_bin[a:b].any(0)).squeeze(1)
         n = len(rows)
         cl, ca, st = ctx_len[rows], cand_len[rows], start[rows]
         L = max(1, int(cl.max()))  # at least one (masked) key column
@@ -127,11 +177,11 @@ def varlen_isolated_attention(
         n, L = g.ctx.shape
         Cg = g.cand.shape[1]
         qx, kx, vx = (t[g.ctx].transpose(1, 2) for t in (qe, ke, ve))  # [n, H, L, hd]
-        mask = candidate_isolation_mask(g.ctx_valid, 0, causal)
-        out_ctx = masked_attention(qx, kx, vx, mask, cap, scale)  # [n, Hq, L, hd]
+        out_ctx = masked_attention(qx, kx, vx, g.ctx_mask(causal), cap, scale)  # [n, Hq, L, hd]
         pieces.append(out_ctx.transpose(1, 2).reshape(n * L, Hq, hd))
         if Cg:
             qc, kc, vc = (t[g.cand].transpose(1, 2) for t in (qe, ke, ve))  # [n, H, Cg, hd]
-            out_c = candidates_attend(qc, kc, vc, kx, vx, g.ctx_valid, cap, scale)
+            bias = g.cand_bias(kx.shape[1], qc.dtype)
+            out_c = candidates_attend(qc, kc, vc, kx, vx, g.ctx_valid, cap, scale, bias)
             pieces.append(out_c.transpose(1, 2).reshape(n * Cg, Hq, hd))
     return torch.cat(pieces).index_select(0, plan.perm)
