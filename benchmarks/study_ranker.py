@@ -181,6 +181,17 @@ CONFIGS: dict[str, dict] = {
         "refit": True,
         "fraction": 0.10,
     },
+    # every epoch in time order (the last steps on the most recent day)
+    "hybridtime": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "order": "time"},
+    "raterarertime": {
+        **DEFAULTS,
+        "scheme": "hybrid",
+        "head_share": 0.5,
+        "action_weights": RARE_WEIGHTS,
+        "rates": True,
+        "refit": True,
+        "order": "time",
+    },
     # rates and refit without the action weights
     "raterefit": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "rates": True, "refit": True},
     # ... at D = 64 (25% of its own collision-free table's bytes)
@@ -261,7 +272,8 @@ def spec_for(log, name: str, cfg: dict, split: Split) -> tuple[ModelSpec, TrainC
                         val_days=cfg.get("val_days", 1), refit=cfg.get("refit", False),
                         pairwise_weight=cfg.get("pairwise", 0.0),
                         lr_schedule=cfg.get("lr_schedule", "constant"),
-                        batch_size=cfg.get("batch_size", 128), lr=cfg.get("lr", 2e-3))  # fmt: skip
+                        batch_size=cfg.get("batch_size", 128), lr=cfg.get("lr", 2e-3),
+                        order=cfg.get("order", "shuffled"))  # fmt: skip
     return spec, train
 
 

@@ -106,6 +106,40 @@ def test_lr_schedule_sets_the_dense_rate_at_every_step(log_file, tmp_path, capsy
     assert "--lr-schedule" in err and "cosine" in err
 
 
+def test_time_order_visits_requests_oldest_first(log_file, tmp_path, capsys):
+    """``order="time"``: every epoch the requests by the time of their first impression; the
+    batches of a step are what the trainer takes from that order."""
+    from hashrec.training.trainer import ORDERS
+
+    log, hashes, req, tr = _setup(log_file, tmp_path, order="time")
+    taken = []
+    step = tr.step
+
+    def recording(loss_fn, indices, *args, **kwargs):
+        taken.append(np.asarray(indices).copy())
+        return step(loss_fn, indices, *args, **kwargs)
+
+    tr.step = recording
+    tr.fit(log, hashes, req)
+    times = log.time[req.candidates[:, 0]]
+    per_epoch = len(taken) // 2
+    for epoch in (taken[:per_epoch], taken[per_epoch:]):
+        order = np.concatenate(epoch)
+        assert sorted(order.tolist()) == list(range(len(req)))  # each request once
+        assert (np.diff(times[order]) >= 0).all() and len(set(times.tolist())) > 1
+    default = _setup(log_file, tmp_path / "s")[3]
+    default._request_times = times
+    assert (np.diff(times[default.epoch_order(0, len(req))]) < 0).any()  # the default shuffles
+    assert set(ORDERS) == {"shuffled", "time"}  # the CLI's choices
+    with pytest.raises(ValueError, match="order must be one of"):
+        TrainConfig(order="random")
+    with pytest.raises(ValueError, match="pairwise_weight"):
+        TrainConfig(order="time", pairwise_weight=0.1)
+    err = cli_error(["train", "--data", str(log_file), "--schema", SCHEMA_JSON, *TINY,
+                     "--order", "newest", "--out", str(tmp_path / "x")], capsys, 2)  # fmt: skip
+    assert "--order" in err and "time" in err
+
+
 def test_failed_save_keeps_the_previous_checkpoint(log_file, tmp_path, monkeypatch):
     run = tmp_path / "run"
     log, hashes, req, tr = _setup(log_file, run, max_steps=2)

@@ -282,6 +282,10 @@ def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
                    help="the dense learning rate over the planned steps: constant, or "
                    "decaying to 0 by the last epoch's end (linear, cosine); the table's "
                    "Adagrad keeps --table-lr")  # fmt: skip
+    t.add_argument("--order", choices=("shuffled", "time"), default="shuffled",
+                   help="the order each epoch visits the requests: shuffled (seeded), or "
+                   "by time, oldest first, as a stream (the last steps on the latest "
+                   "day)")  # fmt: skip
     t.add_argument(
         "--action-weights",
         type=name_values,
@@ -550,7 +554,7 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
                             pairwise_weight=args.pairwise_weight,
                             val_days=args.val_days, val_fraction=args.val_fraction,
                             patience=args.patience, refit=args.refit,
-                            lr_schedule=args.lr_schedule)  # fmt: skip
+                            lr_schedule=args.lr_schedule, order=args.order)  # fmt: skip
         unknown = set(args.action_weights) - set(log.actions)
         if unknown:
             raise ValueError(f"--action-weights names {sorted(unknown)}; the log's actions are "

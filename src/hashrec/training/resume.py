@@ -41,7 +41,11 @@ MAY_CHANGE = frozenset(
 
 # Settings added after checkpoints were first written, with the value older versions ran with:
 # a checkpoint without the key resumes when this run keeps that value.
-ADDED_DEFAULTS: dict[str, Any] = {"train.pairwise_weight": 0.0, "train.lr_schedule": "constant"}
+ADDED_DEFAULTS: dict[str, Any] = {
+    "train.pairwise_weight": 0.0,
+    "train.lr_schedule": "constant",
+    "train.order": "shuffled",
+}
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

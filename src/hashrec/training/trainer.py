@@ -78,6 +78,10 @@ class TrainConfig:
     # epochs; ``refit`` decays over the epochs validation chose (early stopping may have cut
     # the validated run's decay short)
     lr_schedule: str = "constant"
+    # the order each epoch visits the requests: "shuffled" (seeded by (seed, epoch)) or "time"
+    # (by request time, oldest first, as a model trained on a stream sees them: the last steps
+    # are the most recent days)
+    order: str = "shuffled"
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -115,6 +119,14 @@ class TrainConfig:
             )
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.order == "time" and self.pairwise_weight > 0:
+            raise ValueError("order 'time' cannot hold each user's requests together, which "
+                             "pairwise_weight > 0 needs: use order 'shuffled'")  # fmt: skip
+
+
+ORDERS = ("shuffled", "time")
 
 
 def set_seed(seed: int) -> None:
@@ -184,6 +196,7 @@ class Trainer(EpochTrainer):
             validate = functools.partial(self.validation_score, log, hashes, validation)
         step_loss = functools.partial(self.step_loss, log, hashes, requests)
         self._request_users = log.user[requests.user_row]
+        self._request_times = log.time[requests.candidates[:, 0]]  # its first impression
         state = self.run_epochs(len(requests), step_loss, validate)
         self.parallel.end(self.table)
         return state
@@ -227,7 +240,11 @@ class Trainer(EpochTrainer):
     def epoch_order(self, epoch: int, n_examples: int) -> np.ndarray:
         """Seeded by (seed, epoch) as the plain permutation; with ``pairwise_weight`` > 0 the
         users come in a random order and each user's requests together (in random order), so
-        a batch holds whole users and the pairwise term sees their candidates side by side."""
+        a batch holds whole users and the pairwise term sees their candidates side by side.
+        With ``order="time"``: by each request's time, every epoch the same."""
+        times = getattr(self, "_request_times", None)
+        if self.config.order == "time" and times is not None and len(times) == n_examples:
+            return np.argsort(times, kind="stable")
         rng = np.random.default_rng([self.config.seed, epoch])
         users = getattr(self, "_request_users", None)
         if self.config.pairwise_weight <= 0 or users is None or len(users) != n_examples:
