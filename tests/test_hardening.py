@@ -239,6 +239,36 @@ def test_evaluate_refuses_train_end_before_the_checkpoints(log_file, tmp_path, c
     assert not (tmp_path / "e.json").exists()
 
 
+def test_evaluate_creates_its_out_folder_and_refuses_a_retriever(log_file, tmp_path, capsys,
+                                                                monkeypatch):  # fmt: skip
+    """The default --out (runs/evaluate/metrics.json) lands in a folder that does not exist yet;
+    a checkpoint of another model class is named as such, before any work."""
+    out = tmp_path / "run"
+    assert main(_train_argv(log_file, out, "--epochs", "1")) == 0
+    monkeypatch.chdir(tmp_path)
+    argv = ["evaluate", "--checkpoint", str(out / "checkpoint.safetensors"), "--data",
+            str(log_file), "--schema", SCHEMA_JSON, "--eval-start", "2022-04-29"]  # fmt: skip
+    assert main(argv) == 0
+    assert "results" in json.loads((tmp_path / "runs/evaluate/metrics.json").read_text())
+    tt = tmp_path / "tt"
+    assert main(["train-retrieval", "--data", str(log_file), "--schema", SCHEMA_JSON, "--dim",
+                 "8", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--history-len", "4",
+                 "--batch-size", "16", "--epochs", "1", "--train-end", "2022-04-28",
+                 "--eval-start", "2022-04-29",
+                 "--out", str(tt)]) == 0  # fmt: skip
+    argv[2] = str(tt / "checkpoint.safetensors")
+    err = cli_error([*argv, "--out", str(tmp_path / "e.json")], capsys, 1)
+    assert "holds a TwoTowerRetriever, expected a PhoenixRanker" in err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_val_days_beyond_the_training_days_names_the_option(log_file, tmp_path, capsys):
+    err = cli_error(_train_argv(log_file, tmp_path / "run", "--val-days", "100"), capsys, 1)
+    assert "val_days (--val-days) 100 leaves no training day" in err and "at most" in err
+    err = cli_error(_train_argv(log_file, tmp_path / "dev", "--device", "foo"), capsys, 1)
+    assert "device must be cpu or cuda[:N], got 'foo'" in err
+
+
 # ---- checkpoint metadata edits -----------------------------------------------------------------
 
 

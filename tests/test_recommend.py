@@ -155,6 +155,8 @@ def test_unknown_user_takes_the_cold_start_path(run, capsys):
         (["--user", "x"], "expected comma-separated integers", 2),
         (["--user", "3", "--prior-days", "0"], "prior_days must be > 0", 2),
         (["--user", "3", "--active-days", "soon"], "expected a number of days or 'all'", 2),
+        (["--user", str(2**63)], f"user ID {2**63} is outside", 2),
+        (["--user", "99999999999999999999999"], "is outside", 2),
     ],
 )
 def test_recommend_bad_input(run, argv, message, code, capsys, tmp_path, monkeypatch):

@@ -580,6 +580,19 @@ def test_a_rate_feature_ranker_is_served_the_rates_training_computed(synthetic, 
     log = synthetic["log"]
     store = checkpoint_side_store(model, info, log)
     assert store.rates is not None and len(store.rates.tables["author"].keys) > 1
+    # malformed records in the checkpoint: one clear error each, never a traceback
+    edited = replace(info, extra={**info.extra, "split": {"train_end": "x"}})
+    with pytest.raises(ValueError, match="recorded training split"):
+        checkpoint_side_store(model, edited, log)
+    if side:  # (a model of rates alone computes them from the split, without side_stats)
+        edited = replace(info, extra={**info.extra, "side_stats": ["post_num:length"]})
+        with pytest.raises(ValueError, match="expected a mapping"):
+            checkpoint_side_store(model, edited, log)
+        k = next(iter(info.extra["side_stats"]))
+        edited = replace(info, extra={**info.extra,
+                                      "side_stats": {**info.extra["side_stats"], k: "12"}})  # fmt: skip
+        with pytest.raises(ValueError, match=r"expected \[mean, scale\], got '12'"):
+            checkpoint_side_store(model, edited, log)
     # the log as training saw it
     train = Split(**info.extra["split"]).masks(log)[0]
     seen = replace(log, side=log.side.with_stats(info.extra["side_stats"]) if side

@@ -162,6 +162,28 @@ def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal, C, g
         varlen_isolated_attention(q[:-1], k, v, plan, causal, cap)
 
 
+def test_an_empty_batch_and_a_batch_of_candidates_only():
+    """B = 0 plans no group and attends to nothing; with no context token (C = T) each
+    candidate attends to itself alone, in the fast kernel as in the full mask."""
+    plan = plan_varlen(torch.zeros(0, 5, dtype=torch.bool), 2)
+    assert plan.num_tokens == 0 and plan.groups == []
+    q = torch.randn(0, 2, 4)
+    assert varlen_isolated_attention(q, q[:, :1], q[:, :1], plan, False, 30.0).shape == (0, 2, 4)
+    torch.manual_seed(0)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[1, 2] = False
+    for cap in (30.0, None):
+        q, k, v = (torch.randn(3, h, 4, 8, requires_grad=True) for h in (2, 1, 1))
+        layout = AttentionLayout(valid, 4, False, cap)
+        fast, ref = isolated_attention(q, k, v, layout), full_mask_attention(q, k, v, layout)
+        torch.testing.assert_close(fast, ref)
+        torch.testing.assert_close(fast, v.expand(3, 2, 4, 8))  # its own value, every head
+        w = torch.randn_like(fast)
+        for a, b in zip(*(torch.autograd.grad((o * w).sum(), (q, k, v), allow_unused=True)
+                          for o in (fast, ref)), strict=True):  # fmt: skip
+            torch.testing.assert_close(torch.zeros_like(b) if a is None else a, b)
+
+
 @pytest.mark.parametrize("attention", ["isolated", "full"])
 @pytest.mark.parametrize("C", [0, 2])
 def test_a_batch_of_padding_only_gives_zeros(attention, C):

@@ -121,13 +121,18 @@ def out_folder(path: str | Path, option: str = "--out") -> Path:
 
 
 def out_file(path: str | Path, option: str = "--out") -> Path:
-    """A file to write: refused if it names an existing folder, or its folder is a file."""
+    """A file to write: refused if it names an existing folder, or its folder is a file; its
+    folder is created now, before any work, so a bad path fails at once."""
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{option} {p} is a folder, expected a file path (e.g. {p}/metrics.json)")
     for parent in p.parents:
         if parent.exists() and not parent.is_dir():
             raise UsageError(f"{option} {p}: {parent} is a file, not a folder")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{option} {p}: cannot create its folder ({e.strerror})") from None
     return p
 
 

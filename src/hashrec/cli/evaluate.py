@@ -27,17 +27,23 @@ def run(args: argparse.Namespace) -> int:
         evaluate_predictions,
     )
     from hashrec.evaluation.report import format_results
-    from hashrec.training.checkpoint import load_checkpoint
     from hashrec.training.trainer import predict, resolve_device
 
     out = common.out_file(args.out)
-    model, info = load_checkpoint(args.checkpoint, map_location=resolve_device(args.device))
+    device = resolve_device(args.device)
+    model, info = common.load_checkpoint_of(
+        args.checkpoint, "PhoenixRanker", device, "--checkpoint"
+    )
     log = common.load_data(args)
     if tuple(model.config.actions) != tuple(log.actions):
         raise ValueError(f"the checkpoint predicts {model.config.actions}, the data has "
                          f"{log.actions}")  # fmt: skip
     extra = info.extra
-    trained_to = (extra.get("split") or {}).get("train_end")
+    recorded = extra.get("split") or {}
+    trained_to = recorded.get("train_end") if isinstance(recorded, dict) else None
+    if not (isinstance(recorded, dict) and (trained_to is None or isinstance(trained_to, int))):
+        raise ValueError(f"--checkpoint {args.checkpoint}: its recorded split {recorded!r} has "
+                         "no yyyymmdd train_end")  # fmt: skip
     train_end = args.train_end or trained_to
     if train_end is None:
         raise common.UsageError("give --train-end (the checkpoint does not record it)")

@@ -64,9 +64,21 @@ def _id_offset(args: argparse.Namespace) -> int:
     return LogSchema.from_dict(json.loads(text)).id_offset
 
 
-def _users(args: argparse.Namespace) -> list[int]:
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _users(args: argparse.Namespace, offset: int) -> list[int]:
+    """The users to serve, each checked to fit int64 with the log's ``offset`` added."""
+    lo, hi = _INT64[0], _INT64[1] - offset
+
+    def checked(u: int, where: str) -> int:
+        if not lo <= u <= hi:
+            raise common.UsageError(f"{where}: user ID {u} is outside {lo}..{hi} (int64, with "
+                                    f"the log's ID offset {offset})")  # fmt: skip
+        return u
+
     if args.user is not None:
-        return args.user
+        return [checked(u, "--user") for u in args.user]
     path = Path(args.users_file)
     if not path.is_file():
         raise FileNotFoundError(f"--users-file {path}: no such file")
@@ -74,9 +86,10 @@ def _users(args: argparse.Namespace) -> list[int]:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                users.append(int(line.strip()))
+                u = int(line.strip())
             except ValueError:
                 raise ValueError(f"{path}:{n}: expected a user ID, got {line.strip()!r}") from None
+            users.append(checked(u, f"{path}:{n}"))
     if not users:
         raise ValueError(f"{path}: no user IDs")
     return users
@@ -106,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     if args.time_ms is not None and args.time_ms < 0:
         raise common.UsageError(f"--time-ms must be >= 0, got {args.time_ms}")
     weights = common.weights_option(args.weights)
-    users = _users(args)
+    off = _id_offset(args)
+    users = _users(args, off)
     device = resolve_device(args.device)
     retriever, rinfo = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever", device)
     ranker, info = common.load_checkpoint_of(args.ranker, "PhoenixRanker", device)
@@ -131,7 +145,6 @@ def run(args: argparse.Namespace) -> int:
     pipe = RecommendPipeline(retriever, ranker, corpus, scorer, args.retrieve_k, args.chunk_size,
                              history_len=max(1, history_len), side_store=store,
                              prior_weight=corpus_cfg.prior_weight)  # fmt: skip
-    off = _id_offset(args)
     requests = [UserRequest.from_log(log, u + off, history_len, args.time_ms) for u in users]
     for r in requests:
         r.time_ms = int(log.time.max()) if args.time_ms is None else args.time_ms

@@ -98,6 +98,9 @@ def checked_stats(stats: Mapping[str, Any], keys: Iterable[str]) -> dict[str, tu
     {'post_num:n': (1.0, 2.0)}
     """
     keys = list(keys)
+    if not isinstance(stats, Mapping):
+        raise ValueError("side feature statistics: expected a mapping of name -> [mean, scale], "
+                         f"got {type(stats).__name__}")  # fmt: skip
     missing = sorted(set(keys) - set(stats))
     if missing:
         raise ValueError(f"side feature statistics: none for {missing} (they cover "
@@ -106,6 +109,8 @@ def checked_stats(stats: Mapping[str, Any], keys: Iterable[str]) -> dict[str, tu
     for k in keys:
         v = stats[k]
         try:
+            if isinstance(v, str | bytes) or any(isinstance(x, str | bytes) for x in v):
+                raise TypeError  # "12" would unpack as 1.0, 2.0
             mu, sd = (float(x) for x in v)
         except (TypeError, ValueError):
             raise ValueError(f"side feature statistics {k!r}: expected [mean, scale], got "

@@ -442,7 +442,8 @@ def validation_split(
         days = np.unique(log.day[train])
         if len(days) <= config.val_days:
             raise ValueError(
-                f"val_days={config.val_days} leaves no training day (training has {len(days)})"
+                f"val_days (--val-days) {config.val_days} leaves no training day: training has "
+                f"{len(days)} day(s), hold out at most {len(days) - 1}"
             )
         val = train & (log.day > days[-config.val_days - 1])
     else:

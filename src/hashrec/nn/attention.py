@@ -165,6 +165,8 @@ def candidates_attend(
     B, Hq, C, hd = qc.shape
     Hkv, Tc = kx.shape[1], kx.shape[2]
     G = Hq // Hkv
+    if Tc == 0:  # no context: each candidate attends to its own key alone
+        return vc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B, Hq, C, hd)
     # Query rows of one kv head side by side: [B*Hkv, G*C, hd]; scales folded into q (small).
     s = 1.0 / math.sqrt(hd) if scale is None else scale
     q_scale = s if cap is None else 2.0 * s / cap

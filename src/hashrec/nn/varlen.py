@@ -111,6 +111,8 @@ def plan_varlen(valid: torch.Tensor, num_candidates: int) -> VarlenPlan:
     if not 0 <= num_candidates <= T:
         raise ValueError(f"num_candidates must be in 0..{T}, got {num_candidates}")
     dev = valid.device
+    if B == 0:
+        return VarlenPlan([], torch.empty(0, dtype=torch.long, device=dev), 0)
     v = valid.cpu()
     ctx_len = v[:, :Tc].sum(1)
     cand_len = v[:, Tc:].sum(1)
@@ -167,6 +169,8 @@ def varlen_isolated_attention(
         raise ValueError(f"q, k, v must hold the plan's {N} tokens, got {q.shape[0]}, "
                          f"{k.shape[0]}, {v.shape[0]}")  # fmt: skip
     Hq, hd = q.shape[1], q.shape[2]
+    if not plan.groups:  # an empty batch
+        return q.new_zeros(0, Hq, hd)
 
     def with_zero_row(t: torch.Tensor) -> torch.Tensor:  # index N = padding
         return torch.cat([t, t.new_zeros(1, *t.shape[1:])])

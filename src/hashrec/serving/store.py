@@ -62,7 +62,13 @@ def checkpoint_side_store(
                          "training split to compute the rates from")  # fmt: skip
     if store is None:  # rates alone
         log = replace(log, side=SideColumns.empty(len(log)))
-    train = Split(**split).masks(log)[0] if rates else None  # every training row's rates
+    train = None
+    if rates:  # every training row's rates
+        try:
+            train = Split(**split).masks(log)[0]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: its recorded training split {split!r} is not a "
+                             f"split ({e})") from None  # fmt: skip
     try:
         return checkpoint_log(log, extra, train).side.store
     except ValueError as e:

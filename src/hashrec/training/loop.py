@@ -79,7 +79,10 @@ class NonFiniteError(RuntimeError):
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"cpu" -> CPU; "cuda" (or "cuda:N") only when CUDA is available."""
-    dev = torch.device(device or "cpu")
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError:  # torch's message lists every device type it knows
+        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for, but CUDA is not available here")
     if dev.type not in ("cpu", "cuda"):
