@@ -12,8 +12,10 @@ slot), so dropping padding slots changes nothing; the tests hold this path to th
 outputs and gradients.
 
 A request's valid tokens are contiguous in the packed order (row-major over [B, T], context
-slots before candidate slots), so a group gathers them with one index per slot, padding slots
-pointing at an extra zero row that every mask hides.
+slots before candidate slots), so a group gathers them with one index per slot. Padding slots
+point at token 0: every mask hides a padding key from the valid queries, and a padding query's
+output is never read (so its gradient is exactly zero), so no zero row is appended (that cost
+a copy of q, k and v per layer).
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ def _merge_bins(n: list[int], ctx: list[int], cand: list[int]) -> list[tuple[int
 
 @dataclass
 class _Group:
-    ctx: torch.Tensor  # [n, L] packed token of each context slot; N (the zero row) = padding
+    ctx: torch.Tensor  # [n, L] packed token of each context slot; padding: 0, masked
     ctx_valid: torch.Tensor  # [n, L] bool
-    cand: torch.Tensor  # [n, Cg] packed token of each candidate slot; N = padding
+    cand: torch.Tensor  # [n, Cg] packed token of each candidate slot; padding: 0, never read
     # masks and biases built by the first layer, reused by the others (keyed by their options)
     cache: dict = field(default_factory=dict)
 
@@ -92,7 +94,7 @@ class VarlenPlan:
     >>> valid = torch.tensor([[True, False, True, True], [True, True, True, False]])
     >>> plan = plan_varlen(valid, num_candidates=1)  # contexts of 2 and 3 tokens
     >>> plan.num_tokens, len(plan.groups), plan.groups[0].ctx.tolist()
-    (6, 1, [[0, 1, 6], [3, 4, 5]])
+    (6, 1, [[0, 1, 0], [3, 4, 5]])
     """
 
     groups: list[_Group]
@@ -135,10 +137,10 @@ def plan_varlen(valid: torch.Tensor, num_candidates: int) -> VarlenPlan:
         Cg = int(ca.max())
         slot = torch.arange(L)
         ctx_ok = slot[None] < cl[:, None]  # [n, L]
-        ctx = torch.where(ctx_ok, st[:, None] + slot[None], N)
+        ctx = torch.where(ctx_ok, st[:, None] + slot[None], 0)
         cslot = torch.arange(Cg)
         cand_ok = cslot[None] < ca[:, None]
-        cand = torch.where(cand_ok, (st + cl)[:, None] + cslot[None], N)
+        cand = torch.where(cand_ok, (st + cl)[:, None] + cslot[None], 0)
         # rows of this group's output: n * L context rows, then n * Cg candidate rows
         perm[ctx[ctx_ok]] = rows_out + torch.nonzero(ctx_ok.reshape(-1)).squeeze(1)
         rows_out += n * L
@@ -169,22 +171,17 @@ def varlen_isolated_attention(
         raise ValueError(f"q, k, v must hold the plan's {N} tokens, got {q.shape[0]}, "
                          f"{k.shape[0]}, {v.shape[0]}")  # fmt: skip
     Hq, hd = q.shape[1], q.shape[2]
-    if not plan.groups:  # an empty batch
+    if N == 0:  # an empty batch, or one of padding only
         return q.new_zeros(0, Hq, hd)
-
-    def with_zero_row(t: torch.Tensor) -> torch.Tensor:  # index N = padding
-        return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
-
-    qe, ke, ve = with_zero_row(q), with_zero_row(k), with_zero_row(v)
     pieces = []
     for g in plan.groups:
         n, L = g.ctx.shape
         Cg = g.cand.shape[1]
-        qx, kx, vx = (t[g.ctx].transpose(1, 2) for t in (qe, ke, ve))  # [n, H, L, hd]
+        qx, kx, vx = (t[g.ctx].transpose(1, 2) for t in (q, k, v))  # [n, H, L, hd]
         out_ctx = masked_attention(qx, kx, vx, g.ctx_mask(causal), cap, scale)  # [n, Hq, L, hd]
         pieces.append(out_ctx.transpose(1, 2).reshape(n * L, Hq, hd))
         if Cg:
-            qc, kc, vc = (t[g.cand].transpose(1, 2) for t in (qe, ke, ve))  # [n, H, Cg, hd]
+            qc, kc, vc = (t[g.cand].transpose(1, 2) for t in (q, k, v))  # [n, H, Cg, hd]
             bias = g.cand_bias(kx.shape[1], qc.dtype)
             out_c = candidates_attend(qc, kc, vc, kx, vx, g.ctx_valid, cap, scale, bias)
             pieces.append(out_c.transpose(1, 2).reshape(n * Cg, Hq, hd))
