@@ -173,15 +173,22 @@ def varlen_isolated_attention(
     Hq, hd = q.shape[1], q.shape[2]
     if N == 0:  # an empty batch, or one of padding only
         return q.new_zeros(0, Hq, hd)
+
+    def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [n, m] -> [n, H, m, hd]
+        # index_select: its backward is index_add_, where t[index]'s (index_put with
+        # accumulate) sorts the indices first (every padding slot points at token 0)
+        rows = t.index_select(0, index.reshape(-1))
+        return rows.view(*index.shape, *t.shape[1:]).transpose(1, 2)
+
     pieces = []
     for g in plan.groups:
         n, L = g.ctx.shape
         Cg = g.cand.shape[1]
-        qx, kx, vx = (t[g.ctx].transpose(1, 2) for t in (q, k, v))  # [n, H, L, hd]
+        qx, kx, vx = (gather(t, g.ctx) for t in (q, k, v))  # [n, H, L, hd]
         out_ctx = masked_attention(qx, kx, vx, g.ctx_mask(causal), cap, scale)  # [n, Hq, L, hd]
         pieces.append(out_ctx.transpose(1, 2).reshape(n * L, Hq, hd))
         if Cg:
-            qc, kc, vc = (t[g.cand].transpose(1, 2) for t in (q, k, v))  # [n, H, Cg, hd]
+            qc, kc, vc = (gather(t, g.cand) for t in (q, k, v))  # [n, H, Cg, hd]
             bias = g.cand_bias(kx.shape[1], qc.dtype)
             out_c = candidates_attend(qc, kc, vc, kx, vx, g.ctx_valid, cap, scale, bias)
             pieces.append(out_c.transpose(1, 2).reshape(n * Cg, Hq, hd))
