@@ -133,8 +133,12 @@ def test_time_order_visits_requests_oldest_first(log_file, tmp_path, capsys):
     assert set(ORDERS) == {"shuffled", "time"}  # the CLI's choices
     with pytest.raises(ValueError, match="order must be one of"):
         TrainConfig(order="random")
-    with pytest.raises(ValueError, match="pairwise_weight"):
+    with pytest.raises(ValueError, match="--pairwise-weight"):
         TrainConfig(order="time", pairwise_weight=0.1)
+    from hashrec.training.retrieval import RetrievalTrainConfig
+
+    with pytest.raises(ValueError, match="shuffled epochs only"):
+        RetrievalTrainConfig(positive_actions=["click"], order="time")
     err = cli_error(["train", "--data", str(log_file), "--schema", SCHEMA_JSON, *TINY,
                      "--order", "newest", "--out", str(tmp_path / "x")], capsys, 2)  # fmt: skip
     assert "--order" in err and "time" in err

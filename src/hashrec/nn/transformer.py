@@ -24,7 +24,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from hashrec.nn.attention import (
     AttentionKernel,
@@ -111,32 +110,6 @@ class TransformerConfig:
         return width + (-width) % 8
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """``RMSNorm.reference`` with a hand-written backward: with y = x r, r = rsqrt(mean(x^2) +
-    eps), dx = r (gy - y mean(gy y)) for gy = g scale, and d scale = sum over tokens of g y.
-    Autograd through the composite records six nodes per norm and twice as many backward ops
-    (nine norms per step of tiny [N, 32] tensors, where each op's fixed cost is the time)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        xf = x.float()
-        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-        y = xf * r
-        ctx.save_for_backward(y, r, scale)
-        ctx.x_dtype = x.dtype
-        return (y * scale).to(x.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        y, r, scale = ctx.saved_tensors
-        gf = g.float()
-        gy = gf * scale
-        dx = (gy - y * (gy * y).mean(-1, keepdim=True)).mul_(r)
-        dscale = (gf * y).reshape(-1, y.shape[-1]).sum(0)
-        return dx.to(ctx.x_dtype), dscale.to(scale.dtype), None
-
-
 class RMSNorm(nn.Module):
     """x / rms(x) * scale, computed in fp32.
 
@@ -151,12 +124,6 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
-            return _RMSNormFunction.apply(x, self.scale, self.eps)
-        return self.reference(x)
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same through autograd's composite (the tests hold the two together)."""
         xf = x.float()
         y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
         return (y * self.scale).to(x.dtype)

@@ -61,6 +61,8 @@ class RetrievalTrainConfig(TrainConfig):
             raise ValueError("positive_actions must name at least one action")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (in-batch negatives), got {self.batch_size}")
+        if self.order != "shuffled":  # in-batch negatives from one time window: not built
+            raise ValueError(f"order {self.order!r}: the retriever trains on shuffled epochs only")
 
 
 def positive_rows(log: InteractionLog, mask: np.ndarray, actions: tuple[str, ...]) -> np.ndarray:

@@ -122,8 +122,9 @@ class TrainConfig:
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.order == "time" and self.pairwise_weight > 0:
-            raise ValueError("order 'time' cannot hold each user's requests together, which "
-                             "pairwise_weight > 0 needs: use order 'shuffled'")  # fmt: skip
+            raise ValueError("order 'time' (--order time) cannot hold each user's requests "
+                             "together, which pairwise_weight > 0 (--pairwise-weight) needs: use "
+                             "order 'shuffled'")  # fmt: skip
 
 
 ORDERS = ("shuffled", "time")
