@@ -265,6 +265,7 @@ def test_evaluate_creates_its_out_folder_and_refuses_a_retriever(log_file, tmp_p
 def test_val_days_beyond_the_training_days_names_the_option(log_file, tmp_path, capsys):
     err = cli_error(_train_argv(log_file, tmp_path / "run", "--val-days", "100"), capsys, 1)
     assert "val_days (--val-days) 100 leaves no training day" in err and "at most" in err
+    assert not (tmp_path / "run").exists()  # refused before anything is written
     err = cli_error(_train_argv(log_file, tmp_path / "dev", "--device", "foo"), capsys, 1)
     assert "device must be cpu or cuda[:N], got 'foo'" in err
 
