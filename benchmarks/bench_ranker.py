@@ -143,12 +143,12 @@ def bench_kernels(args: argparse.Namespace) -> None:
         # every request encodes its context once: 1 + S - S // 4 valid tokens whose token-wise
         # work (projections, feed-forward, norms) is a candidate's, shared by C candidates
         ctx = 1 + args.history - args.history // 4
-        bound = ((ctx + lo[0]) / lo[0]) / ((ctx + lo[-1]) / lo[-1])
+        tokens = ((ctx + lo[0]) / lo[0]) / ((ctx + lo[-1]) / lo[-1])
         print(
             f"\nfast path time per candidate, C={lo[0]}..{lo[-1]}: max/min = "
-            f"{max(vals) / min(vals):.2f} (flat means <= 1.5); the token count alone sets "
-            f"{bound:.2f} ({ctx} context tokens per request: their token-wise work over C "
-            "candidates)"
+            f"{max(vals) / min(vals):.2f} (flat means <= 1.5); tokens per candidate alone give "
+            f"{tokens:.2f} ({ctx} context tokens per request over C candidates, at a constant "
+            "cost per token)"
         )
 
 
