@@ -45,7 +45,16 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--retain-memory", action="store_true",
+                   help="keep freed memory for reuse, as the hashrec command does "
+                   "(hashrec.memory.retain_freed_memory); run with and without to "
+                   "compare")  # fmt: skip
     args = p.parse_args()
+    if args.retain_memory:
+        from hashrec.memory import retain_freed_memory
+
+        if not retain_freed_memory():
+            p.error("--retain-memory needs Linux with glibc")
     torch.manual_seed(0)
     cfg = RankerConfig(
         hash=HashConfig.phoenix(),
@@ -72,7 +81,9 @@ def main() -> None:
         ref = fp32(batch).probs
         err = float((bf16(batch).probs.float() - ref).abs().max())
     shape = f"S={args.history}, C={args.candidates}, D={args.dim}, {args.layers} layers"
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; one request: {shape}\n")
+    kept = ", freed memory retained" if args.retain_memory else ""
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}{kept}; one request: "
+          f"{shape}\n")  # fmt: skip
     print("| weights | p50 ms | p99 ms | candidates/s at p50 |")
     print("|---|---|---|---|")
     for name, ts in times.items():

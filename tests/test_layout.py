@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import hashrec
 
 SRC = Path(hashrec.__file__).parent
@@ -13,6 +15,7 @@ SRC = Path(hashrec.__file__).parent
 # Lower number = lower layer. A module may import its own layer or lower ones only.
 LAYERS = {
     "files": 0,
+    "memory": 0,
     "hashing": 1,
     "nn": 2,
     "models": 4,
@@ -90,3 +93,28 @@ def test_checkpoint_module_loads_without_the_trainer():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_retain_freed_memory_cuts_page_faults_of_repeated_tensors():
+    """In a fresh process, 64 x 1 MiB tensors made and freed 20 times: glibc's defaults hand
+    their pages back and fault them in again every time; ``retain_freed_memory`` keeps them
+    (measured 1,792 against 32,735 minor faults). Needs Linux with glibc."""
+    code = (
+        "import resource, sys, torch\n"
+        "from hashrec.memory import retain_freed_memory\n"
+        "if sys.argv[1] == 'retain': assert retain_freed_memory()\n"
+        "def cycle():\n"
+        "    ts = [torch.empty(256 * 1024).fill_(1.0) for _ in range(64)]\n"
+        "cycle()\n"
+        "f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(20): cycle()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)\n"
+    )
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt: Linux only")
+    faults = {}
+    for mode in ("default", "retain"):
+        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        faults[mode] = int(run.stdout)
+    assert faults["retain"] * 5 < faults["default"], faults

@@ -36,6 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # allocation, so only the command sets it (before torch loads); THP_MEM_ALLOC_ENABLE=0 opts out.
     if "torch" not in sys.modules:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # and freed memory kept for the next step's or request's tensors (hashrec.memory)
+    if os.environ.get("HASHREC_RETAIN_MEMORY", "1") != "0":
+        from hashrec.memory import retain_freed_memory
+
+        retain_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what launchers pass on
