@@ -49,26 +49,24 @@ def checkpoint_side_store(
                          f"give {data} the log it was trained on, with its side tables "
                          "(a KuaiRand folder, or --authors / --users for a log file)")  # fmt: skip
     split, trained = extra.get("split"), extra.get("data")
-    if split and trained and notice is not None:
+    train = bad = None  # the checkpoint's training rows of ``log``, once, where needed
+    if split and (rates or (trained and notice is not None)):
         try:
-            same = data_fingerprint(log, Split(**split).masks(log)[0]) == trained
-        except (TypeError, ValueError):
-            same = False
-        if not same:
+            train = Split(**split).masks(log)[0]
+        except (TypeError, ValueError) as e:
+            bad = e
+    if split and trained and notice is not None:
+        if train is None or data_fingerprint(log, train) != trained:
             notice(f"{data} is not the log {source} was trained on (its training rows "
                    f"differ): side features are looked up in {data}")  # fmt: skip
     if rates and not split:
         raise ValueError(f"{source} was trained with --rate-features but records no "
                          "training split to compute the rates from")  # fmt: skip
+    if rates and train is None:
+        raise ValueError(f"{source}: its recorded training split {split!r} is not a "
+                         f"split ({bad})")  # fmt: skip
     if store is None:  # rates alone
         log = replace(log, side=SideColumns.empty(len(log)))
-    train = None
-    if rates:  # every training row's rates
-        try:
-            train = Split(**split).masks(log)[0]
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: its recorded training split {split!r} is not a "
-                             f"split ({e})") from None  # fmt: skip
     try:
         return checkpoint_log(log, extra, train).side.store
     except ValueError as e:
