@@ -388,11 +388,11 @@ def with_rate_features(log: InteractionLog, train: np.ndarray) -> InteractionLog
     stats = {"user": _rate_stats(user, train), "post": _rate_stats(post[:, :A], train),
              "author": _rate_stats(post[:, A:], train)}  # fmt: skip
     sd = log.side
+    rates = rate_tables(log, train, stats)  # its field names are the served ones
     names = dict(sd.names)
-    names["user_num"] = (*names.get("user_num", ()), *(f"user_rate:{a}" for a in log.actions))
-    names["post_num"] = (*names.get("post_num", ()), *(f"post_rate:{a}" for a in log.actions),
-                         *(f"author_rate:{a}" for a in log.actions))  # fmt: skip
-    store = replace(sd.store or SideStore(), rates=rate_tables(log, train, stats))
+    names["user_num"] = (*names.get("user_num", ()), *rates.names("user"))
+    names["post_num"] = (*names.get("post_num", ()), *rates.names("post"), *rates.names("author"))
+    store = replace(sd.store or SideStore(), rates=rates)
     side = SideColumns(sd.user_cat, sd.post_cat,
                        np.concatenate([sd.user_num, _standardised(user, stats["user"])], 1),
                        np.concatenate([sd.post_num, _standardised(post[:, :A], stats["post"]),
