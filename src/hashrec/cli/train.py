@@ -44,10 +44,10 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
     from hashrec.training.runlock import RunLock
 
     split = common.split(args, train_end)
-    split.masks(log)  # fail before training if a split is empty
+    train_rows, _ = split.masks(log)  # fail before training if a split is empty
     spec, examples, train_cfg = common.experiment_specs(args, log, split)
     experiment.ranker_config(log, spec)  # a log the model cannot take fails before any write
-    experiment.validation_split(log, split.masks(log)[0], train_cfg)  # so does --val-days
+    experiment.validation_split(log, train_rows, train_cfg)  # so does --val-days
     also = []
     if with_phoenix and args.table_scheme != "multihash":
         phoenix = argparse.Namespace(**{**vars(args), "table_scheme": "multihash"})
