@@ -51,6 +51,11 @@ DEFAULTS = {
 # loss weight 3 on every KuaiRand action but click and long_view
 RARE_WEIGHTS = {a: 3.0 for a in ("like", "follow", "comment", "forward", "hate", "profile_enter")}
 
+# the CLI's default scheme: the hybrid table, half its bytes on private rows
+HYBRID = {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5}
+# ... with the action weights, the baselines' smoothed rates as features and --refit
+RATERARE = {**HYBRID, "action_weights": RARE_WEIGHTS, "rates": True, "refit": True}
+
 CONFIGS: dict[str, dict] = {
     "noside": {**DEFAULTS, "side": False, "weights": None},
     "uniform": {**DEFAULTS, "weights": None},
@@ -64,31 +69,21 @@ CONFIGS: dict[str, dict] = {
     },
     "wide": {**DEFAULTS, "dim": 64},
     # the defaults (hybrid) at D = 64, and with a history of 64 / 128 events
-    "hybridwide": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "dim": 64},
-    "hybridh64": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "history": 64},
-    "hybridh128": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "history": 128},
+    "hybridwide": {**HYBRID, "dim": 64},
+    "hybridh64": {**HYBRID, "history": 64},
+    "hybridh128": {**HYBRID, "history": 128},
     "rates": {**DEFAULTS, "rates": True},
     # the hybrid table (the CLI default scheme) at two shares of private rows
-    "hybrid": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5},
+    "hybrid": HYBRID,
     "hybrid85": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.85},
     "full": {**DEFAULTS, "scheme": "full"},
     # the hybrid at 10% and 5% of the collision-free table's bytes
-    "hybrid10": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "fraction": 0.10},
-    "hybrid5": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "fraction": 0.05},
+    "hybrid10": {**HYBRID, "fraction": 0.10},
+    "hybrid5": {**HYBRID, "fraction": 0.05},
     # the defaults with loss weight 3 on every action but click and long_view
-    "hybridrare": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
-        "action_weights": RARE_WEIGHTS,
-    },
+    "hybridrare": {**HYBRID, "action_weights": RARE_WEIGHTS},
     # ... and with rows moved from posts and authors to users
-    "hybridu": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
-        "weights": {"user": 4.0, "post": 4.0, "author": 1.0, "feature": 1.0},
-    },
+    "hybridu": {**HYBRID, "weights": {"user": 4.0, "post": 4.0, "author": 1.0, "feature": 1.0}},
     # ... and most of the user block as private rows (the most frequent users own one each)
     "hybriduu": {
         **DEFAULTS,
@@ -98,141 +93,77 @@ CONFIGS: dict[str, dict] = {
     },
     # the defaults' epoch count (2, chosen on the validation day by every seed), then trained
     # on every training day, the validation day included (no early stopping)
-    "refit2": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "epochs": 2, "val_days": 0},
-    "refit1": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "epochs": 1, "val_days": 0},
+    "refit2": {**HYBRID, "epochs": 2, "val_days": 0},
+    "refit1": {**HYBRID, "epochs": 1, "val_days": 0},
     # ... with loss weight 3 on the six rarer actions, for the epochs hybridrare's validation
     # day chose: 2 (seed 0) or 1 (seeds 1, 2)
     "refitrare": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
+        **HYBRID,
         "epochs": 2,
         "val_days": 0,
         "action_weights": RARE_WEIGHTS,
     },
     "refitrare1": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
+        **HYBRID,
         "epochs": 1,
         "val_days": 0,
         "action_weights": RARE_WEIGHTS,
     },
     # TrainConfig.refit (`--refit`): the epochs each seed's validation run chose, then every day;
     # with the action weights, and with those and the baselines' smoothed rates as features
-    "hybridrefit": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "refit": True},
+    "hybridrefit": {**HYBRID, "refit": True},
     # the dense learning rate decaying to 0 over two epochs (the count validation chose)
     "hybridlin2": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
+        **HYBRID,
         "epochs": 2,
         "lr_schedule": "linear",
     },
     "hybridcos2": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
+        **HYBRID,
         "epochs": 2,
         "lr_schedule": "cosine",
     },
     # twice the requests per step (fewer, larger steps: less per-operation overhead), at the
     # same and at twice the dense learning rate
-    "hybridb256": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "batch_size": 256},
+    "hybridb256": {**HYBRID, "batch_size": 256},
     "hybridb256lr": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
+        **HYBRID,
         "batch_size": 256,
         "lr": 4e-3,
     },
     "rarerefit": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
+        **HYBRID,
         "action_weights": RARE_WEIGHTS,
         "refit": True,
     },
-    "raterarerefit": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
-        "action_weights": RARE_WEIGHTS,
-        "rates": True,
-        "refit": True,
-    },
+    "raterarerefit": RATERARE,
     # ... at half the bytes (two of them within the budget: an ensemble, diagnostic)
-    "raterare12": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
-        "action_weights": RARE_WEIGHTS,
-        "rates": True,
-        "refit": True,
-        "fraction": 0.125,
-    },
+    "raterare12": {**RATERARE, "fraction": 0.125},
     # ... at 10% of the bytes (hybrid10 was level with 24.4% on the AUCs, steadier)
-    "raterare10": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
-        "action_weights": RARE_WEIGHTS,
-        "rates": True,
-        "refit": True,
-        "fraction": 0.10,
-    },
+    "raterare10": {**RATERARE, "fraction": 0.10},
     # every epoch in time order (the last steps on the most recent day)
-    "hybridtime": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "order": "time"},
-    "raterarertime": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
-        "action_weights": RARE_WEIGHTS,
-        "rates": True,
-        "refit": True,
-        "order": "time",
-    },
+    "hybridtime": {**HYBRID, "order": "time"},
+    "raterarertime": {**RATERARE, "order": "time"},
     # rates and refit without the action weights
-    "raterefit": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "rates": True, "refit": True},
+    "raterefit": {**HYBRID, "rates": True, "refit": True},
     # ... at D = 64 (25% of its own collision-free table's bytes)
-    "raterarewide": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
-        "action_weights": RARE_WEIGHTS,
-        "rates": True,
-        "refit": True,
-        "dim": 64,
-    },
+    "raterarewide": {**RATERARE, "dim": 64},
     # ... with the dense learning rate's cosine decay
-    "raterarecos": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
-        "action_weights": RARE_WEIGHTS,
-        "rates": True,
-        "refit": True,
-        "lr_schedule": "cosine",
-    },
+    "raterarecos": {**RATERARE, "lr_schedule": "cosine"},
     # the dense transformer larger (the table's bytes unchanged)
-    "hybridl3": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "layers": 3},
-    "hybridl4": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "layers": 4},
-    "hybridff4": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "widening": 4.0},
-    "hybridq4": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "heads": 4, "kv_heads": 2},
+    "hybridl3": {**HYBRID, "layers": 3},
+    "hybridl4": {**HYBRID, "layers": 4},
+    "hybridff4": {**HYBRID, "widening": 4.0},
+    "hybridq4": {**HYBRID, "heads": 4, "kv_heads": 2},
     # + the pairwise loss over each user's candidates (TrainConfig.pairwise_weight)
-    "pair03": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.3},
-    "pair1": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 1.0},
-    "pair01": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.1},
-    "pair003": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 0.03},
+    "pair03": {**HYBRID, "pairwise": 0.3},
+    "pair1": {**HYBRID, "pairwise": 1.0},
+    "pair01": {**HYBRID, "pairwise": 0.1},
+    "pair003": {**HYBRID, "pairwise": 0.03},
     # the user-grouped order alone (a weight too small to matter)
-    "grouped": {**DEFAULTS, "scheme": "hybrid", "head_share": 0.5, "pairwise": 1e-9},
+    "grouped": {**HYBRID, "pairwise": 1e-9},
     # loss weight 5 on the six rarer actions
-    "hybridrare5": {
-        **DEFAULTS,
-        "scheme": "hybrid",
-        "head_share": 0.5,
-        "action_weights": {a: 5.0 for a in RARE_WEIGHTS},
-    },
+    "hybridrare5": {**HYBRID, "action_weights": {a: 5.0 for a in RARE_WEIGHTS}},
     # ... and with rows moved from users (whose history speaks for them) to posts
     "hybridp": {
         **DEFAULTS,
