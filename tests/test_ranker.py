@@ -233,7 +233,10 @@ def test_packed_tokens_match_on_collated_kuairand_batches_with_side_features():
     lb = next(batches(log, RowHashes(log, spec.hash_config), req, 64))
     assert (lb.batch.history_post_hashes[..., 0] == 0).any()  # real padding to skip
     (lp, gp), (lr, gr) = _packed_and_padded(model, lambda: model(lb.batch, side=lb.side))
-    torch.testing.assert_close(lp, lr, atol=1e-5, rtol=1e-5)
+    # the packed path's context attention soft-caps as 2cap*sigmoid(2z/cap) - cap (the constant
+    # cancels), the padded one as cap*tanh(z/cap): equal up to fp32 rounding of ~cap-sized
+    # logits (ulp(30) = 2e-6), which two layers carry to ~2e-5 here
+    torch.testing.assert_close(lp, lr, atol=5e-5, rtol=1e-4)
     for name in gp:
         torch.testing.assert_close(gp[name], gr[name], atol=1e-5, rtol=1e-4, msg=name)
 

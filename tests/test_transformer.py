@@ -6,8 +6,10 @@ import torch
 from hashrec.nn.attention import (
     AttentionLayout,
     candidate_isolation_mask,
+    candidates_attend,
     full_mask_attention,
     isolated_attention,
+    masked_attention,
 )
 from hashrec.nn.transformer import Transformer, TransformerConfig
 from hashrec.nn.varlen import plan_varlen, varlen_isolated_attention
@@ -160,6 +162,36 @@ def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal, C, g
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="the plan's"):
         varlen_isolated_attention(q[:-1], k, v, plan, causal, cap)
+
+
+@pytest.mark.parametrize("cap", [30.0, None])
+def test_query_rows_without_an_own_key_are_the_context_attention(cap):
+    """``candidates_attend(own_from=L)`` with the context's own tokens as the first L query
+    slots: those rows equal the non-causal context attention (``masked_attention``), the rest
+    candidates against the context plus their own key, outputs and gradients (padding query
+    rows, which nobody reads, aside)."""
+    torch.manual_seed(0)
+    B, L, C, Hq, Hkv, hd = 3, 5, 2, 4, 2, 8
+    ctx_valid = torch.rand(B, L) < 0.7
+    ctx_valid[:, 0] = True
+    qx, qc = torch.randn(B, Hq, L, hd), torch.randn(B, Hq, C, hd)
+    kx, kc, vx, vc = (torch.randn(B, Hkv, n, hd) for n in (L, C, L, C))
+    leaves = [t.requires_grad_() for t in (qx, qc, kx, kc, vx, vc)]
+    cat = lambda a, b: torch.cat([a, b], 2)  # noqa: E731
+    out = candidates_attend(cat(qx, qc), cat(kx, kc), cat(vx, vc), kx, vx, ctx_valid, cap,
+                            own_from=L)  # fmt: skip
+    mask = candidate_isolation_mask(ctx_valid, 0)
+    ref = cat(masked_attention(qx, kx, vx, mask, cap),
+              candidates_attend(qc, kc, vc, kx, vx, ctx_valid, cap))  # fmt: skip
+    read = torch.cat([ctx_valid, torch.ones(B, C, dtype=torch.bool)], 1)[:, None, :, None]
+    torch.testing.assert_close(out * read, ref * read, atol=1e-5, rtol=1e-5)  # padding: unread
+    w = torch.randn_like(out) * read
+    for a, b in zip(*(torch.autograd.grad((o * w).sum(), leaves) for o in (out, ref)),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="own_from must be in 0..7, got 8"):
+        candidates_attend(cat(qx, qc), cat(kx, kc), cat(vx, vc), kx, vx, ctx_valid, cap,
+                          own_from=8)  # fmt: skip
 
 
 def test_an_empty_batch_and_a_batch_of_candidates_only():

@@ -157,16 +157,25 @@ def candidates_attend(
     cap: float | None,
     scale: float | None = None,
     bias: torch.Tensor | None = None,
+    own_from: int = 0,
 ) -> torch.Tensor:
     """Each candidate against the context keys plus its own key: qc [B, Hq, C, hd], kc/vc
     [B, Hkv, C, hd] (the candidates' own), kx/vx [B, Hkv, Tc, hd] (the context's), ctx_valid
     [B, Tc] -> [B, Hq, C, hd]. ``bias``: ``context_bias(ctx_valid, Hkv, dtype)`` when the
-    caller reuses it across layers."""
+    caller reuses it across layers.
+
+    Query slots before ``own_from`` attend to the context keys only (their own key gets no
+    weight, kc/vc there are ignored): with the context's own tokens there, one call is the
+    non-causal context attention and the candidates' together (``varlen_isolated_attention``).
+    """
     B, Hq, C, hd = qc.shape
     Hkv, Tc = kx.shape[1], kx.shape[2]
     G = Hq // Hkv
+    if not 0 <= own_from <= C:
+        raise ValueError(f"own_from must be in 0..{C}, got {own_from}")
     if Tc == 0:  # no context: each candidate attends to its own key alone
-        return vc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B, Hq, C, hd)
+        out = vc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B, Hq, C, hd)
+        return out.index_fill(2, torch.arange(own_from, device=out.device), 0.0)
     # Query rows of one kv head side by side: [B*Hkv, G*C, hd]; scales folded into q (small).
     s = 1.0 / math.sqrt(hd) if scale is None else scale
     q_scale = s if cap is None else 2.0 * s / cap
@@ -177,7 +186,11 @@ def candidates_attend(
     vc = vc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
     if bias is None:
         bias = context_bias(ctx_valid, Hkv, q.dtype)
-    out = _CandidateAttention.apply(q, kx, vx, kc, vc, bias, cap)  # [B*Hkv, G*C, hd]
+    has_own = None
+    if own_from:  # [1, G*C, 1]: 0 where the query row has no own key
+        has_own = (torch.arange(C, device=q.device) >= own_from).to(q.dtype).repeat(G)
+        has_own = has_own.view(1, G * C, 1)
+    out = _CandidateAttention.apply(q, kx, vx, kc, vc, bias, cap, has_own)  # [B*Hkv, G*C, hd]
     return out.view(B, Hq, C, hd)
 
 
@@ -201,7 +214,8 @@ class _CandidateAttention(torch.autograd.Function):
     """Each query row attends to the shared context keys plus its own key; hand-written backward.
 
     Shapes (N = B*Hkv, M = G*C query rows): q, kc, vc [N, M, hd]; kx, vx [N, Tc, hd]; bias
-    [N, 1, Tc] (0, or -inf at padding). q arrives scaled by 1/sqrt(hd), or by 2/(sqrt(hd)*cap)
+    [N, 1, Tc] (0, or -inf at padding); has_own [1, M, 1] (0 for rows that have no own key) or
+    None (every row has one). q arrives scaled by 1/sqrt(hd), or by 2/(sqrt(hd)*cap)
     with a soft-cap, because ``cap*tanh(z/cap) = 2cap*sigmoid(2z/cap) - cap`` and the ``-cap``
     cancels in the softmax: sigmoid is ~4x cheaper than tanh on CPU.
 
@@ -215,7 +229,7 @@ class _CandidateAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, kx, vx, kc, vc, bias, cap):  # type: ignore[override]
+    def forward(ctx, q, kx, vx, kc, vc, bias, cap, has_own):  # type: ignore[override]
         N, M, hd = q.shape
         Tc = kx.shape[1]
         out = torch.empty_like(q)
@@ -247,6 +261,8 @@ class _CandidateAttention(torch.autograd.Function):
                 lse_ctx.masked_fill_(no_ctx, float("-inf"))
                 attended.masked_fill_(no_ctx, 0.0)
             torch.sigmoid(logit_self - lse_ctx, out=p_self[n])
+            if has_own is not None:  # rows without an own key: the context's softmax alone
+                p_self[n].mul_(has_own)
             torch.lerp(attended, vc[n], p_self[n], out=out[n])
             if keep:
                 probs[n] = p
@@ -284,4 +300,4 @@ class _CandidateAttention(torch.autograd.Function):
             torch.bmm(dz.transpose(1, 2), q[n], out=dkx[n])
         if cap is not None:
             dkx.mul_(alpha)
-        return dq, dkx, dvx, dz_self * q, dvc, None, None
+        return dq, dkx, dvx, dz_self * q, dvc, None, None, None

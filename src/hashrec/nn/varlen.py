@@ -40,6 +40,11 @@ __all__ = ["VarlenPlan", "plan_varlen", "varlen_isolated_attention"]
 # next one instead of paying their own ops.
 _MIN_GROUP_LEN = 16
 _GROUP_OVERHEAD = 32_768
+# Every group keeps at least this many key slots (the extra ones padding, masked). torch's CPU
+# softmax over a last dimension shorter than one vector register (16 floats with AVX-512) takes
+# a scalar path ~13x slower per element (measured, torch 2.13: 894 us for [3540, 15], 73 us
+# for [3540, 16]), and both attentions' softmaxes run over the group's keys.
+_MIN_KEYS = 16
 
 
 def _merge_bins(n: list[int], ctx: list[int], cand: list[int]) -> list[tuple[int, int]]:
@@ -67,11 +72,20 @@ def _merge_bins(n: list[int], ctx: list[int], cand: list[int]) -> list[tuple[int
 
 @dataclass
 class _Group:
-    ctx: torch.Tensor  # [n, L] packed token of each context slot; padding: 0, masked
+    # [n, L + Cg] packed token of each slot: L context slots (padding: 0, masked as keys),
+    # then Cg candidate slots (padding: 0, never read)
+    slots: torch.Tensor
     ctx_valid: torch.Tensor  # [n, L] bool
-    cand: torch.Tensor  # [n, Cg] packed token of each candidate slot; padding: 0, never read
     # masks and biases built by the first layer, reused by the others (keyed by their options)
     cache: dict = field(default_factory=dict)
+
+    @property
+    def ctx(self) -> torch.Tensor:  # [n, L]
+        return self.slots[:, : self.ctx_valid.shape[1]]
+
+    @property
+    def cand(self) -> torch.Tensor:  # [n, Cg]
+        return self.slots[:, self.ctx_valid.shape[1] :]
 
     def ctx_mask(self, causal: bool) -> torch.Tensor:
         key = ("mask", causal)
@@ -93,8 +107,8 @@ class VarlenPlan:
 
     >>> valid = torch.tensor([[True, False, True, True], [True, True, True, False]])
     >>> plan = plan_varlen(valid, num_candidates=1)  # contexts of 2 and 3 tokens
-    >>> plan.num_tokens, len(plan.groups), plan.groups[0].ctx.tolist()
-    (6, 1, [[0, 1, 0], [3, 4, 5]])
+    >>> plan.num_tokens, len(plan.groups), plan.groups[0].ctx[:, :4].tolist()  # then padding
+    (6, 1, [[0, 1, 0, 0], [3, 4, 5, 0]])
     """
 
     groups: list[_Group]
@@ -126,14 +140,14 @@ def plan_varlen(valid: torch.Tensor, num_candidates: int) -> VarlenPlan:
     bins = torch.unique(key)
     in_bin = key[None] == bins[:, None]  # [bins, B]
     n_bin = in_bin.sum(1).tolist()
-    ctx_bin = torch.where(in_bin, ctx_len[None], 0).amax(1).tolist()
+    ctx_bin = torch.where(in_bin, ctx_len[None], 0).amax(1).clamp(min=_MIN_KEYS).tolist()
     cand_bin = torch.where(in_bin, cand_len[None], 0).amax(1).tolist()
     groups, rows_out, perm = [], 0, torch.empty(N, dtype=torch.long)
     for a, b in _merge_bins(n_bin, ctx_bin, cand_bin):
         rows = torch.nonzero(in_bin[a:b].any(0)).squeeze(1)
         n = len(rows)
         cl, ca, st = ctx_len[rows], cand_len[rows], start[rows]
-        L = max(1, int(cl.max()))  # at least one (masked) key column
+        L = max(_MIN_KEYS, int(cl.max()))  # key slots past the longest context: masked
         Cg = int(ca.max())
         slot = torch.arange(L)
         ctx_ok = slot[None] < cl[:, None]  # [n, L]
@@ -141,12 +155,11 @@ def plan_varlen(valid: torch.Tensor, num_candidates: int) -> VarlenPlan:
         cslot = torch.arange(Cg)
         cand_ok = cslot[None] < ca[:, None]
         cand = torch.where(cand_ok, (st + cl)[:, None] + cslot[None], 0)
-        # rows of this group's output: n * L context rows, then n * Cg candidate rows
-        perm[ctx[ctx_ok]] = rows_out + torch.nonzero(ctx_ok.reshape(-1)).squeeze(1)
-        rows_out += n * L
-        perm[cand[cand_ok]] = rows_out + torch.nonzero(cand_ok.reshape(-1)).squeeze(1)
-        rows_out += n * Cg
-        groups.append(_Group(ctx.to(dev), ctx_ok.to(dev), cand.to(dev)))
+        # rows of this group's output: n * (L + Cg), request by request, slot by slot
+        slots, ok = torch.cat([ctx, cand], 1), torch.cat([ctx_ok, cand_ok], 1)
+        perm[slots[ok]] = rows_out + torch.nonzero(ok.reshape(-1)).squeeze(1)
+        rows_out += n * (L + Cg)
+        groups.append(_Group(slots.to(dev), ctx_ok.to(dev)))
     return VarlenPlan(groups, perm.to(dev), N)
 
 
@@ -182,14 +195,21 @@ def varlen_isolated_attention(
 
     pieces = []
     for g in plan.groups:
-        n, L = g.ctx.shape
-        Cg = g.cand.shape[1]
-        qx, kx, vx = (gather(t, g.ctx) for t in (q, k, v))  # [n, H, L, hd]
-        out_ctx = masked_attention(qx, kx, vx, g.ctx_mask(causal), cap, scale)  # [n, Hq, L, hd]
-        pieces.append(out_ctx.transpose(1, 2).reshape(n * L, Hq, hd))
-        if Cg:
-            qc, kc, vc = (gather(t, g.cand) for t in (q, k, v))  # [n, H, Cg, hd]
-            bias = g.cand_bias(kx.shape[1], qc.dtype)
-            out_c = candidates_attend(qc, kc, vc, kx, vx, g.ctx_valid, cap, scale, bias)
-            pieces.append(out_c.transpose(1, 2).reshape(n * Cg, Hq, hd))
+        n, S = g.slots.shape
+        L = g.ctx_valid.shape[1]
+        bias = g.cand_bias(k.shape[1], q.dtype)
+        if not causal:
+            # one call: context queries attend to the context keys, candidate queries to them
+            # plus their own key (a context query's own key is already among the context's)
+            qa, ka, va = (gather(t, g.slots) for t in (q, k, v))  # [n, H, L + Cg, hd]
+            kx, vx = ka[:, :, :L], va[:, :, :L]
+            out = candidates_attend(qa, ka, va, kx, vx, g.ctx_valid, cap, scale, bias, own_from=L)
+        else:
+            qx, kx, vx = (gather(t, g.ctx) for t in (q, k, v))  # [n, H, L, hd]
+            out = masked_attention(qx, kx, vx, g.ctx_mask(causal), cap, scale)  # [n, Hq, L, hd]
+            if S > L:
+                qc, kc, vc = (gather(t, g.cand) for t in (q, k, v))  # [n, H, Cg, hd]
+                out_c = candidates_attend(qc, kc, vc, kx, vx, g.ctx_valid, cap, scale, bias)
+                out = torch.cat([out, out_c], 2)
+        pieces.append(out.transpose(1, 2).reshape(n * S, Hq, hd))
     return torch.cat(pieces).index_select(0, plan.perm)
