@@ -5,9 +5,12 @@ a [B, T] batch, but ``isolated_attention`` needs each request's tokens side by s
 scattered back there, attention pays for every padding slot. KuaiRand batches at the demo
 config hold contexts (user + history) of 5 tokens on average while their longest is 28, so most
 of the [B, Tc, Tc] logits are padding. Here the requests are grouped by context length (powers
-of two) and each group runs the same two parts as ``isolated_attention`` -- context against
-context, then each candidate against the context plus its own key -- trimmed to the group's
-longest context and slate. Rotary positions were applied to q and k before (from each token's
+of two) and each group computes what ``isolated_attention`` does -- context against context,
+each candidate against the context plus its own key -- trimmed to the group's longest context
+and slate. Without causality that is one ``candidates_attend`` call per group: the context
+tokens are query rows without an own key (their own key is already among the context's), so
+the two parts share their gathers and operations (a training step at the demo config 0.91-0.94x
+the time of two calls). Rotary positions were applied to q and k before (from each token's
 slot), so dropping padding slots changes nothing; the tests hold this path to the padded one,
 outputs and gradients.
 
