@@ -189,6 +189,12 @@ def test_query_rows_without_an_own_key_are_the_context_attention(cap):
     for a, b in zip(*(torch.autograd.grad((o * w).sum(), leaves) for o in (out, ref)),
                     strict=True):  # fmt: skip
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # no context key: a row without an own key has nothing to attend to (zeros), the others
+    # their own value
+    none = candidates_attend(qc, kc, vc, kx[:, :, :0], vx[:, :, :0], ctx_valid[:, :0], cap,
+                             own_from=1)  # fmt: skip
+    assert not none[:, :, 0].any()
+    torch.testing.assert_close(none[:, :, 1], vc[:, :, 1].repeat_interleave(Hq // Hkv, 1))
     with pytest.raises(ValueError, match="own_from must be in 0..7, got 8"):
         candidates_attend(cat(qx, qc), cat(kx, kc), cat(vx, vc), kx, vx, ctx_valid, cap,
                           own_from=8)  # fmt: skip

@@ -175,7 +175,9 @@ def candidates_attend(
         raise ValueError(f"own_from must be in 0..{C}, got {own_from}")
     if Tc == 0:  # no context: each candidate attends to its own key alone
         out = vc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B, Hq, C, hd)
-        return out.index_fill(2, torch.arange(own_from, device=out.device), 0.0)
+        if own_from:  # no own key either: nothing to attend to
+            out = out.index_fill(2, torch.arange(own_from, device=out.device), 0.0)
+        return out
     # Query rows of one kv head side by side: [B*Hkv, G*C, hd]; scales folded into q (small).
     s = 1.0 / math.sqrt(hd) if scale is None else scale
     q_scale = s if cap is None else 2.0 * s / cap
