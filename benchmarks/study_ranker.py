@@ -162,6 +162,13 @@ CONFIGS: dict[str, dict] = {
     "pair003": {**HYBRID, "pairwise": 0.03},
     # the user-grouped order alone (a weight too small to matter)
     "grouped": {**HYBRID, "pairwise": 1e-9},
+    # the table's row-wise Adagrad learning rate (the CLI's --table-lr, 0.05) and the dense
+    # AdamW's (--lr, 2e-3) at 128 requests per step
+    "hybridtlr02": {**HYBRID, "table_lr": 0.02},
+    "hybridtlr1": {**HYBRID, "table_lr": 0.1},
+    "hybridtlr2": {**HYBRID, "table_lr": 0.2},
+    "hybridlr1": {**HYBRID, "lr": 1e-3},
+    "hybridlr4": {**HYBRID, "lr": 4e-3},
     # loss weight 5 on the six rarer actions
     "hybridrare5": {**HYBRID, "action_weights": {a: 5.0 for a in RARE_WEIGHTS}},
     # ... and with rows moved from users (whose history speaks for them) to posts
@@ -204,6 +211,7 @@ def spec_for(log, name: str, cfg: dict, split: Split) -> tuple[ModelSpec, TrainC
                         pairwise_weight=cfg.get("pairwise", 0.0),
                         lr_schedule=cfg.get("lr_schedule", "constant"),
                         batch_size=cfg.get("batch_size", 128), lr=cfg.get("lr", 2e-3),
+                        table_lr=cfg.get("table_lr", 0.05),
                         order=cfg.get("order", "shuffled"))  # fmt: skip
     return spec, train
 
