@@ -38,7 +38,7 @@ __all__ = ["VarlenPlan", "plan_varlen", "varlen_isolated_attention"]
 
 # Requests are first binned by context length rounded up to a power of two (at least
 # _MIN_GROUP_LEN), then neighbouring bins merge when that is cheaper: a group costs a fixed
-# ~100 ops forward and as many backward (_GROUP_OVERHEAD, in padded logits) plus its padded
+# ~85 ops forward and as many backward (_GROUP_OVERHEAD, in padded logits) plus its padded
 # logits n * (L^2 + Cg * (L + 1)). Small bins of long contexts (a few requests each) join the
 # next one instead of paying their own ops.
 _MIN_GROUP_LEN = 16
