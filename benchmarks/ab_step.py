@@ -45,9 +45,18 @@ from hashrec.training.loop import dense_optimizer
 
 def old_module(name: str, rev: str) -> ModuleType:
     """Module ``name`` as it was at git revision ``rev``, loaded beside today's."""
-    current = importlib.import_module(name)
+    try:
+        current = importlib.import_module(name)
+    except ImportError as e:
+        raise SystemExit(f"--module {name}: {e}") from e
     root = Path(__file__).resolve().parents[1]
-    path = Path(current.__file__).resolve().relative_to(root)
+    try:
+        path = Path(current.__file__).resolve().relative_to(root)
+    except ValueError as e:  # an installed copy, not this checkout's source
+        raise SystemExit(
+            f"--module {name} is loaded from {current.__file__}, not from this "
+            f"checkout ({root}): install it with pip install -e ."
+        ) from e
     try:
         source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True,
                                 capture_output=True, text=True).stdout  # fmt: skip
@@ -79,7 +88,10 @@ def main() -> None:
     switches = []  # (module, name, new object, old object)
     for item in a.patch:
         target, _, names = item.partition(":")
-        mod = importlib.import_module(target)
+        try:
+            mod = importlib.import_module(target)
+        except ImportError as e:
+            raise SystemExit(f"--patch {item}: {e}") from e
         for name in filter(None, names.split(",")):
             for m, what in ((mod, target), (old, f"{a.module} at {a.rev}")):
                 if not hasattr(m, name):
