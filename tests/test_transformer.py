@@ -127,13 +127,18 @@ def test_fast_path_matches_full_mask_outputs_and_gradients(cap, causal, S, C, op
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("C", [3, 0])
 @pytest.mark.parametrize("groups", [3, 2, 1])
-def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal, C, groups, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_varlen_kernel_matches_the_padded_kernel_across_groups(
+    cap, causal, C, groups, chunk, monkeypatch
+):
     """Packed tokens, requests grouped by context length (here 0 to 40 tokens: every group),
     against ``isolated_attention`` on the padded [B, T] layout: outputs and q, k, v gradients.
     Row 0 has candidates but no context; C = 0 is the two-tower's user tower. The group
     overhead of the planner's cost model decides how many groups the bins merge into."""
     overhead = {3: 0, 2: 2_000, 1: 10**6}[groups]
     monkeypatch.setattr("hashrec.nn.varlen._GROUP_OVERHEAD", overhead)
+    if chunk is not None:  # many chunks of (batch, kv-head) slices in the candidate kernel
+        monkeypatch.setattr("hashrec.nn.attention._CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
     B, Tc, Hq, Hkv, hd = 9, 41, 4, 2, 8
     valid = torch.zeros(B, Tc + C, dtype=torch.bool)
@@ -165,11 +170,15 @@ def test_varlen_kernel_matches_the_padded_kernel_across_groups(cap, causal, C, g
 
 
 @pytest.mark.parametrize("cap", [30.0, None])
-def test_query_rows_without_an_own_key_are_the_context_attention(cap):
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_query_rows_without_an_own_key_are_the_context_attention(cap, chunk, monkeypatch):
     """``candidates_attend(own_from=L)`` with the context's own tokens as the first L query
     slots: those rows equal the non-causal context attention (``masked_attention``), the rest
     candidates against the context plus their own key, outputs and gradients (padding query
-    rows, which nobody reads, aside)."""
+    rows, which nobody reads, aside). ``chunk``: logits per chunk small enough that every
+    (batch, kv-head) slice is a chunk of its own."""
+    if chunk is not None:
+        monkeypatch.setattr("hashrec.nn.attention._CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
     B, L, C, Hq, Hkv, hd = 3, 5, 2, 4, 2, 8
     ctx_valid = torch.rand(B, L) < 0.7

@@ -183,16 +183,10 @@ def candidates_attend(
     q_scale = s if cap is None else 2.0 * s / cap
     q = (_grouped(qc, Hkv) * q_scale).reshape(B * Hkv, G * C, hd)
     kx, vx = kx.reshape(B * Hkv, Tc, hd), vx.reshape(B * Hkv, Tc, hd)
-    # each query row's own candidate key/value, [B*Hkv, G*C, hd]
-    kc = kc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
-    vc = vc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B * Hkv, G * C, hd)
+    kc, vc = kc.reshape(B * Hkv, C, hd), vc.reshape(B * Hkv, C, hd)  # shared by the G heads
     if bias is None:
         bias = context_bias(ctx_valid, Hkv, q.dtype)
-    has_own = None
-    if own_from:  # [1, G*C, 1]: 0 where the query row has no own key
-        has_own = (torch.arange(C, device=q.device) >= own_from).to(q.dtype).repeat(G)
-        has_own = has_own.view(1, G * C, 1)
-    out = _CandidateAttention.apply(q, kx, vx, kc, vc, bias, cap, has_own)  # [B*Hkv, G*C, hd]
+    out = _CandidateAttention.apply(q, kx, vx, kc, vc, bias, cap, own_from)  # [B*Hkv, G*C, hd]
     return out.view(B, Hq, C, hd)
 
 
@@ -215,11 +209,12 @@ _CHUNK_ELEMENTS = 1 << 19  # logits per chunk of (batch, kv-head) slices: ~2 MB 
 class _CandidateAttention(torch.autograd.Function):
     """Each query row attends to the shared context keys plus its own key; hand-written backward.
 
-    Shapes (N = B*Hkv, M = G*C query rows): q, kc, vc [N, M, hd]; kx, vx [N, Tc, hd]; bias
-    [N, 1, Tc] (0, or -inf at padding); has_own [1, M, 1] (0 for rows that have no own key) or
-    None (every row has one). q arrives scaled by 1/sqrt(hd), or by 2/(sqrt(hd)*cap)
-    with a soft-cap, because ``cap*tanh(z/cap) = 2cap*sigmoid(2z/cap) - cap`` and the ``-cap``
-    cancels in the softmax: sigmoid is ~4x cheaper than tanh on CPU.
+    Shapes (N = B*Hkv, M = G*C query rows, the G query heads of a kv head side by side): q [N,
+    M, hd]; kc, vc [N, C, hd] (the own keys and values, shared by the G heads); kx, vx [N, Tc,
+    hd]; bias [N, 1, Tc] (0, or -inf at padding); slots before ``own_from`` have no own key. q
+    arrives scaled by 1/sqrt(hd), or by 2/(sqrt(hd)*cap) with a soft-cap, because
+    ``cap*tanh(z/cap) = 2cap*sigmoid(2z/cap) - cap`` and the ``-cap`` cancels in the softmax:
+    sigmoid is ~4x cheaper than tanh on CPU.
 
     The own key joins the context softmax through the context's log-sum-exp, recovered from the
     fused softmax as ``max(l) - log(max(softmax(l)))``: the own key gets ``p_self =
@@ -231,43 +226,50 @@ class _CandidateAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, kx, vx, kc, vc, bias, cap, has_own):  # type: ignore[override]
+    def forward(ctx, q, kx, vx, kc, vc, bias, cap, own_from):  # type: ignore[override]
         N, M, hd = q.shape
-        Tc = kx.shape[1]
+        Tc, C = kx.shape[1], kc.shape[1]
+        G = M // C
         out = torch.empty_like(q)
         keep = any(ctx.needs_input_grad[:5])  # store for backward only when there is one
-        probs = torch.empty(N, M, Tc, dtype=q.dtype, device=q.device) if keep else None
         # with a cap, backward needs d sigmoid = s * (1 - s), s = sigmoid(2z/cap): kept per element
-        dsig = torch.empty_like(probs) if keep and cap is not None else None
+        capped = cap is not None
+        dsig = torch.empty(N, M, Tc, dtype=q.dtype, device=q.device) if keep and capped else None
         p_self = torch.empty(N, M, 1, dtype=q.dtype, device=q.device)
+        no_ctx = bias.amax(-1, keepdim=True) == float("-inf")  # [N, 1, 1]: only the own key
+        any_no_ctx = bool(no_ctx.any())
         step = max(1, _CHUNK_ELEMENTS // max(1, M * Tc))
-        for a in range(0, N, step):
-            n = slice(a, min(N, a + step))
-            zs = (q[n] * kc[n]).sum(-1, keepdim=True)
+        chunks = [slice(a, min(N, a + step)) for a in range(0, N, step)]
+        probs = []
+        for n in chunks:
+            part = (lambda t: t) if len(chunks) == 1 else (lambda t, n=n: t[n])  # one: no slicing
+            qn, kcn = part(q), part(kc)
+            zs = (qn.view(-1, G, C, hd) * kcn[:, None]).sum(-1, keepdim=True).view(-1, M, 1)
             if cap is None:
-                logits = torch.baddbmm(bias[n], q[n], kx[n].transpose(1, 2))
+                logits = torch.baddbmm(part(bias), qn, part(kx).transpose(1, 2))
                 logit_self = zs
             else:
-                z = torch.bmm(q[n], kx[n].transpose(1, 2), out=dsig[n] if keep else None)
+                z = torch.bmm(qn, part(kx).transpose(1, 2), out=part(dsig) if keep else None)
                 s = z.sigmoid_()
-                logits = torch.add(bias[n], s, alpha=2.0 * cap)
+                logits = torch.add(part(bias), s, alpha=2.0 * cap)
                 logit_self = torch.sigmoid(zs) * (2.0 * cap)
                 if keep:
                     s.addcmul_(s, s, value=-1.0)  # s - s^2, in place while the chunk is in cache
             p = torch.softmax(logits, dim=-1)
             lse_ctx = logits.amax(-1, keepdim=True) - p.amax(-1, keepdim=True).log()
-            attended = torch.bmm(p, vx[n])  # [n, M, hd]
-            no_ctx = bias[n].amax(-1, keepdim=True) == float("-inf")  # only the own key
-            if bool(no_ctx.any()):
-                p.masked_fill_(no_ctx, 0.0)
-                lse_ctx.masked_fill_(no_ctx, float("-inf"))
-                attended.masked_fill_(no_ctx, 0.0)
-            torch.sigmoid(logit_self - lse_ctx, out=p_self[n])
-            if has_own is not None:  # rows without an own key: the context's softmax alone
-                p_self[n].mul_(has_own)
-            torch.lerp(attended, vc[n], p_self[n], out=out[n])
-            if keep:
-                probs[n] = p
+            attended = torch.bmm(p, part(vx))  # [n, M, hd]
+            if any_no_ctx:
+                empty = part(no_ctx)
+                p.masked_fill_(empty, 0.0)
+                lse_ctx.masked_fill_(empty, float("-inf"))
+                attended.masked_fill_(empty, 0.0)
+            ps = torch.sigmoid(logit_self - lse_ctx, out=part(p_self))
+            if own_from:  # slots without an own key: the context's softmax alone
+                ps.view(-1, G, C)[:, :, :own_from] = 0.0
+            torch.lerp(attended.view(-1, G, C, hd), part(vc)[:, None], ps.view(-1, G, C, 1),
+                       out=part(out).view(-1, G, C, hd))  # fmt: skip
+            probs.append(p)
+        probs = (probs[0] if len(probs) == 1 else torch.cat(probs)) if keep else None
         ctx.save_for_backward(q, kx, vx, kc, vc, out, probs, dsig, p_self)
         ctx.cap, ctx.step = cap, step
         return out
@@ -276,19 +278,25 @@ class _CandidateAttention(torch.autograd.Function):
     def backward(ctx, dout):  # type: ignore[override]
         q, kx, vx, kc, vc, out, probs, dsig, p_self = ctx.saved_tensors
         cap, step = ctx.cap, ctx.step
-        N = q.shape[0]
+        N, M, hd = q.shape
+        C = kc.shape[1]
+        G = M // C
         dout = dout.contiguous()
         # softmax backward: r_i = sum_j P_ij dP_ij = dout_i . out_i (flash attention's D)
         r = (dout * out).sum(-1, keepdim=True)
         w = 1.0 - p_self  # the context's share; folded into the small [N, M, hd] tensors
         dout_ctx = dout * w
-        dvc = p_self * dout
-        dz_self = p_self * ((dout * vc).sum(-1, keepdim=True) - r)  # d l_self
+        dvc = (p_self * dout).view(N, G, C, hd).sum(1)  # the G heads' shares of each own value
+        own_dot = (dout.view(N, G, C, hd) * vc[:, None]).sum(-1, keepdim=True).view(N, M, 1)
+        dz_self = p_self * (own_dot - r)  # d l_self
         alpha = 1.0
         if cap is not None:  # d(2cap*sigmoid(z'))/dz' = 2cap * s * (1 - s)
-            ss = torch.sigmoid((q * kc).sum(-1, keepdim=True))
+            zs = (q.view(N, G, C, hd) * kc[:, None]).sum(-1, keepdim=True).view(N, M, 1)
+            ss = torch.sigmoid(zs)
             dz_self = dz_self * ss * (1.0 - ss) * (2.0 * cap)
             alpha = 2.0 * cap
+        # the own keys' term of dq, each kv head's own key broadcast over its G query heads
+        dq_self = (dz_self.view(N, G, C, 1) * kc[:, None]).view(N, M, hd)
         dq, dkx, dvx = torch.empty_like(q), torch.empty_like(kx), torch.empty_like(vx)
         for a in range(0, N, step):
             n = slice(a, min(N, a + step))
@@ -298,8 +306,9 @@ class _CandidateAttention(torch.autograd.Function):
             dz.sub_(r[n] * w[n]).mul_(p)  # d logits (context)
             if cap is not None:
                 dz.mul_(dsig[n])  # * s * (1 - s)
-            torch.baddbmm(dz_self[n] * kc[n], dz, kx[n], alpha=alpha, out=dq[n])
+            torch.baddbmm(dq_self[n], dz, kx[n], alpha=alpha, out=dq[n])
             torch.bmm(dz.transpose(1, 2), q[n], out=dkx[n])
         if cap is not None:
             dkx.mul_(alpha)
-        return dq, dkx, dvx, dz_self * q, dvc, None, None, None
+        dkc = (dz_self * q).view(N, G, C, hd).sum(1)
+        return dq, dkx, dvx, dkc, dvc, None, None, None
