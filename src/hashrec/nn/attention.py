@@ -265,7 +265,7 @@ class _CandidateAttention(torch.autograd.Function):
                 attended.masked_fill_(empty, 0.0)
             ps = torch.sigmoid(logit_self - lse_ctx, out=part(p_self))
             if own_from:  # slots without an own key: the context's softmax alone
-                ps.view(-1, G, C)[:, :, :own_from] = 0.0
+                ps.view(-1, G, C)[:, :, :own_from].zero_()
             torch.lerp(attended.view(-1, G, C, hd), part(vc)[:, None], ps.view(-1, G, C, 1),
                        out=part(out).view(-1, G, C, hd))  # fmt: skip
             probs.append(p)
