@@ -268,7 +268,8 @@ class _CandidateAttention(torch.autograd.Function):
                 ps.view(-1, G, C)[:, :, :own_from].zero_()
             torch.lerp(attended.view(-1, G, C, hd), part(vc)[:, None], ps.view(-1, G, C, 1),
                        out=part(out).view(-1, G, C, hd))  # fmt: skip
-            probs.append(p)
+            if keep:  # inference keeps no chunk past its own use
+                probs.append(p)
         probs = (probs[0] if len(probs) == 1 else torch.cat(probs)) if keep else None
         ctx.save_for_backward(q, kx, vx, kc, vc, out, probs, dsig, p_self)
         ctx.cap, ctx.step = cap, step
