@@ -240,7 +240,10 @@ class _CandidateAttention(torch.autograd.Function):
         any_no_ctx = bool(no_ctx.any())
         step = max(1, _CHUNK_ELEMENTS // max(1, M * Tc))
         chunks = [slice(a, min(N, a + step)) for a in range(0, N, step)]
-        probs = []
+        # the softmax kept for backward: one chunk's own tensor, or chunks copied into one
+        probs = None
+        if keep and len(chunks) > 1:
+            probs = torch.empty(N, M, Tc, dtype=q.dtype, device=q.device)
         for n in chunks:
             part = (lambda t: t) if len(chunks) == 1 else (lambda t, n=n: t[n])  # one: no slicing
             qn, kcn = part(q), part(kc)
@@ -268,9 +271,11 @@ class _CandidateAttention(torch.autograd.Function):
                 ps.view(-1, G, C)[:, :, :own_from].zero_()
             torch.lerp(attended.view(-1, G, C, hd), part(vc)[:, None], ps.view(-1, G, C, 1),
                        out=part(out).view(-1, G, C, hd))  # fmt: skip
-            if keep:  # inference keeps no chunk past its own use
-                probs.append(p)
-        probs = (probs[0] if len(probs) == 1 else torch.cat(probs)) if keep else None
+            if keep:
+                if len(chunks) == 1:
+                    probs = p
+                else:
+                    probs[n] = p
         ctx.save_for_backward(q, kx, vx, kc, vc, out, probs, dsig, p_self)
         ctx.cap, ctx.step = cap, step
         return out
