@@ -247,7 +247,7 @@ class _CandidateAttention(torch.autograd.Function):
         for n in chunks:
             part = (lambda t: t) if len(chunks) == 1 else (lambda t, n=n: t[n])  # one: no slicing
             qn, kcn = part(q), part(kc)
-            zs = (qn.view(-1, G, C, hd) * kcn[:, None]).sum(-1, keepdim=True).view(-1, M, 1)
+            zs = (qn.reshape(-1, G, C, hd) * kcn[:, None]).sum(-1, keepdim=True).view(-1, M, 1)
             if cap is None:
                 logits = torch.baddbmm(part(bias), qn, part(kx).transpose(1, 2))
                 logit_self = zs
@@ -297,7 +297,7 @@ class _CandidateAttention(torch.autograd.Function):
         dz_self = p_self * (own_dot - r)  # d l_self
         alpha = 1.0
         if cap is not None:  # d(2cap*sigmoid(z'))/dz' = 2cap * s * (1 - s)
-            zs = (q.view(N, G, C, hd) * kc[:, None]).sum(-1, keepdim=True).view(N, M, 1)
+            zs = (q.reshape(N, G, C, hd) * kc[:, None]).sum(-1, keepdim=True).view(N, M, 1)
             ss = torch.sigmoid(zs)
             dz_self = dz_self * ss * (1.0 - ss) * (2.0 * cap)
             alpha = 2.0 * cap
@@ -316,5 +316,5 @@ class _CandidateAttention(torch.autograd.Function):
             torch.bmm(dz.transpose(1, 2), q[n], out=dkx[n])
         if cap is not None:
             dkx.mul_(alpha)
-        dkc = (dz_self * q).view(N, G, C, hd).sum(1)
+        dkc = (dz_self * q).reshape(N, G, C, hd).sum(1)
         return dq, dkx, dvx, dkc, dvc, None, None, None
