@@ -70,6 +70,8 @@ CONFIGS: dict[str, dict] = {
     "wide": {**DEFAULTS, "dim": 64},
     # the defaults (hybrid) at D = 64, and with a history of 64 / 128 events
     "hybridwide": {**HYBRID, "dim": 64},
+    # ... at D = 64 within the defaults' bytes (12.5% of its own collision-free table)
+    "hybridwide12": {**HYBRID, "dim": 64, "fraction": 0.125},
     "hybridh64": {**HYBRID, "history": 64},
     "hybridh128": {**HYBRID, "history": 128},
     "rates": {**DEFAULTS, "rates": True},
