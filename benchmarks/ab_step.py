@@ -30,13 +30,10 @@ from types import ModuleType
 
 import numpy as np
 import torch
+from demo_inputs import demo_inputs
 
-from hashrec.cli.common import experiment_specs
-from hashrec.cli.dispatch import build_parser
-from hashrec.data import load_kuairand
-from hashrec.data.collate import RowHashes, batches
-from hashrec.data.requests import build_requests
-from hashrec.evaluation.experiment import Split, ranker_config
+from hashrec.data.collate import batches
+from hashrec.evaluation.experiment import ranker_config
 from hashrec.models.losses import loss_terms
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.nn.optim import RowWiseAdagrad
@@ -102,18 +99,14 @@ def main() -> None:
         for mod, name, now, before in switches:
             setattr(mod, name, now if new else before)
 
-    args = build_parser().parse_args(["train", "--data", a.data, *train_args])
-    log = load_kuairand(a.data)
-    split = Split(train_end=20220502, eval_start=20220503, eval_end=20220505)
-    spec, examples, train = experiment_specs(args, log, split)
-    hashes = RowHashes(log, spec.hash_config, spec.vocab)
-    requests = build_requests(log, split.masks(log)[0], examples)
-    order = np.random.default_rng(0).permutation(len(requests))
+    d = demo_inputs(a.data, train_args)
+    spec, train = d.spec, d.train
+    order = np.random.default_rng(0).permutation(len(d.requests))
     B = train.batch_size
-    lbs = [next(batches(log, hashes, requests, B, order[i * B : (i + 1) * B],
+    lbs = [next(batches(d.log, d.hashes, d.requests, B, order[i * B : (i + 1) * B],
                         trim_candidates=True)) for i in range(a.batches)]  # fmt: skip
     torch.manual_seed(0)
-    model = PhoenixRanker(ranker_config(log, spec))
+    model = PhoenixRanker(ranker_config(d.log, spec))
     model.train()
     dense = dense_optimizer(model.dense_parameters(), train.lr, train.weight_decay,
                             torch.device("cpu"))  # fmt: skip

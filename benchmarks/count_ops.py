@@ -16,15 +16,12 @@ import sys
 
 import numpy as np
 import torch
+from demo_inputs import demo_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hashrec.cli.common import experiment_specs
-from hashrec.cli.dispatch import build_parser
-from hashrec.data import load_kuairand
-from hashrec.data.collate import RowHashes, batches
-from hashrec.data.requests import build_requests
+from hashrec.data.collate import batches
 from hashrec.datasets import kuairand_sample_dir
-from hashrec.evaluation.experiment import Split, model_log, ranker_config
+from hashrec.evaluation.experiment import ranker_config
 from hashrec.models.losses import loss_terms
 from hashrec.models.ranker import PhoenixRanker
 
@@ -51,14 +48,8 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12, help="modules to list")
     args, train_args = p.parse_known_args()
     torch.set_num_threads(1)
-    data = args.data or kuairand_sample_dir()
-    cli = build_parser().parse_args(["train", "--data", data, *train_args])
-    log = load_kuairand(data)
-    split = Split(train_end=20220502, eval_start=20220503, eval_end=20220505)
-    spec, examples, train = experiment_specs(cli, log, split)
-    log = model_log(log, spec, split.masks(log)[0])
-    hashes = RowHashes(log, spec.hash_config, spec.vocab)
-    requests = build_requests(log, split.masks(log)[0], examples)
+    d = demo_inputs(args.data or kuairand_sample_dir(), train_args)
+    log, spec, train, hashes, requests = d.log, d.spec, d.train, d.hashes, d.requests
     idx = np.random.default_rng(0).permutation(len(requests))[: train.batch_size]
     torch.manual_seed(0)
     model = PhoenixRanker(ranker_config(log, spec))

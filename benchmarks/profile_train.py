@@ -24,13 +24,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from demo_inputs import demo_inputs
 
-from hashrec.cli.common import experiment_specs
-from hashrec.cli.dispatch import build_parser
-from hashrec.data import load_kuairand
-from hashrec.data.collate import RowHashes, batches
-from hashrec.data.requests import build_requests
-from hashrec.evaluation.experiment import Split, ranker_config
+from hashrec.data.collate import batches
+from hashrec.evaluation.experiment import ranker_config
 from hashrec.models.losses import loss_terms
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.nn.optim import RowWiseAdagrad
@@ -77,12 +74,9 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     extra = [] if a.history_len is None else ["--history-len", str(a.history_len)]
-    args = build_parser().parse_args(["train", "--data", a.data, *extra])
-    log = load_kuairand(a.data)
-    split = Split(train_end=20220502, eval_start=20220503, eval_end=20220505)
-    spec, examples, train = experiment_specs(args, log, split)
-    hashes = RowHashes(log, spec.hash_config, spec.vocab)
-    requests = build_requests(log, split.masks(log)[0], examples)
+    d = demo_inputs(a.data, extra)
+    log, spec, examples, train, hashes, requests = (
+        d.log, d.spec, d.examples, d.train, d.hashes, d.requests)  # fmt: skip
     order = np.random.default_rng(0).permutation(len(requests))
     B = train.batch_size
     runs = {}
