@@ -204,6 +204,8 @@ def test_query_rows_without_an_own_key_are_the_context_attention(cap, chunk, mon
                              own_from=1)  # fmt: skip
     assert not none[:, :, 0].any()
     torch.testing.assert_close(none[:, :, 1], vc[:, :, 1].repeat_interleave(Hq // Hkv, 1))
+    no_slots = candidates_attend(qc[:, :, :0], kc[:, :, :0], vc[:, :, :0], kx, vx, ctx_valid, cap)
+    assert no_slots.shape == (B, Hq, 0, hd)
     with pytest.raises(ValueError, match="own_from must be in 0..7, got 8"):
         candidates_attend(cat(qx, qc), cat(kx, kc), cat(vx, vc), kx, vx, ctx_valid, cap,
                           own_from=8)  # fmt: skip

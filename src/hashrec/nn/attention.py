@@ -173,6 +173,8 @@ def candidates_attend(
     G = Hq // Hkv
     if not 0 <= own_from <= C:
         raise ValueError(f"own_from must be in 0..{C}, got {own_from}")
+    if C == 0:  # no query slot
+        return qc.new_zeros(B, Hq, 0, hd)
     if Tc == 0:  # no context: each candidate attends to its own key alone
         out = vc[:, :, None].expand(B, Hkv, G, C, hd).reshape(B, Hq, C, hd)
         if own_from:  # no own key either: nothing to attend to
