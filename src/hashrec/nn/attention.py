@@ -161,8 +161,10 @@ def candidates_attend(
 ) -> torch.Tensor:
     """Each candidate against the context keys plus its own key: qc [B, Hq, C, hd], kc/vc
     [B, Hkv, C, hd] (the candidates' own), kx/vx [B, Hkv, Tc, hd] (the context's), ctx_valid
-    [B, Tc] -> [B, Hq, C, hd]. ``bias``: ``context_bias(ctx_valid, Hkv, dtype)`` when the
-    caller reuses it across layers.
+    [B, Tc] -> [B, Hq, C, hd]. ``bias``: ``context_bias(ctx_valid, Hkv, dtype)`` [B*Hkv, 1, Tc]
+    when the caller reuses it across layers, or an additive bias per query row [B*Hkv, G*C, Tc]
+    (the G query heads of a kv head side by side; 0 where the row may see a key, -inf where
+    not), e.g. to make context query rows causal.
 
     Query slots before ``own_from`` attend to the context keys only (their own key gets no
     weight, kc/vc there are ignored): with the context's own tokens there, one call is the
@@ -213,7 +215,8 @@ class _CandidateAttention(torch.autograd.Function):
 
     Shapes (N = B*Hkv, M = G*C query rows, the G query heads of a kv head side by side): q [N,
     M, hd]; kc, vc [N, C, hd] (the own keys and values, shared by the G heads); kx, vx [N, Tc,
-    hd]; bias [N, 1, Tc] (0, or -inf at padding); slots before ``own_from`` have no own key. q
+    hd]; bias [N, 1, Tc] or per row [N, M, Tc] (0, or -inf where hidden); slots before
+    ``own_from`` have no own key. q
     arrives scaled by 1/sqrt(hd), or by 2/(sqrt(hd)*cap) with a soft-cap, because
     ``cap*tanh(z/cap) = 2cap*sigmoid(2z/cap) - cap`` and the ``-cap`` cancels in the softmax:
     sigmoid is ~4x cheaper than tanh on CPU.

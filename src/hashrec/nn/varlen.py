@@ -7,12 +7,12 @@ config hold contexts (user + history) of 5 tokens on average while their longest
 of the [B, Tc, Tc] logits are padding. Here the requests are grouped by context length (powers
 of two) and each group computes what ``isolated_attention`` does -- context against context,
 each candidate against the context plus its own key -- trimmed to the group's longest context
-and slate. Without causality that is one ``candidates_attend`` call per group: the context
-tokens are query rows without an own key (their own key is already among the context's), so
-the two parts share their gathers and operations (a training step at the demo config 0.91-0.94x
-the time of two calls). Rotary positions were applied to q and k before (from each token's
-slot), so dropping padding slots changes nothing; the tests hold this path to the padded one,
-outputs and gradients.
+and slate, in one ``candidates_attend`` call per group: the context tokens are query rows
+without an own key (their own key is already among the context's; with causality a key bias
+per row hides their later keys), so the two parts share their gathers and operations (a
+training step at the demo config 0.93x the time of two calls). Rotary positions were applied
+to q and k before (from each token's slot), so dropping padding slots changes nothing; the
+tests hold this path to the padded one, outputs and gradients.
 
 A request's valid tokens are contiguous in the packed order (row-major over [B, T], context
 slots before candidate slots), so a group gathers them with one index per slot. Padding slots
@@ -27,12 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hashrec.nn.attention import (
-    candidate_isolation_mask,
-    candidates_attend,
-    context_bias,
-    masked_attention,
-)
+from hashrec.nn.attention import candidates_attend, context_bias
 
 __all__ = ["VarlenPlan", "plan_varlen", "varlen_isolated_attention"]
 
@@ -90,16 +85,27 @@ class _Group:
     def cand(self) -> torch.Tensor:  # [n, Cg]
         return self.slots[:, self.ctx_valid.shape[1] :]
 
-    def ctx_mask(self, causal: bool) -> torch.Tensor:
-        key = ("mask", causal)
+    def key_bias(
+        self, num_kv_heads: int, group: int, dtype: torch.dtype, causal: bool
+    ) -> torch.Tensor:
+        """``candidates_attend``'s additive key bias: 0 where a query slot may see a context
+        key, -inf elsewhere. Without causality every slot sees the valid context keys: [n *
+        Hkv, 1, L]. With it, context slot i sees valid keys j <= i (candidates all of them):
+        one row per query row, [n * Hkv, G * (L + Cg), L], the G query heads of a kv head side
+        by side."""
+        key = ("bias", num_kv_heads, group, dtype, causal)
         if key not in self.cache:
-            self.cache[key] = candidate_isolation_mask(self.ctx_valid, 0, causal)
-        return self.cache[key]
-
-    def cand_bias(self, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
-        key = ("bias", num_kv_heads, dtype)
-        if key not in self.cache:
-            self.cache[key] = context_bias(self.ctx_valid, num_kv_heads, dtype)
+            bias = context_bias(self.ctx_valid, num_kv_heads, dtype)
+            if causal:
+                n, S = self.slots.shape
+                L = self.ctx_valid.shape[1]
+                row = torch.arange(S, device=bias.device)[:, None]
+                col = torch.arange(L, device=bias.device)[None]
+                later = (col > row) & (row < L)  # [S, L]: a context slot's later keys
+                bias = bias.view(n, num_kv_heads, 1, 1, L).masked_fill(later, float("-inf"))
+                bias = bias.expand(n, num_kv_heads, group, S, L)
+                bias = bias.reshape(n * num_kv_heads, group * S, L)
+            self.cache[key] = bias
         return self.cache[key]
 
 
@@ -197,22 +203,16 @@ def varlen_isolated_attention(
         return rows.view(*index.shape, *t.shape[1:]).transpose(1, 2)
 
     pieces = []
+    Hkv = k.shape[1]
     for g in plan.groups:
         n, S = g.slots.shape
         L = g.ctx_valid.shape[1]
-        bias = g.cand_bias(k.shape[1], q.dtype)
-        if not causal:
-            # one call: context queries attend to the context keys, candidate queries to them
-            # plus their own key (a context query's own key is already among the context's)
-            qa, ka, va = (gather(t, g.slots) for t in (q, k, v))  # [n, H, L + Cg, hd]
-            kx, vx = ka[:, :, :L], va[:, :, :L]
-            out = candidates_attend(qa, ka, va, kx, vx, g.ctx_valid, cap, scale, bias, own_from=L)
-        else:
-            qx, kx, vx = (gather(t, g.ctx) for t in (q, k, v))  # [n, H, L, hd]
-            out = masked_attention(qx, kx, vx, g.ctx_mask(causal), cap, scale)  # [n, Hq, L, hd]
-            if S > L:
-                qc, kc, vc = (gather(t, g.cand) for t in (q, k, v))  # [n, H, Cg, hd]
-                out_c = candidates_attend(qc, kc, vc, kx, vx, g.ctx_valid, cap, scale, bias)
-                out = torch.cat([out, out_c], 2)
+        # one call: context queries attend to the context keys (with causality, the earlier
+        # ones), candidate queries to all of them plus their own key (a context query's own
+        # key is already among the context's)
+        qa, ka, va = (gather(t, g.slots) for t in (q, k, v))  # [n, H, L + Cg, hd]
+        kx, vx = ka[:, :, :L], va[:, :, :L]
+        bias = g.key_bias(Hkv, Hq // Hkv, q.dtype, causal)
+        out = candidates_attend(qa, ka, va, kx, vx, g.ctx_valid, cap, scale, bias, own_from=L)
         pieces.append(out.transpose(1, 2).reshape(n * S, Hq, hd))
     return torch.cat(pieces).index_select(0, plan.perm)
