@@ -41,7 +41,7 @@ _GROUP_OVERHEAD = 32_768
 # Every group keeps at least this many key slots (the extra ones padding, masked). torch's CPU
 # softmax over a last dimension shorter than one vector register (16 floats with AVX-512) takes
 # a scalar path ~13x slower per element (measured, torch 2.13: 894 us for [3540, 15], 73 us
-# for [3540, 16]), and both attentions' softmaxes run over the group's keys.
+# for [3540, 16]), and the attention's softmax runs over the group's keys.
 _MIN_KEYS = 16
 
 
