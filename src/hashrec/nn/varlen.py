@@ -77,14 +77,6 @@ class _Group:
     # masks and biases built by the first layer, reused by the others (keyed by their options)
     cache: dict = field(default_factory=dict)
 
-    @property
-    def ctx(self) -> torch.Tensor:  # [n, L]
-        return self.slots[:, : self.ctx_valid.shape[1]]
-
-    @property
-    def cand(self) -> torch.Tensor:  # [n, Cg]
-        return self.slots[:, self.ctx_valid.shape[1] :]
-
     def key_bias(
         self, num_kv_heads: int, group: int, dtype: torch.dtype, causal: bool
     ) -> torch.Tensor:
@@ -116,8 +108,11 @@ class VarlenPlan:
 
     >>> valid = torch.tensor([[True, False, True, True], [True, True, True, False]])
     >>> plan = plan_varlen(valid, num_candidates=1)  # contexts of 2 and 3 tokens
-    >>> plan.num_tokens, len(plan.groups), plan.groups[0].ctx[:, :4].tolist()  # then padding
-    (6, 1, [[0, 1, 0, 0], [3, 4, 5, 0]])
+    >>> g = plan.groups[0]  # 16 context slots (the key floor), then 1 candidate slot
+    >>> plan.num_tokens, len(plan.groups), g.slots.shape
+    (6, 1, torch.Size([2, 17]))
+    >>> g.slots[:, :4].tolist(), g.slots[:, -1].tolist()  # packed token ids; padding: 0
+    ([[0, 1, 0, 0], [3, 4, 5, 0]], [2, 0])
     """
 
     groups: list[_Group]
