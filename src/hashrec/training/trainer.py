@@ -37,6 +37,10 @@ __all__ = [
 ]
 
 
+# the orders an epoch may visit the requests in (TrainConfig.order; the CLI's --order)
+ORDERS = ("shuffled", "time")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings (architecture lives in ``RankerConfig``).
@@ -125,9 +129,6 @@ class TrainConfig:
             raise ValueError("order 'time' (--order time) cannot hold each user's requests "
                              "together, which pairwise_weight > 0 (--pairwise-weight) needs: use "
                              "order 'shuffled'")  # fmt: skip
-
-
-ORDERS = ("shuffled", "time")
 
 
 def set_seed(seed: int) -> None:
