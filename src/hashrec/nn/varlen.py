@@ -74,7 +74,7 @@ class _Group:
     # then Cg candidate slots (padding: 0, never read)
     slots: torch.Tensor
     ctx_valid: torch.Tensor  # [n, L] bool
-    # masks and biases built by the first layer, reused by the others (keyed by their options)
+    # key biases built by the first layer, reused by the others (keyed by their options)
     cache: dict = field(default_factory=dict)
 
     def key_bias(
