@@ -171,6 +171,9 @@ CONFIGS: dict[str, dict] = {
     "hybridtlr2": {**HYBRID, "table_lr": 0.2},
     "hybridlr1": {**HYBRID, "lr": 1e-3},
     "hybridlr4": {**HYBRID, "lr": 4e-3},
+    # a moving average of the dense weights (decay 0.998, ramped up over the first steps)
+    "hybridema": {**HYBRID, "ema": 0.998},
+    "raterareema": {**RATERARE, "ema": 0.998},
     # loss weight 5 on the six rarer actions
     "hybridrare5": {**HYBRID, "action_weights": {a: 5.0 for a in RARE_WEIGHTS}},
     # ... and with rows moved from users (whose history speaks for them) to posts
@@ -214,7 +217,8 @@ def spec_for(log, name: str, cfg: dict, split: Split) -> tuple[ModelSpec, TrainC
                         lr_schedule=cfg.get("lr_schedule", "constant"),
                         batch_size=cfg.get("batch_size", 128), lr=cfg.get("lr", 2e-3),
                         table_lr=cfg.get("table_lr", 0.05),
-                        order=cfg.get("order", "shuffled"))  # fmt: skip
+                        order=cfg.get("order", "shuffled"),
+                        ema_decay=cfg.get("ema", 0.0))  # fmt: skip
     return spec, train
 
 

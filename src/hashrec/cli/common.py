@@ -91,12 +91,13 @@ def whole(low: int) -> Callable[[str], int]:
 
 
 def number(
-    low: float = -math.inf, high: float = math.inf, low_open: bool = True
+    low: float = -math.inf, high: float = math.inf, low_open: bool = True, high_open: bool = False
 ) -> Callable[[str], float]:
-    """An argparse type: a finite float in (low, high] (``low_open``) or [low, high]."""
+    """An argparse type: a finite float in (low, high] (``low_open``) or [low, high]; with
+    ``high_open``, below ``high``."""
     bound = f"{'>' if low_open else '>='} {low:g}" if low > -math.inf else ""
     bound += (" and " if bound and high < math.inf else "") + (
-        f"<= {high:g}" if high < math.inf else ""
+        f"{'<' if high_open else '<='} {high:g}" if high < math.inf else ""
     )
 
     def parse(text: str) -> float:
@@ -104,7 +105,8 @@ def number(
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        ok = math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+        ok = math.isfinite(v) and (v > low if low_open else v >= low)
+        ok = ok and (v < high if high_open else v <= high)
         if not ok:
             raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
         return v
@@ -226,6 +228,7 @@ DEFAULT_WEIGHT_DECAY = 0.01
 DEFAULT_EPOCHS = 3
 DEFAULT_ACTION_WEIGHTS = ""
 DEFAULT_RATE_FEATURES = False
+DEFAULT_EMA_DECAY = 0.998
 
 
 def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
@@ -287,6 +290,11 @@ def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
                    help="the dense learning rate over the planned steps: constant, or "
                    "decaying to 0 by the last epoch's end (linear, cosine); the table's "
                    "Adagrad keeps --table-lr")  # fmt: skip
+    t.add_argument("--ema-decay", type=number(0, 1, low_open=False, high_open=True),
+                   default=DEFAULT_EMA_DECAY,
+                   help="keep a moving average of the dense weights with this decay; "
+                   "validation scores it and the run ends with it (0: off; default "
+                   "%(default)s)")  # fmt: skip
     t.add_argument("--order", choices=("shuffled", "time"), default="shuffled",
                    help="the order each epoch visits the requests: shuffled (seeded), or "
                    "by time, oldest first, as a stream (the last steps on the latest "
@@ -561,7 +569,8 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
                             pairwise_weight=args.pairwise_weight,
                             val_days=args.val_days, val_fraction=args.val_fraction,
                             patience=args.patience, refit=args.refit,
-                            lr_schedule=args.lr_schedule, order=args.order)  # fmt: skip
+                            lr_schedule=args.lr_schedule, order=args.order,
+                            ema_decay=args.ema_decay)  # fmt: skip
         unknown = set(args.action_weights) - set(log.actions)
         if unknown:
             raise ValueError(f"--action-weights names {sorted(unknown)}; the log's actions are "

@@ -23,6 +23,7 @@ two-tower). A trainer says how one global batch of example indices becomes a los
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from hashrec.nn.optim import RowWiseAdagrad
 from hashrec.training import distributed
+from hashrec.training.average import WeightAverage
 from hashrec.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from hashrec.training.resume import check_resumable
 
@@ -114,7 +116,7 @@ class EpochTrainer:
     ``model`` has a ``table`` (the fused hash table), ``dense_parameters()`` and a ``config``
     with ``to_dict()``; ``config`` is a ``TrainConfig`` (epochs, batch_size, lr, table_lr,
     weight_decay, seed, checkpoint_every, max_steps, patience, dist_timeout_s,
-    table_sharding). Subclasses call ``run_epochs`` with their per-step loss.
+    table_sharding, ema_decay). Subclasses call ``run_epochs`` with their per-step loss.
 
     >>> import tempfile
     >>> from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
@@ -151,6 +153,10 @@ class EpochTrainer:
             model.dense_parameters(), config.lr, config.weight_decay, self.device
         )
         self.table = RowWiseAdagrad(model.table.parameters(), lr=config.table_lr)
+        # the dense weights' moving average (``ema_decay`` > 0): what validation scores and the
+        # run ends with (``hashrec.training.average``)
+        decay = config.ema_decay
+        self.average = WeightAverage(model.dense_parameters(), decay) if decay > 0 else None
         self.state = TrainState()
         self.extra: dict = {}  # what the run records beside the training settings (split, data)
         self._saved_step: int | None = None
@@ -199,6 +205,8 @@ class EpochTrainer:
             if self.ctx.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 optimizers = {"dense": self.dense, "table": self.table}
+                if self.average is not None:
+                    optimizers["average"] = self.average
                 save_checkpoint(self.checkpoint_path, self.model, optimizers, self.state,
                                 self.record(), rng=self._rng_state())  # fmt: skip
         self._saved_step = self.state.global_step
@@ -213,7 +221,7 @@ class EpochTrainer:
         if not self.checkpoint_path.exists():
             return False
         model, info = load_checkpoint(self.checkpoint_path, map_location=self.device)
-        if info.train_state is None or set(info.optimizers) != {"dense", "table"}:
+        if info.train_state is None or not {"dense", "table"} <= set(info.optimizers):
             raise ValueError(f"{self.checkpoint_path}: not a training checkpoint (no run state)")
         if info.model_class != type(self.model).__name__:
             raise ValueError(f"{self.checkpoint_path}: holds a {info.model_class}, this run "
@@ -230,6 +238,13 @@ class EpochTrainer:
         for group in self.dense.param_groups:  # a checkpoint's groups say how it was stepped
             group["fused"] = _fused_adamw(self.device) or None
         self.table.load_state_dict(info.optimizers["table"])
+        if self.average is not None:  # check_resumable has held ema_decay equal
+            if "average" not in info.optimizers:
+                raise ValueError(
+                    f"{self.checkpoint_path}: holds no moving average of the weights, which "
+                    f"ema_decay {self.average.decay} needs"
+                )
+            self.average.load_state_dict(info.optimizers["average"])
         if not self.ctx.distributed:  # a checkpoint from an older version has none
             if "cpu" in info.rng:
                 torch.set_rng_state(info.rng["cpu"])
@@ -259,6 +274,8 @@ class EpochTrainer:
         self.table.step()
         self.dense.zero_grad(set_to_none=True)
         self.table.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update()
         return loss
 
     def progress_postfix(self) -> dict[str, str]:
@@ -321,17 +338,20 @@ class EpochTrainer:
             st.done = st.epoch == c.epochs  # the last epoch's checkpoint marks the run done
             stop = False
             if validate is not None:
-                score = validate()
-                self.model.train()
-                st.validation.append(score)
-                if st.best_epoch < 0 or score > st.validation[st.best_epoch]:
-                    st.best_epoch = epoch
-                    with self.parallel.full_table(self.table):
-                        if self.ctx.is_main:
-                            self.run_dir.mkdir(parents=True, exist_ok=True)
-                            save_checkpoint(self.best_path, self.model, extra=self.extra)
+                with self._averaged():  # the weights the run would keep are the ones scored
+                    score = validate()
+                    self.model.train()
+                    st.validation.append(score)
+                    if st.best_epoch < 0 or score > st.validation[st.best_epoch]:
+                        st.best_epoch = epoch
+                        with self.parallel.full_table(self.table):
+                            if self.ctx.is_main:
+                                self.run_dir.mkdir(parents=True, exist_ok=True)
+                                save_checkpoint(self.best_path, self.model, extra=self.extra)
                 stop = epoch - st.best_epoch >= c.patience
                 st.done = st.done or stop
+            if st.done and validate is None and self.average is not None:
+                self.average.copy_to()  # a finished run ends with the averaged weights
             self.save()
             if stop:
                 break
@@ -341,3 +361,7 @@ class EpochTrainer:
             if st.done:  # a finished run's checkpoint holds the selected weights
                 self.save()
         return st
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """The dense weights' moving average in the model inside the block (if there is one)."""
+        return self.average.swapped() if self.average is not None else contextlib.nullcontext()

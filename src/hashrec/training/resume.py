@@ -45,6 +45,7 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "train.pairwise_weight": 0.0,
     "train.lr_schedule": "constant",
     "train.order": "shuffled",
+    "train.ema_decay": 0.0,
 }
 
 

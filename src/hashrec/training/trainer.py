@@ -86,6 +86,10 @@ class TrainConfig:
     # (by request time, oldest first, as a model trained on a stream sees them: the last steps
     # are the most recent days)
     order: str = "shuffled"
+    # > 0: keep an exponential moving average of the dense weights with this decay (ramped up
+    # over the first steps as TensorFlow's ``ExponentialMovingAverage`` does); validation scores
+    # it and the run ends with it (``hashrec.training.average``). 0: off
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -123,6 +127,9 @@ class TrainConfig:
             )
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no moving average), got "
+                             f"{self.ema_decay}")  # fmt: skip
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.order == "time" and self.pairwise_weight > 0:
