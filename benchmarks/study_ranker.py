@@ -38,7 +38,9 @@ from hashrec.evaluation.report import aggregate_seeds, format_results
 from hashrec.nn.transformer import TransformerConfig
 from hashrec.training.trainer import TrainConfig
 
-# The defaults of `hashrec train` / `demo` (src/hashrec/cli/common.py), chosen by the sweep.
+# The defaults of `hashrec train` / `demo` (src/hashrec/cli/common.py), chosen by the sweep,
+# but for the dense weights' moving average (`--ema-decay 0.998`), which the sweep chose last:
+# the configurations named `...ema` add it, so every earlier row keeps its meaning.
 DEFAULTS = {
     "weights": {"user": 1.0, "post": 4.0, "author": 2.0, "feature": 2.0},
     "dropout": 0.1,
