@@ -140,33 +140,67 @@ def test_varlen_kernel_matches_the_padded_kernel_across_groups(
     if chunk is not None:  # many chunks of (batch, kv-head) slices in the candidate kernel
         monkeypatch.setattr("hashrec.nn.attention._CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
-    B, Tc, Hq, Hkv, hd = 9, 41, 4, 2, 8
+    B, Tc = 9, 41
     valid = torch.zeros(B, Tc + C, dtype=torch.bool)
     for b, n in enumerate([0, 1, 3, 5, 9, 17, 33, 40, 2]):
         valid[b, Tc - n : Tc] = True  # right-aligned context, as collated histories
         valid[b, Tc : Tc + (b + 1) % (C + 1)] = True  # 0..C candidates
-    index = valid.reshape(-1).nonzero().squeeze(1)
-    N = len(index)
-    q, k, v = (torch.randn(N, h, hd, requires_grad=True) for h in (Hq, Hkv, Hkv))
     plan = plan_varlen(valid, C)
     # bins of contexts of <= 16, 32, 64 tokens: apart, the last two merged, all merged
     assert len(plan.groups) == groups
+    q, k, v = _assert_varlen_matches_padded(valid, C, causal, cap, plan)
+    with pytest.raises(ValueError, match="the plan's"):
+        varlen_isolated_attention(q[:-1], k, v, plan, causal, cap)
+
+
+def _assert_varlen_matches_padded(valid, C, causal, cap, plan, Hq=4, Hkv=2, hd=8):
+    """``varlen_isolated_attention`` on random packed q, k, v against ``isolated_attention``
+    on the padded layout: outputs and q, k, v gradients. Returns the leaves."""
+    B, T = valid.shape
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    N = len(index)
+    q, k, v = (torch.randn(N, h, hd, requires_grad=True) for h in (Hq, Hkv, Hkv))
     out = varlen_isolated_attention(q, k, v, plan, causal, cap)
 
     def padded(t):
-        full = t.new_zeros(B * (Tc + C), *t.shape[1:]).index_copy(0, index, t)
-        return full.view(B, Tc + C, *t.shape[1:]).transpose(1, 2)
+        full = t.new_zeros(B * T, *t.shape[1:]).index_copy(0, index, t)
+        return full.view(B, T, *t.shape[1:]).transpose(1, 2)
 
     layout = AttentionLayout(valid, C, causal, cap)
     ref = isolated_attention(padded(q), padded(k), padded(v), layout)
-    ref = ref.transpose(1, 2).reshape(B * (Tc + C), Hq, hd).index_select(0, index)
+    ref = ref.transpose(1, 2).reshape(B * T, Hq, hd).index_select(0, index)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     w = torch.randn_like(out)
     grads = [torch.autograd.grad((o * w).sum(), (q, k, v)) for o in (out, ref)]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="the plan's"):
-        varlen_isolated_attention(q[:-1], k, v, plan, causal, cap)
+    return q, k, v
+
+
+@pytest.mark.parametrize("cap", [30.0, None])
+@pytest.mark.parametrize("causal", [False, True])
+def test_groups_without_padding_slots_read_the_tokens_in_place(cap, causal, monkeypatch):
+    """A group whose slots are consecutive packed tokens (requests of one context length and
+    slate side by side, or one request alone, as in serving) reads q, k, v as a view and, when
+    the groups' outputs are already in packed order, skips the final reordering: the same
+    outputs and gradients as the padded kernel."""
+    torch.manual_seed(0)
+    Tc, C = 24, 3
+    same = torch.zeros(4, Tc + C, dtype=torch.bool)
+    same[:, 2:] = True  # every request: 22 context tokens, 3 candidates
+    plan = plan_varlen(same, C)
+    assert [g.first for g in plan.groups] == [0] and plan.in_order
+    _assert_varlen_matches_padded(same, C, causal, cap, plan)
+    alone = plan_varlen(same[:1], C)
+    assert [g.first for g in alone.groups] == [0] and alone.in_order
+    _assert_varlen_matches_padded(same[:1], C, causal, cap, alone)
+    # a short, padded request first (its own group), then the dense ones: a view at an offset
+    monkeypatch.setattr("hashrec.nn.varlen._GROUP_OVERHEAD", 0)  # two groups, not merged
+    mixed = torch.cat([torch.zeros(1, Tc + C, dtype=torch.bool), same])
+    mixed[0, Tc - 3 :] = True  # 3 context tokens, 3 candidates
+    plan = plan_varlen(mixed, C)
+    assert [g.first for g in plan.groups] == [None, 6] and not plan.in_order
+    _assert_varlen_matches_padded(mixed, C, causal, cap, plan)
 
 
 @pytest.mark.parametrize("cap", [30.0, None])

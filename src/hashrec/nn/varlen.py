@@ -74,6 +74,10 @@ class _Group:
     # then Cg candidate slots (padding: 0, never read)
     slots: torch.Tensor
     ctx_valid: torch.Tensor  # [n, L] bool
+    # the first slot's packed token when every slot holds a token and they follow the packed
+    # order (slots = first, first + 1, ...: requests of one length side by side, or one request
+    # alone, as in serving): the group then reads q, k and v as a view, without a gather
+    first: int | None = None
     # key biases built by the first layer, reused by the others (keyed by their options)
     cache: dict = field(default_factory=dict)
 
@@ -118,6 +122,8 @@ class VarlenPlan:
     groups: list[_Group]
     perm: torch.Tensor  # [N]: each packed token's row in the groups' concatenated outputs
     num_tokens: int
+    # the concatenated outputs are the packed tokens in order (no padding row, perm = identity)
+    in_order: bool = False
 
 
 def plan_varlen(valid: torch.Tensor, num_candidates: int) -> VarlenPlan:
@@ -162,9 +168,14 @@ def plan_varlen(valid: torch.Tensor, num_candidates: int) -> VarlenPlan:
         # rows of this group's output: n * (L + Cg), request by request, slot by slot
         slots, ok = torch.cat([ctx, cand], 1), torch.cat([ctx_ok, cand_ok], 1)
         perm[slots[ok]] = rows_out + torch.nonzero(ok.reshape(-1)).squeeze(1)
+        first = int(slots[0, 0])
+        dense = bool(ok.all()) and torch.equal(
+            slots.reshape(-1), torch.arange(first, first + slots.numel())
+        )
         rows_out += n * (L + Cg)
-        groups.append(_Group(slots.to(dev), ctx_ok.to(dev)))
-    return VarlenPlan(groups, perm.to(dev), N)
+        groups.append(_Group(slots.to(dev), ctx_ok.to(dev), first if dense else None))
+    in_order = rows_out == N and torch.equal(perm, torch.arange(N))  # no padding row either
+    return VarlenPlan(groups, perm.to(dev), N, in_order)
 
 
 def varlen_isolated_attention(
@@ -191,10 +202,16 @@ def varlen_isolated_attention(
     if N == 0:  # an empty batch, or one of padding only
         return q.new_zeros(0, Hq, hd)
 
-    def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [n, m] -> [n, H, m, hd]
-        # index_select: its backward is index_add_, where t[index]'s (index_put with
-        # accumulate) sorts the indices first (every padding slot points at token 0)
-        rows = t.index_select(0, index.reshape(-1))
+    def gather(t: torch.Tensor, g: _Group) -> torch.Tensor:  # [n, m] slots -> [n, H, m, hd]
+        index = g.slots
+        if g.first is None:
+            # index_select: its backward is index_add_, where t[index]'s (index_put with
+            # accumulate) sorts the indices first (every padding slot points at token 0)
+            rows = t.index_select(0, index.reshape(-1))
+        elif g.first == 0 and index.numel() == t.shape[0]:
+            rows = t  # the whole batch, in order
+        else:
+            rows = t.narrow(0, g.first, index.numel())
         return rows.view(*index.shape, *t.shape[1:]).transpose(1, 2)
 
     pieces = []
@@ -205,9 +222,10 @@ def varlen_isolated_attention(
         # one call: context queries attend to the context keys (with causality, the earlier
         # ones), candidate queries to all of them plus their own key (a context query's own
         # key is already among the context's)
-        qa, ka, va = (gather(t, g.slots) for t in (q, k, v))  # [n, H, L + Cg, hd]
+        qa, ka, va = (gather(t, g) for t in (q, k, v))  # [n, H, L + Cg, hd]
         kx, vx = ka[:, :, :L], va[:, :, :L]
         bias = g.key_bias(Hkv, Hq // Hkv, q.dtype, causal)
         out = candidates_attend(qa, ka, va, kx, vx, g.ctx_valid, cap, scale, bias, own_from=L)
         pieces.append(out.transpose(1, 2).reshape(n * S, Hq, hd))
-    return torch.cat(pieces).index_select(0, plan.perm)
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return out if plan.in_order else out.index_select(0, plan.perm)
