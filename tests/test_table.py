@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from hashrec import FusedEmbeddingTable, MultiHashEmbedding, RowWiseAdagrad
-from hashrec.nn.table import gather_rows
+from hashrec.nn.table import gather_rows, segment_sum
 
 from conftest import make_batch
 
@@ -75,6 +75,25 @@ def test_gather_backward_sums_duplicates_sparse_equals_dense():
     expected[0] = 0
     torch.testing.assert_close(w1.grad.to_dense(), expected)
     torch.testing.assert_close(w2.grad, expected)
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_segment_sum_on_int32_keys_equals_int64_and_a_plain_index_add(scale):
+    """The table's size picks the sort's key width; both give the same rows (int64, ascending,
+    no padding row) and sums, those of ``index_add_``, with ``tail`` zero rows after them."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, 50, (400,))
+    grad = torch.randn(400, 6)
+    w = torch.rand(400) if scale else None
+    wide = segment_sum(idx, grad, w, tail=2)
+    narrow = segment_sum(idx, grad, w, tail=2, num_rows=50)
+    expected = torch.zeros(50, 6).index_add_(0, idx, grad * (w[:, None] if scale else 1.0))
+    rows = torch.unique(idx[idx > 0])
+    for got_rows, got in (wide, narrow):
+        assert got_rows.dtype == torch.int64 and torch.equal(got_rows, rows)
+        torch.testing.assert_close(got[: len(rows)], expected[rows])
+        assert not got[len(rows) :].any() and len(got) == len(rows) + 2
+    torch.testing.assert_close(wide[1], narrow[1])
 
 
 def _reference_rowwise_adagrad(w, acc, grad_dense, lr, eps):

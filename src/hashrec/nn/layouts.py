@@ -128,7 +128,7 @@ class _WeightedGather(torch.autograd.Function):
             wrows = wrows[1:]
             pos = pos.sub_(D).remainder_(tail * D)  # row 0 -> row tail - 1, others one up
         # component rows (sum of scale * g), then the weight rows, in one [U_c + U_w, D] sum
-        crows, acc = segment_sum(comp, g, scale, tail=tail)
+        crows, acc = segment_sum(comp, g, scale, tail=tail, num_rows=weight.shape[0])
         acc[crows.numel() :].view(-1).scatter_add_(0, pos.view(-1), gs.float())
         if pad:
             acc = acc[:-1]

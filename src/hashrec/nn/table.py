@@ -45,24 +45,31 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (idx,) = ctx.saved_tensors
-        uniq, acc = segment_sum(idx, grad)
+        uniq, acc = segment_sum(idx, grad, num_rows=ctx.shape[0])
         return table_grad(uniq, acc.to(grad.dtype), ctx.shape, ctx.sparse), None, None
 
 
 def segment_sum(
-    idx: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor | None = None, tail: int = 0
+    idx: torch.Tensor,
+    grad: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    tail: int = 0,
+    num_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient rows of a gather: idx [m] int64, grad [m, D], optional scale [m] ->
-    (rows [U] ascending without padding row 0, sums [U + tail, D] fp32), where
+    (rows [U] int64 ascending without padding row 0, sums [U + tail, D] fp32), where
     ``sums[u] = sum over i with idx[i] = rows[u] of scale[i] * grad[i]`` and the last ``tail``
     rows are zeros for the caller to fill (more rows of the same gradient, no concatenation).
 
     One sort of idx, then each run of equal indices summed as one bag of ``embedding_bag``
     (``scale`` rides along as its per-sample weights: no separate pass). Sums are fp32, also
-    for bf16 tables.
+    for bf16 tables. ``num_rows`` (the table's) below 2^31: the sort runs on int32 keys, about
+    twice as fast on CPU as int64 ones (cast included).
     """
-    sorted_idx, order = torch.sort(idx)
+    narrow = num_rows is not None and num_rows <= torch.iinfo(torch.int32).max
+    sorted_idx, order = torch.sort(idx.int() if narrow else idx)
     uniq, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
+    uniq = uniq.long()  # no-op for int64
     starts = torch.cumsum(counts, 0) - counts
     if tail:  # empty bags sum to zero rows
         starts = torch.cat([starts, starts.new_full((tail,), idx.numel())])
