@@ -37,7 +37,7 @@ def test_average_follows_the_ramped_recurrence():
     params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
     avg = WeightAverage(params, decay=0.9)
     trajectory = [[p.detach().clone() for p in params]]
-    for _ in range(40):  # past the ramp: (1 + n) / (10 + n) > 0.9 from n = 80 on, so both parts
+    for _ in range(120):  # the ramp up to n = 80 ((1 + n) / (10 + n) < 0.9), then 0.9
         with torch.no_grad():
             for p in params:
                 p.add_(torch.randn_like(p))
@@ -45,8 +45,8 @@ def test_average_follows_the_ramped_recurrence():
         trajectory.append([p.detach().clone() for p in params])
     for a, r in zip(avg.average, _reference_average(trajectory, 0.9), strict=True):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
-    assert avg.updates == 40
-    assert avg.current_decay() == pytest.approx(min(0.9, 42 / 51))
+    assert avg.updates == 120 and avg.current_decay() == 0.9
+    assert WeightAverage(params, 0.9).current_decay() == pytest.approx(2 / 11)  # the first
 
 
 def test_swapped_puts_the_averages_in_and_the_weights_back():
