@@ -266,7 +266,11 @@ class SideColumns:
         >>> [round(float(v), 3) for v in fit.post_num[:, 0]]  # log1p: 0, 1.099, 1.946
         [-1.0, 1.0, 2.542]
         """
-        return self.with_stats({k: standard_stats(x[rows]) for k, x in self.raw.items()})
+        return self.with_stats(self.stats_of(rows))
+
+    def stats_of(self, rows: np.ndarray) -> dict[str, tuple[float, float]]:
+        """The standardisation statistics of every number over ``rows`` (``fit_stats``'s)."""
+        return {k: standard_stats(x[rows]) for k, x in self.raw.items()}
 
     def with_stats(self, stats: dict[str, tuple[float, float]]) -> SideColumns:
         """These features standardised with ``stats`` (keyed as ``self.stats``; a checkpoint's

@@ -324,21 +324,18 @@ def model_log(log: InteractionLog, spec: ModelSpec, train: np.ndarray) -> Intera
     their numbers standardised by the ``train`` rows' statistics when they are on
     (``SideColumns.fit_stats``), the rate features (from the ``train`` rows) added when those
     are on."""
-    if not spec.side_features:
-        log = replace(log, side=SideColumns.empty(len(log)))
-    else:
-        log = replace(log, side=log.side.fit_stats(train))
-    if spec.rate_features:
-        log = with_rate_features(log, train)
-    return log
+    record = {"side_features": spec.side_features, "rate_features": spec.rate_features,
+              "side_stats": log.side.stats_of(train) if spec.side_features else None}  # fmt: skip
+    return checkpoint_log(log, record, train)  # what the run's checkpoint will record
 
 
 def checkpoint_log(
     log: InteractionLog, extra: dict, train: np.ndarray | None = None
 ) -> InteractionLog:
-    """The log as the model of a checkpoint (its ``extra`` record) saw it: ``model_log`` with
-    the checkpoint's side statistics (``side_stats``) instead of statistics fitted here, and
-    the rate features from the ``train`` rows (needed only when it took them). ValueError from
+    """The log as the model of a checkpoint saw it, from its ``extra`` record: no side columns
+    when ``side_features`` was off, numbers standardised by its ``side_stats``, the rate
+    features from the ``train`` rows when ``rate_features`` was on (``train`` is then needed).
+    ``model_log`` is this with the statistics of a run about to train. ValueError from
     statistics the log's numbers do not match.
 
     >>> from hashrec.datasets import kuairand_sample_dir
