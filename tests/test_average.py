@@ -58,9 +58,9 @@ def test_swapped_puts_the_averages_in_and_the_weights_back():
     expected = avg.average[0].clone()
     with avg.swapped():
         assert torch.equal(w.detach(), expected)
-        with pytest.raises(RuntimeError, match="inside swapped"):
+        with pytest.raises(RuntimeError, match="hold the averages"):
             avg.update()
-        with pytest.raises(RuntimeError, match="already active"), avg.swapped():
+        with pytest.raises(RuntimeError, match="already hold"), avg.swapped():
             pass
     assert torch.equal(w.detach(), torch.arange(4.0) * 3.0)
     assert torch.equal(avg.average[0], expected)
@@ -88,6 +88,35 @@ def test_load_state_dict_refuses_other_tensors_or_decay():
     assert c.updates == 1 and torch.equal(c.average[0], a.average[0])
 
 
+def test_finish_keeps_the_weights_for_resume_and_the_state_records_it():
+    w = torch.nn.Parameter(torch.zeros(3))
+    avg = WeightAverage([w], decay=0.5)
+    with torch.no_grad():
+        w.fill_(1.0)
+    avg.update()
+    mean = avg.average[0].clone()
+    avg.finish()
+    avg.finish()  # once is enough
+    assert torch.equal(w.detach(), mean) and torch.equal(avg.average[0], torch.ones(3))
+    with pytest.raises(RuntimeError, match="resume"):
+        avg.update()
+    with pytest.raises(RuntimeError, match="already hold"), avg.swapped():
+        pass
+    state = avg.state_dict()
+    assert state["param_groups"][0]["finished"]
+    w2 = torch.nn.Parameter(mean.clone())  # as a checkpoint's model holds it
+    again = WeightAverage([w2], decay=0.5)
+    again.load_state_dict(state)
+    assert again.finished
+    for a in (avg, again):
+        a.resume()
+        a.resume()  # nothing more to undo
+        assert not a.finished and torch.equal(a.params[0].detach(), torch.ones(3))
+        assert torch.equal(a.average[0], mean)
+    with pytest.raises(ValueError, match=r"holds 1 tensors \[None\]"):
+        again.load_state_dict({"state": {0: {}}, "param_groups": state["param_groups"]})
+
+
 @pytest.fixture
 def ranker_data(tmp_path):
     path = tmp_path / "log.csv"
@@ -102,7 +131,7 @@ def _trainer(log, run_dir, **train) -> Trainer:
     cfg = RankerConfig(hash=HashConfig.uniform(num_buckets=31), transformer=TF,
                        actions=log.actions, continuous_actions=log.continuous_actions,
                        dropout=0.1)  # fmt: skip
-    tc = TrainConfig(epochs=2, batch_size=16, checkpoint_every=3, **train)
+    tc = TrainConfig(**{"epochs": 2, "batch_size": 16, "checkpoint_every": 3, **train})
     return Trainer(PhoenixRanker(cfg), tc, run_dir, progress=False)
 
 
@@ -156,6 +185,24 @@ def test_a_run_with_the_average_resumes_exactly(ranker_data, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_finished_run_continued_for_more_epochs_equals_the_straight_run(ranker_data, tmp_path):
+    """A finished run ends with the averages, yet continuing it (more epochs) trains on from
+    the weights it reached: 2 epochs then 3 equal 3 straight, steps and final weights."""
+    log, hashes, req = ranker_data
+    straight = _trainer(log, tmp_path / "a", ema_decay=0.9, epochs=3)
+    straight.fit(log, hashes, req)
+    first = _trainer(log, tmp_path / "b", ema_decay=0.9, epochs=2)
+    first.fit(log, hashes, req)
+    assert first.state.done and first.average.finished
+    more = _trainer(log, tmp_path / "b", ema_decay=0.9, epochs=3)
+    assert more.resume() and more.average.finished
+    more.fit(log, hashes, req)
+    assert more.state.done and more.state.losses == straight.state.losses
+    for (name, a), b in zip(straight.model.state_dict().items(),
+                            more.model.state_dict().values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+
+
 def test_resume_refuses_another_decay(ranker_data, tmp_path):
     log, hashes, req = ranker_data
     _trainer(log, tmp_path, ema_decay=0.9, max_steps=4).fit(log, hashes, req)
@@ -186,6 +233,17 @@ def test_validation_scores_the_averaged_weights(ranker_data, tmp_path):
 
     trainer.run_epochs(10, step_loss, validate)
     assert len(seen) == 2
+    # training went on from its own weights: the same steps as without the average
+    plain_model = _trainer(log, tmp_path / "p").model
+    plain = EpochTrainer(plain_model, TrainConfig(epochs=2, batch_size=4), tmp_path / "plain",
+                         progress=False)  # fmt: skip
+
+    def plain_loss(indices):
+        loss = (plain_model.unembeddings - target).pow(2).sum()
+        return distributed.StepLoss(loss, loss.item(), len(indices))
+
+    plain.run_epochs(10, plain_loss, lambda: -float(len(plain.state.validation)))
+    assert plain.state.losses == trainer.state.losses
     raw_weights = [w for _, w in seen]  # inside the swap the average slot holds the weights
     for scored, raw in seen:
         assert not torch.allclose(scored, raw)

@@ -10,8 +10,11 @@ step; the table's rows stay the optimizer's.
 
 ``swapped()`` puts the averages in the model's parameters (and the weights aside) for as long as
 the block runs: validation scores, and best-epoch checkpoints hold, the averaged weights, while
-training continues from its own. ``state_dict`` / ``load_state_dict`` follow the optimizers' form
-so a checkpoint stores the averages beside them and a resumed run continues them exactly.
+training continues from its own. ``finish()`` makes that swap last (a run that ends with the
+averages) and ``resume()`` undoes it: the weights training reached stay in the average's slots,
+so a finished run continued for more epochs goes on from them, as a straight run would.
+``state_dict`` / ``load_state_dict`` follow the optimizers' form (and record a finished swap), so
+a checkpoint stores the averages beside them and a resumed run continues them exactly.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class WeightAverage:
         self.decay = float(decay)
         self.updates = 0
         self.average = [p.detach().clone() for p in self.params]
-        self._swapped = False
+        self._swapped = False  # inside swapped()
+        self.finished = False  # after finish(): the parameters hold the averages until resume()
 
     def current_decay(self) -> float:
         """The decay the next update uses (the ramp, then ``decay``)."""
@@ -59,8 +63,9 @@ class WeightAverage:
     @torch.no_grad()
     def update(self) -> None:
         """Move every average towards its parameter (call after each optimizer step)."""
-        if self._swapped:
-            raise RuntimeError("update() inside swapped(): the parameters hold the averages")
+        if self._swapped or self.finished:
+            raise RuntimeError("update() while the parameters hold the averages (swapped() or "
+                               "finish(); resume() first)")  # fmt: skip
         weight = 1.0 - self.current_decay()
         for a, p in zip(self.average, self.params, strict=True):
             a.lerp_(p.detach(), weight)
@@ -72,33 +77,47 @@ class WeightAverage:
             tmp = p.detach().clone()
             p.copy_(a)
             a.copy_(tmp)
-        self._swapped = not self._swapped
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
         """The averages in the parameters inside the block; the weights back after it."""
-        if self._swapped:
-            raise RuntimeError("swapped() is already active")
+        if self._swapped or self.finished:
+            raise RuntimeError("swapped() while the parameters already hold the averages")
         self._swap()
+        self._swapped = True
         try:
             yield
         finally:
             self._swap()
+            self._swapped = False
 
-    @torch.no_grad()
-    def copy_to(self) -> None:
-        """Put the averages in the parameters for good (the end of a run)."""
-        for a, p in zip(self.average, self.params, strict=True):
-            p.copy_(a)
+    def finish(self) -> None:
+        """The averages in the parameters until ``resume()`` (the end of a run); the weights
+        training reached wait in the average's slots. Nothing to do when already finished."""
+        if self._swapped:
+            raise RuntimeError("finish() inside swapped()")
+        if not self.finished:
+            self._swap()
+            self.finished = True
+
+    def resume(self) -> None:
+        """Undo ``finish()``: the weights training reached back in the parameters, the averages
+        in their slots, to train on. Nothing to do when not finished."""
+        if self.finished:
+            self._swap()
+            self.finished = False
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"state": {i: {"average": tensor}}, "param_groups": [{"decay", "updates"}]}``,
-        the optimizers' form (``hashrec.training.checkpoint`` stores it as one of them)."""
+        """``{"state": {i: {"average": tensor}}, "param_groups": [{"decay", "updates",
+        "finished"}]}``, the optimizers' form (``hashrec.training.checkpoint`` stores it as one
+        of them). After ``finish()`` the slots hold the weights training reached."""
         if self._swapped:
             raise RuntimeError("state_dict() inside swapped(): the averages are in the model")
         return {
             "state": {i: {"average": a} for i, a in enumerate(self.average)},
-            "param_groups": [{"decay": self.decay, "updates": self.updates}],
+            "param_groups": [
+                {"decay": self.decay, "updates": self.updates, "finished": self.finished}
+            ],
         }
 
     @torch.no_grad()
@@ -106,10 +125,11 @@ class WeightAverage:
         """Restore what ``state_dict`` returned; refuses another parameter list or decay."""
         saved = state.get("state", {})
         if len(saved) != len(self.average) or any(
-            i not in saved or saved[i]["average"].shape != a.shape
+            "average" not in saved.get(i, {}) or saved[i]["average"].shape != a.shape
             for i, a in enumerate(self.average)
         ):
-            shapes = [tuple(saved[i]["average"].shape) for i in sorted(saved)]
+            shapes = [tuple(saved[i]["average"].shape) if "average" in saved[i] else None
+                      for i in sorted(saved)]  # fmt: skip
             raise ValueError(
                 f"the checkpoint's moving average holds {len(saved)} tensors {shapes}, expected "
                 f"{len(self.average)} {[tuple(a.shape) for a in self.average]}"
@@ -118,6 +138,9 @@ class WeightAverage:
         if float(group["decay"]) != self.decay:
             raise ValueError(f"the checkpoint's moving average has decay {group['decay']}, "
                              f"this run {self.decay}")  # fmt: skip
+        if self._swapped:
+            raise RuntimeError("load_state_dict() inside swapped()")
         for i, a in enumerate(self.average):
             a.copy_(saved[i]["average"])
         self.updates = int(group["updates"])
+        self.finished = bool(group.get("finished", False))  # the model holds the averages

@@ -266,6 +266,8 @@ class EpochTrainer:
         """One optimisation step on the global batch ``indices``: its loss, checked finite
         before anything changes (all ranks see the same global loss), then backward and both
         optimizers."""
+        if self.average is not None:  # a finished run trained on: from the weights it reached
+            self.average.resume()
         loss = step_loss(indices)
         if not math.isfinite(loss.value):  # stop before the step spoils the weights (all ranks)
             raise self._stop(f"the loss is {loss.value} (epoch {self.state.epoch + 1})")
@@ -351,7 +353,7 @@ class EpochTrainer:
                 stop = epoch - st.best_epoch >= c.patience
                 st.done = st.done or stop
             if st.done and validate is None and self.average is not None:
-                self.average.copy_to()  # a finished run ends with the averaged weights
+                self.average.finish()  # a finished run ends with the averaged weights
             self.save()
             if stop:
                 break

@@ -88,7 +88,8 @@ class TrainConfig:
     order: str = "shuffled"
     # > 0: keep an exponential moving average of the dense weights with this decay (ramped up
     # over the first steps as TensorFlow's ``ExponentialMovingAverage`` does); validation scores
-    # it and the run ends with it (``hashrec.training.average``). 0: off
+    # it and a finished run ends with it (``hashrec.training.average``; a run stopped by
+    # ``max_steps`` is not finished and keeps the weights it reached). 0: off
     ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
