@@ -49,13 +49,19 @@ def test_average_follows_the_ramped_recurrence():
     assert WeightAverage(params, 0.9).current_decay() == pytest.approx(2 / 11)  # the first
 
 
-def test_swapped_puts_the_averages_in_and_the_weights_back():
-    w = torch.nn.Parameter(torch.arange(4.0))
+def _averaged_once(start: torch.Tensor, end: torch.Tensor):
+    """A parameter at ``start``, its average (decay 0.5), the parameter moved to ``end``, one
+    update: (parameter, average, the average's value)."""
+    w = torch.nn.Parameter(start.clone())
     avg = WeightAverage([w], decay=0.5)
     with torch.no_grad():
-        w.mul_(3.0)
+        w.copy_(end)
     avg.update()
-    expected = avg.average[0].clone()
+    return w, avg, avg.average[0].clone()
+
+
+def test_swapped_puts_the_averages_in_and_the_weights_back():
+    w, avg, expected = _averaged_once(torch.arange(4.0), torch.arange(4.0) * 3.0)
     with avg.swapped():
         assert torch.equal(w.detach(), expected)
         with pytest.raises(RuntimeError, match="hold the averages"):
@@ -89,12 +95,7 @@ def test_load_state_dict_refuses_other_tensors_or_decay():
 
 
 def test_finish_keeps_the_weights_for_resume_and_the_state_records_it():
-    w = torch.nn.Parameter(torch.zeros(3))
-    avg = WeightAverage([w], decay=0.5)
-    with torch.no_grad():
-        w.fill_(1.0)
-    avg.update()
-    mean = avg.average[0].clone()
+    w, avg, mean = _averaged_once(torch.zeros(3), torch.ones(3))
     avg.finish()
     avg.finish()  # once is enough
     assert torch.equal(w.detach(), mean) and torch.equal(avg.average[0], torch.ones(3))
