@@ -177,6 +177,7 @@ CONFIGS: dict[str, dict] = {
     "hybridema": {**HYBRID, "ema": 0.998},
     "raterareema": {**RATERARE, "ema": 0.998},
     "rarerefitema": {**HYBRID, "action_weights": RARE_WEIGHTS, "refit": True, "ema": 0.998},
+    "fullema": {**DEFAULTS, "scheme": "full", "ema": 0.998},
     # loss weight 5 on the six rarer actions
     "hybridrare5": {**HYBRID, "action_weights": {a: 5.0 for a in RARE_WEIGHTS}},
     # ... and with rows moved from users (whose history speaks for them) to posts
