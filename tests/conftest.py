@@ -91,6 +91,14 @@ def write_synthetic_log(path, n_users=40, n_posts=120, days=6, seed=0) -> None:
     path.write_text(header + "".join(",".join(map(str, r)) + "\n" for r in rows))
 
 
+@pytest.fixture
+def log_file(tmp_path):
+    """A synthetic log file (``write_synthetic_log``'s defaults) in the test's folder."""
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path)
+    return path
+
+
 def cli_error(argv: list[str], capsys, code: int) -> str:
     """Run the CLI expecting it to fail with ``code``; return what it printed to stderr."""
     from hashrec.cli import main

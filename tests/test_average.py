@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
-from hashrec.data import ExampleConfig, LogSchema, RowHashes, build_requests, load_log
 from hashrec.training import distributed
 from hashrec.training.average import WeightAverage
 from hashrec.training.checkpoint import load_checkpoint
 from hashrec.training.loop import EpochTrainer
-from hashrec.training.trainer import TrainConfig, Trainer
+from hashrec.training.trainer import TrainConfig
 
-from conftest import SCHEMA_JSON, write_synthetic_log
-
-TF = TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1)
+from dist_worker import tiny_trainer
 
 
 def _reference_average(trajectory: list[list[torch.Tensor]], decay: float) -> list[torch.Tensor]:
@@ -118,30 +113,16 @@ def test_finish_keeps_the_weights_for_resume_and_the_state_records_it():
         again.load_state_dict({"state": {0: {}}, "param_groups": state["param_groups"]})
 
 
-@pytest.fixture
-def ranker_data(tmp_path):
-    path = tmp_path / "log.csv"
-    write_synthetic_log(path)
-    log = load_log(str(path), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
-    req = build_requests(log, log.days(None, 20220428), ExampleConfig(6, 4))
-    return log, RowHashes(log, HashConfig.uniform(num_buckets=31)), req
+def _trainer(log_file, run_dir, **train):
+    """(log, hashes, requests, trainer): the tests' tiny ranker, a checkpoint every 3 steps."""
+    return tiny_trainer(log_file, run_dir, **{"checkpoint_every": 3, **train})
 
 
-def _trainer(log, run_dir, **train) -> Trainer:
-    torch.manual_seed(0)
-    cfg = RankerConfig(hash=HashConfig.uniform(num_buckets=31), transformer=TF,
-                       actions=log.actions, continuous_actions=log.continuous_actions,
-                       dropout=0.1)  # fmt: skip
-    tc = TrainConfig(**{"epochs": 2, "batch_size": 16, "checkpoint_every": 3, **train})
-    return Trainer(PhoenixRanker(cfg), tc, run_dir, progress=False)
-
-
-def test_the_average_leaves_training_alone_and_the_run_ends_with_it(ranker_data, tmp_path,
+def test_the_average_leaves_training_alone_and_the_run_ends_with_it(log_file, tmp_path,
                                                                      monkeypatch):  # fmt: skip
     """Same seed with and without the average: the same steps (the average never feeds back);
     the averaged run ends with the dense weights' average, its table as trained."""
-    log, hashes, req = ranker_data
-    plain = _trainer(log, tmp_path / "plain")
+    log, hashes, req, plain = _trainer(log_file, tmp_path / "plain")
     trajectory = [[p.detach().clone() for p in plain.model.dense_parameters()]]
     step = EpochTrainer.step
 
@@ -153,7 +134,7 @@ def test_the_average_leaves_training_alone_and_the_run_ends_with_it(ranker_data,
     monkeypatch.setattr(EpochTrainer, "step", recording_step)
     plain.fit(log, hashes, req)
     monkeypatch.undo()
-    averaged = _trainer(log, tmp_path / "ema", ema_decay=0.95)
+    averaged = _trainer(log_file, tmp_path / "ema", ema_decay=0.95)[3]
     averaged.fit(log, hashes, req)
     assert averaged.state.losses == plain.state.losses  # training itself unchanged
     assert len(trajectory) == plain.state.global_step + 1 > 10
@@ -172,12 +153,11 @@ def test_the_average_leaves_training_alone_and_the_run_ends_with_it(ranker_data,
     assert "average" in info.optimizers
 
 
-def test_a_run_with_the_average_resumes_exactly(ranker_data, tmp_path):
-    log, hashes, req = ranker_data
-    straight = _trainer(log, tmp_path / "a", ema_decay=0.9)
+def test_a_run_with_the_average_resumes_exactly(log_file, tmp_path):
+    log, hashes, req, straight = _trainer(log_file, tmp_path / "a", ema_decay=0.9)
     straight.fit(log, hashes, req)
-    _trainer(log, tmp_path / "b", ema_decay=0.9, max_steps=5).fit(log, hashes, req)
-    resumed = _trainer(log, tmp_path / "b", ema_decay=0.9)
+    _trainer(log_file, tmp_path / "b", ema_decay=0.9, max_steps=5)[3].fit(log, hashes, req)
+    resumed = _trainer(log_file, tmp_path / "b", ema_decay=0.9)[3]
     assert resumed.resume() and resumed.average.updates == 5
     resumed.fit(log, hashes, req)
     assert resumed.state.losses == straight.state.losses
@@ -186,16 +166,15 @@ def test_a_run_with_the_average_resumes_exactly(ranker_data, tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_a_finished_run_continued_for_more_epochs_equals_the_straight_run(ranker_data, tmp_path):
+def test_a_finished_run_continued_for_more_epochs_equals_the_straight_run(log_file, tmp_path):
     """A finished run ends with the averages, yet continuing it (more epochs) trains on from
     the weights it reached: 2 epochs then 3 equal 3 straight, steps and final weights."""
-    log, hashes, req = ranker_data
-    straight = _trainer(log, tmp_path / "a", ema_decay=0.9, epochs=3)
+    log, hashes, req, straight = _trainer(log_file, tmp_path / "a", ema_decay=0.9, epochs=3)
     straight.fit(log, hashes, req)
-    first = _trainer(log, tmp_path / "b", ema_decay=0.9, epochs=2)
+    first = _trainer(log_file, tmp_path / "b", ema_decay=0.9, epochs=2)[3]
     first.fit(log, hashes, req)
     assert first.state.done and first.average.finished
-    more = _trainer(log, tmp_path / "b", ema_decay=0.9, epochs=3)
+    more = _trainer(log_file, tmp_path / "b", ema_decay=0.9, epochs=3)[3]
     assert more.resume() and more.average.finished
     more.fit(log, hashes, req)
     assert more.state.done and more.state.losses == straight.state.losses
@@ -204,18 +183,17 @@ def test_a_finished_run_continued_for_more_epochs_equals_the_straight_run(ranker
         assert torch.equal(a, b), name
 
 
-def test_resume_refuses_another_decay(ranker_data, tmp_path):
-    log, hashes, req = ranker_data
-    _trainer(log, tmp_path, ema_decay=0.9, max_steps=4).fit(log, hashes, req)
+def test_resume_refuses_another_decay(log_file, tmp_path):
+    log, hashes, req, first = _trainer(log_file, tmp_path, ema_decay=0.9, max_steps=4)
+    first.fit(log, hashes, req)
     with pytest.raises(ValueError, match="ema_decay"):
-        _trainer(log, tmp_path).resume()
+        _trainer(log_file, tmp_path)[3].resume()
 
 
-def test_validation_scores_the_averaged_weights(ranker_data, tmp_path):
+def test_validation_scores_the_averaged_weights(log_file, tmp_path):
     """What ``validate`` sees (and the best checkpoint keeps) is the average; training then
     continues from its own weights."""
-    log, _, _ = ranker_data
-    model = _trainer(log, tmp_path).model
+    model = _trainer(log_file, tmp_path)[3].model
     trainer = EpochTrainer(model, TrainConfig(epochs=2, batch_size=4, ema_decay=0.8),
                            tmp_path / "run", progress=False)  # fmt: skip
     rng = np.random.default_rng(0)
@@ -235,7 +213,7 @@ def test_validation_scores_the_averaged_weights(ranker_data, tmp_path):
     trainer.run_epochs(10, step_loss, validate)
     assert len(seen) == 2
     # training went on from its own weights: the same steps as without the average
-    plain_model = _trainer(log, tmp_path / "p").model
+    plain_model = _trainer(log_file, tmp_path / "p")[3].model
     plain = EpochTrainer(plain_model, TrainConfig(epochs=2, batch_size=4), tmp_path / "plain",
                          progress=False)  # fmt: skip
 
@@ -252,28 +230,3 @@ def test_validation_scores_the_averaged_weights(ranker_data, tmp_path):
     assert torch.equal(best.unembeddings.detach(), seen[0][0])
     assert torch.equal(model.unembeddings.detach(), seen[0][0])  # the run ends with the best
     assert not torch.equal(raw_weights[0], raw_weights[1])
-
-
-def test_the_cli_averages_by_default_and_ema_decay_0_is_off(tmp_path, capsys):
-    from hashrec.cli import main
-    from hashrec.cli.common import DEFAULT_EMA_DECAY
-    from hashrec.training.checkpoint import read_checkpoint_metadata
-
-    from conftest import cli_error
-
-    path = tmp_path / "log.csv"
-    write_synthetic_log(path)
-    tiny = ["--data", str(path), "--schema", SCHEMA_JSON, "--dim", "8", "--layers", "1",
-            "--heads", "2", "--kv-heads", "1", "--history-len", "4", "--max-candidates", "4",
-            "--batch-size", "16", "--epochs", "1", "--seeds", "1", "--val-days", "0",
-            "--train-end", "2022-04-28", "--eval-start", "2022-04-29"]  # fmt: skip
-    for decay, out in ((None, "on"), ("0", "off")):
-        extra = [] if decay is None else ["--ema-decay", decay]
-        main(["train", *tiny, *extra, "--out", str(tmp_path / out)])
-    on = read_checkpoint_metadata(next((tmp_path / "on").rglob("checkpoint.safetensors")))
-    off = read_checkpoint_metadata(next((tmp_path / "off").rglob("checkpoint.safetensors")))
-    assert on["extra"]["train"]["ema_decay"] == DEFAULT_EMA_DECAY > 0
-    assert "average" in on["optimizer_groups"] and off["extra"]["train"]["ema_decay"] == 0
-    assert "average" not in off["optimizer_groups"]
-    err = cli_error(["train", *tiny, "--ema-decay", "1", "--out", str(tmp_path / "x")], capsys, 2)
-    assert "--ema-decay" in err and "< 1" in err

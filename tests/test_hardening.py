@@ -17,14 +17,7 @@ from hashrec.cli import main
 from hashrec.training import checkpoint as ckpt
 from hashrec.training.runlock import LOCK_NAME, RunLock, RunLockedError
 
-from conftest import SCHEMA_JSON, cli_error, write_synthetic_log
-
-
-@pytest.fixture
-def log_file(tmp_path):
-    path = tmp_path / "log.csv"
-    write_synthetic_log(path)
-    return path
+from conftest import SCHEMA_JSON, cli_error
 
 
 def _train_argv(log_file, out, *extra, schema=SCHEMA_JSON):

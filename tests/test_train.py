@@ -10,7 +10,7 @@ from hashrec.data import ExampleConfig, LogSchema, load_log
 from hashrec.training.checkpoint import load_checkpoint, save_checkpoint
 from hashrec.training.trainer import TrainConfig
 
-from conftest import SCHEMA_JSON, cli_error, write_synthetic_log
+from conftest import SCHEMA_JSON, cli_error
 from dist_worker import tiny_trainer
 
 TINY = [
@@ -33,13 +33,6 @@ TINY = [
     "--seeds",
     "1",
 ]
-
-
-@pytest.fixture
-def log_file(tmp_path):
-    path = tmp_path / "log.csv"
-    write_synthetic_log(path)
-    return path
 
 
 def _setup(log_file, tmp_path, max_steps=None, **train):
@@ -142,6 +135,27 @@ def test_time_order_visits_requests_oldest_first(log_file, tmp_path, capsys):
     err = cli_error(["train", "--data", str(log_file), "--schema", SCHEMA_JSON, *TINY,
                      "--order", "newest", "--out", str(tmp_path / "x")], capsys, 2)  # fmt: skip
     assert "--order" in err and "time" in err
+
+
+def test_the_cli_averages_by_default_and_ema_decay_0_is_off(log_file, tmp_path, capsys):
+    """``--ema-decay`` reaches the run (default on; 0 off) and its checkpoint carries the
+    average; 1 is refused (``hashrec.training.average``, tests/test_average.py)."""
+    from hashrec.cli.common import DEFAULT_EMA_DECAY
+    from hashrec.training.checkpoint import read_checkpoint_metadata
+
+    split = ["--train-end", "2022-04-28", "--eval-start", "2022-04-29"]
+    for decay, out in ((None, "on"), ("0", "off")):
+        extra = [] if decay is None else ["--ema-decay", decay]
+        main(["train", "--data", str(log_file), "--schema", SCHEMA_JSON, *TINY, *split, *extra,
+              "--out", str(tmp_path / out)])  # fmt: skip
+    on = read_checkpoint_metadata(next((tmp_path / "on").rglob("checkpoint.safetensors")))
+    off = read_checkpoint_metadata(next((tmp_path / "off").rglob("checkpoint.safetensors")))
+    assert on["extra"]["train"]["ema_decay"] == DEFAULT_EMA_DECAY > 0
+    assert "average" in on["optimizer_groups"] and off["extra"]["train"]["ema_decay"] == 0
+    assert "average" not in off["optimizer_groups"]
+    err = cli_error(["train", "--data", str(log_file), "--schema", SCHEMA_JSON, *TINY,
+                     "--ema-decay", "1", "--out", str(tmp_path / "x")], capsys, 2)  # fmt: skip
+    assert "--ema-decay" in err and "< 1" in err
 
 
 def test_failed_save_keeps_the_previous_checkpoint(log_file, tmp_path, monkeypatch):

@@ -28,16 +28,9 @@ from hashrec.training.retrieval import (
 from hashrec.training.runlock import LOCK_NAME
 from hashrec.training.trainer import TrainConfig, Trainer
 
-from conftest import SCHEMA_JSON, cli_error, write_synthetic_log
+from conftest import SCHEMA_JSON, cli_error
 
 TF = TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1)
-
-
-@pytest.fixture
-def log_file(tmp_path):
-    path = tmp_path / "log.csv"
-    write_synthetic_log(path)
-    return path
 
 
 def _log(log_file):
