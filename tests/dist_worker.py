@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from hashrec import HashConfig, PhoenixRanker, RankerConfig, TransformerConfig
 from hashrec.data import ExampleConfig, LogSchema, RowHashes, build_requests, load_log
-from hashrec.training.distributed import DistributedError
+from hashrec.training.distributed import DistributedError, teardown
 from hashrec.training.trainer import TrainConfig, Trainer
 
 from conftest import SCHEMA_JSON
@@ -164,4 +164,6 @@ if __name__ == "__main__":
         main(sys.argv[1])
     except DistributedError as e:  # what the CLI prints too: one line, exit 1
         print(f"error: {e}", file=sys.stderr, flush=True)
+        teardown(wait=False)
         sys.exit(1)
+    teardown()  # as the CLI does: a rank leaving while rank 0 still works may abort at exit
