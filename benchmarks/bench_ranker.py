@@ -7,7 +7,10 @@
 Rows per C, all in this run: the fast path; the full-mask path with the same soft-capped
 attention (the best full-mask version that keeps the cap: SDPA has no soft-cap); SDPA with a
 boolean mask and no cap, for reference; and the "dense floor": the same layers' projections and
-feed-forward with attention replaced by nothing, the cost no attention scheme can go below.
+feed-forward with attention replaced by nothing, the cost no attention scheme can go below. Any
+attention hands k and v a gradient, so the floor's backward does too (zeros, through the same
+projections); the earlier floor, whose k and v projections got none (two projections' backward
+skipped), is printed as well for comparison with older figures.
 """
 
 from __future__ import annotations
@@ -27,11 +30,31 @@ from hashrec.nn.flex import flex_attention_kernel
 from hashrec.nn.transformer import Transformer
 
 FAST = "fast (isolated, cap 30)"
+FLOOR = "dense floor (no attention)"
 FLEX = "FlexAttention (compiled, block mask + cap score_mod)"
 
 
+class _NoAttention(torch.autograd.Function):
+    """Output q as it came; backward hands q its gradient and k, v zeros (what no attention
+    can skip: the k and v projections' backward runs, on zeros)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # type: ignore[override]
+        ctx.shapes = k.shape, v.shape
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        k_shape, v_shape = ctx.shapes
+        return dout, dout.new_zeros(k_shape), dout.new_zeros(v_shape)
+
+
 def no_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout):
-    return q  # dense floor: projections + feed-forward only
+    return _NoAttention.apply(q, k, v)  # dense floor: projections + feed-forward only
+
+
+def q_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout):
+    return q  # the earlier floor: k and v get no gradient, their projections no backward
 
 
 def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
@@ -91,7 +114,8 @@ def bench_kernels(args: argparse.Namespace) -> None:
             (FAST, tf, isolated_attention),
             ("full mask (cap 30)", tf, full_mask_attention),
             ("full mask SDPA (no cap)", tf_nocap, full_mask_attention),
-            ("dense floor (no attention)", tf, no_attention),
+            (FLOOR, tf, no_attention),
+            ("earlier floor (q only: no k/v backward)", tf, q_only),
         ]
         if not args.no_flex:
             rows.append((FLEX, tf, flex_attention_kernel))
@@ -118,7 +142,7 @@ def bench_kernels(args: argparse.Namespace) -> None:
             fns[name] = (fwd,) if name == FLEX and dev == "cpu" else (fwd, fwd_bwd)
         res = interleaved(fns, args.repeats, dev)
         fast = res[FAST]
-        floor = res["dense floor (no attention)"]
+        floor = res[FLOOR]
         full = res.get("full mask (cap 30)")
         for name, times in res.items():
             tf_, tb_ = times[0], (times[1] if len(times) > 1 else float("nan"))
