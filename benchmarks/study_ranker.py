@@ -30,6 +30,7 @@ from hashrec.evaluation.experiment import (
     baseline_predictions,
     collision_free_config,
     collision_free_spec,
+    ensemble_probs,
     evaluate_predictions,
     hashed_config,
     run_model,
@@ -232,6 +233,16 @@ def full_table_bytes(log, dim: int = 32) -> int:
     return cfg.num_rows * dim * 4
 
 
+def _record(path: Path, rec: dict, what: str, tail: str) -> None:
+    """Append ``rec`` to ``path`` and print its headline figures."""
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    m = rec["metrics"]
+    print(f"{what}: click {m['auc']['click']:.4f} long_view {m['auc']['long_view']:.4f} "
+          f"like {m['auc']['like']:.4f} GAUC long_view {m['gauc']['long_view']:.4f}; {tail}",
+          flush=True)  # fmt: skip
+
+
 def run_phase(args, phase: str, split: Split, names: list[str], seeds: list[int]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,30 +250,41 @@ def run_phase(args, phase: str, split: Split, names: list[str], seeds: list[int]
     plain = load_kuairand(args.data, side_features=False)
     full_bytes = full_table_bytes(log)
     rows = reqs = None
+    k = args.ensemble
     for seed in seeds:
         for name in names:
             cfg = CONFIGS[name]
             lg = log if cfg["side"] else plain
-            spec, train = spec_for(lg, name, cfg, split)
-            train = replace(train, seed=seed)
-            examples = ExampleConfig(history_len=cfg.get("history", 32))
-            t0 = time.perf_counter()
-            r = run_model(lg, split, spec, examples, train,
-                          out / "runs" / f"{phase}-{name}-{seed}", progress=False)  # fmt: skip
-            rows, reqs = r.predictions.rows, r.predictions.requests
-            m = evaluate_predictions(log, rows, reqs, {name: r.predictions.probs})[name]
-            rec = {"phase": phase, "name": name, "seed": seed, "metrics": m,
-                   "validation": r.state.validation, "best_epoch": r.state.best_epoch,
-                   "table_bytes": r.memory.table_bytes, "full_table_bytes": full_bytes,
-                   "train_s": time.perf_counter() - t0, "config": cfg,
-                   "train": asdict(train)}  # fmt: skip
-            with open(out / f"{phase}.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"{phase} {name} seed {seed}: click {m['auc']['click']:.4f} long_view "
-                  f"{m['auc']['long_view']:.4f} like {m['auc']['like']:.4f} GAUC long_view "
-                  f"{m['gauc']['long_view']:.4f}; best epoch {r.state.best_epoch}, "
-                  f"table {r.memory.table_bytes / full_bytes:.1%} of full, "
-                  f"{rec['train_s']:.0f} s", flush=True)  # fmt: skip
+            probs = []
+            # --ensemble K: K models (seeds K*seed .. K*seed + K - 1), each recorded as usual,
+            # then their ensemble as "<name>x<K>" with this seed
+            for model_seed in [seed] if k == 1 else range(k * seed, k * seed + k):
+                spec, train = spec_for(lg, name, cfg, split)
+                train = replace(train, seed=model_seed)
+                examples = ExampleConfig(history_len=cfg.get("history", 32))
+                t0 = time.perf_counter()
+                r = run_model(lg, split, spec, examples, train,
+                              out / "runs" / f"{phase}-{name}-{model_seed}",
+                              progress=False)  # fmt: skip
+                rows, reqs = r.predictions.rows, r.predictions.requests
+                probs.append(r.predictions.probs)
+                m = evaluate_predictions(log, rows, reqs, {name: r.predictions.probs})[name]
+                rec = {"phase": phase, "name": name, "seed": model_seed, "metrics": m,
+                       "validation": r.state.validation, "best_epoch": r.state.best_epoch,
+                       "table_bytes": r.memory.table_bytes, "full_table_bytes": full_bytes,
+                       "train_s": time.perf_counter() - t0, "config": cfg,
+                       "train": asdict(train)}  # fmt: skip
+                _record(out / f"{phase}.jsonl", rec, f"{phase} {name} seed {model_seed}",
+                        f"best epoch {r.state.best_epoch}, table "
+                        f"{r.memory.table_bytes / full_bytes:.1%} of full, "
+                        f"{rec['train_s']:.0f} s")  # fmt: skip
+            if k > 1:
+                ens = f"{name}x{k}"
+                m = evaluate_predictions(log, rows, reqs, {ens: ensemble_probs(probs)})[ens]
+                rec = {"phase": phase, "name": ens, "seed": seed, "metrics": m, "config": cfg,
+                       "models": list(range(k * seed, k * seed + k))}  # fmt: skip
+                _record(out / f"{phase}.jsonl", rec, f"{phase} {ens} seed {seed}",
+                        f"ensemble of seeds {rec['models']}")  # fmt: skip
     if args.baselines and rows is not None:
         t0 = time.perf_counter()
         base = baseline_predictions(log, split, rows)
@@ -320,8 +342,13 @@ def main() -> None:
     p.add_argument("--configs", default="dropout", help="comma-separated names of CONFIGS")
     p.add_argument("--seeds", default="0")
     p.add_argument("--baselines", action="store_true", help="also score the baselines")
+    p.add_argument("--ensemble", type=int, default=1, metavar="K",
+                   help="per seed s, train K models (seeds K*s .. K*s+K-1) and also record "
+                   "their ensemble (ensemble_probs) as <config>xK")  # fmt: skip
     p.add_argument("--out", default="runs/study_ranker")
     args = p.parse_args()
+    if args.ensemble < 1:
+        p.error(f"--ensemble must be >= 1, got {args.ensemble}")
     if args.phase == "report":
         report(args)
         return

@@ -16,6 +16,8 @@ from hashrec.evaluation.experiment import (
     Split,
     collision_free_config,
     collision_free_spec,
+    ensemble_probs,
+    evaluate_predictions,
     hashed_config,
     ranker_config,
     run_model,
@@ -348,6 +350,47 @@ def test_cli_generic_log_with_rule_and_no_author(tmp_path, capsys):
     hashed = next(k for k in metrics["results"] if k.startswith("hashed"))
     assert len(metrics["per_seed"][hashed]) == 2 and metrics["results"][hashed]["seeds"] == 2
     assert (out / "seed_1" / "checkpoint.safetensors").exists()
+    ens = f"{hashed}, ensemble of 2 seeds"  # the row right after its model's
+    names = list(metrics["results"])
+    assert names[names.index(hashed) + 1] == ens and metrics["results"][ens]["seeds"] == 1
+    assert f"| {ens} | " in printed
+
+
+def test_ensemble_probs_averages_logits():
+    a, b = np.array([[0.9, 0.2], [0.5, 0.01]]), np.array([[0.6, 0.2], [0.5, 0.99]])
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    want = 1 / (1 + np.exp(-(logit(a) + logit(b)) / 2))
+    np.testing.assert_allclose(ensemble_probs([a, b]), want, rtol=1e-12)
+    np.testing.assert_allclose(ensemble_probs([a, b])[1], [0.5, 0.5], atol=1e-12)  # symmetric
+    np.testing.assert_allclose(ensemble_probs([a]), a, rtol=1e-12)
+    assert np.isfinite(ensemble_probs([np.array([[0.0, 1.0]])])).all()  # clipped, no inf
+    with pytest.raises(ValueError, match="different shapes"):
+        ensemble_probs([a, b[:1]])
+    with pytest.raises(ValueError, match="at least one"):
+        ensemble_probs([])
+
+
+def test_ensemble_row_scores_the_combined_predictions(tmp_path):
+    """The row ``run`` adds per model of several seeds: the metrics of ``ensemble_probs`` of
+    exactly that model's seeds, placed after the model; a model of one seed gets none."""
+    from hashrec.evaluation.experiment import _with_ensembles
+
+    path = tmp_path / "log.csv"
+    write_synthetic_log(path)
+    from conftest import SCHEMA_JSON
+
+    log = load_log(str(path), LogSchema.from_dict(json.loads(SCHEMA_JSON)))
+    rows = np.arange(200)
+    reqs = rows // 5
+    rng = np.random.default_rng(0)
+    p = [rng.uniform(0.01, 0.99, (200, len(log.actions))) for _ in range(3)]
+    runs = {name: [evaluate_predictions(log, rows, reqs, {name: q})[name] for q in qs]
+            for name, qs in (("m", p[:2]), ("one", p[2:]))}  # fmt: skip
+    out = _with_ensembles(log, rows, reqs, runs, {"m": p[:2], "one": p[2:]})
+    assert list(out) == ["m", "m, ensemble of 2 seeds", "one"]
+    want = evaluate_predictions(log, rows, reqs, {"e": ensemble_probs(p[:2])})["e"]
+    assert out["m, ensemble of 2 seeds"] == [want]
+    assert out["m"] is runs["m"]
 
 
 def test_cli_rejects_unknown_action_weight(tmp_path, capsys):

