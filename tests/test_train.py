@@ -258,6 +258,37 @@ def test_cli_train_resume_evaluate(log_file, tmp_path, capsys):
     )
 
 
+def test_evaluate_several_checkpoints_and_their_ensemble(log_file, tmp_path, capsys):
+    """The seeds of one run scored together: each as in training, and their ensemble as the
+    run's own ensemble row; checkpoints that score other impressions are refused by name."""
+    out = tmp_path / "run"
+    assert _train_cli(log_file, out, "--seeds", "2") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    hashed = next(k for k in metrics["results"] if k.startswith("hashed"))
+    ckpts = [str(out / "checkpoint.safetensors"), str(out / "seed_1" / "checkpoint.safetensors")]
+    common = ["--data", str(log_file), "--schema", SCHEMA_JSON, "--eval-start", "2022-04-29"]
+    capsys.readouterr()
+    assert (
+        main(["evaluate", "--checkpoint", *ckpts, *common, "--out", str(tmp_path / "e.json")]) == 0
+    )
+    assert "| ensemble of the 2 checkpoints |" in capsys.readouterr().out
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["checkpoint"] == ckpts
+    for i, seed_metrics in enumerate(metrics["per_seed"][hashed]):
+        got = ev["results"][f"{hashed}, checkpoint {i + 1}"]["auc"]
+        assert got == pytest.approx(seed_metrics["auc"], nan_ok=True)
+    want = metrics["results"][f"{hashed}, ensemble of 2 seeds"]
+    got = ev["results"]["ensemble of the 2 checkpoints"]
+    assert got["auc"] == pytest.approx(want["auc"], nan_ok=True)
+    assert got["gauc"] == pytest.approx(want["gauc"], nan_ok=True)
+    other = tmp_path / "other"
+    assert _train_cli(log_file, other, "--max-candidates", "1", "--epochs", "1") == 0
+    err = cli_error(["evaluate", "--checkpoint", ckpts[0], str(other / "checkpoint.safetensors"),
+                     *common, "--out", str(tmp_path / "f.json")], capsys, 1)  # fmt: skip
+    assert "scores other impressions than --checkpoint" in err
+    assert not (tmp_path / "f.json").exists()
+
+
 def test_same_seed_same_metrics(log_file, tmp_path):
     for name in ("a", "b"):
         assert _train_cli(log_file, tmp_path / name) == 0
