@@ -344,7 +344,7 @@ def test_cli_generic_log_with_rule_and_no_author(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| model | AUC like | AUC dislike | GAUC like | NDCG@10 like | calib like |" in printed
-    assert " ± " in printed and "seeds 0, 1" in printed
+    assert " ± " in printed and "seeds 0, 1" in printed and "ensemble rows: " in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["positives"]["like"] >= 100 and metrics["positives"]["dislike"] >= 100
     hashed = next(k for k in metrics["results"] if k.startswith("hashed"))

@@ -623,5 +623,7 @@ def print_experiment(res) -> None:
         )
     seeds = ", ".join(map(str, res.seeds))
     print(f"ranker figures: mean ± std over seeds {seeds}; baselines are deterministic")
+    if len(res.seeds) > 1:
+        print("ensemble rows: each ranker's seeds as one model (the mean of their logits)")
     print(f"evaluated on {res.eval_impressions:,} impressions of {res.eval_users:,} users; "
           f"wall time {res.wall_s:.0f} s")  # fmt: skip
