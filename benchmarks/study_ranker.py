@@ -256,8 +256,10 @@ def run_phase(args, phase: str, split: Split, names: list[str], seeds: list[int]
             cfg = CONFIGS[name]
             lg = log if cfg["side"] else plain
             probs = []
-            # --ensemble K: K models (seeds K*seed .. K*seed + K - 1), each recorded as usual,
-            # then their ensemble as "<name>x<K>" with this seed
+            # --ensemble K: K models (seeds K*seed .. K*seed + K - 1), each recorded as
+            # "<name> (xK members)" (a row apart from runs of single seeds, which reuse seeds
+            # 0..), then their ensemble as "<name>xK" with this seed
+            member = name if k == 1 else f"{name} (x{k} members)"
             for model_seed in [seed] if k == 1 else range(k * seed, k * seed + k):
                 spec, train = spec_for(lg, name, cfg, split)
                 train = replace(train, seed=model_seed)
@@ -269,12 +271,12 @@ def run_phase(args, phase: str, split: Split, names: list[str], seeds: list[int]
                 rows, reqs = r.predictions.rows, r.predictions.requests
                 probs.append(r.predictions.probs)
                 m = evaluate_predictions(log, rows, reqs, {name: r.predictions.probs})[name]
-                rec = {"phase": phase, "name": name, "seed": model_seed, "metrics": m,
+                rec = {"phase": phase, "name": member, "seed": model_seed, "metrics": m,
                        "validation": r.state.validation, "best_epoch": r.state.best_epoch,
                        "table_bytes": r.memory.table_bytes, "full_table_bytes": full_bytes,
                        "train_s": time.perf_counter() - t0, "config": cfg,
                        "train": asdict(train)}  # fmt: skip
-                _record(out / f"{phase}.jsonl", rec, f"{phase} {name} seed {model_seed}",
+                _record(out / f"{phase}.jsonl", rec, f"{phase} {member} seed {model_seed}",
                         f"best epoch {r.state.best_epoch}, table "
                         f"{r.memory.table_bytes / full_bytes:.1%} of full, "
                         f"{rec['train_s']:.0f} s")  # fmt: skip

@@ -273,7 +273,7 @@ def test_evaluate_several_checkpoints_and_their_ensemble(log_file, tmp_path, cap
     )
     assert "| ensemble of the 2 checkpoints |" in capsys.readouterr().out
     ev = json.loads((tmp_path / "e.json").read_text())
-    assert ev["checkpoint"] == ckpts
+    assert ev["checkpoints"] == ckpts and "checkpoint" not in ev
     for i, seed_metrics in enumerate(metrics["per_seed"][hashed]):
         got = ev["results"][f"{hashed}, checkpoint {i + 1}"]["auc"]
         assert got == pytest.approx(seed_metrics["auc"], nan_ok=True)
@@ -285,8 +285,29 @@ def test_evaluate_several_checkpoints_and_their_ensemble(log_file, tmp_path, cap
     assert _train_cli(log_file, other, "--max-candidates", "1", "--epochs", "1") == 0
     err = cli_error(["evaluate", "--checkpoint", ckpts[0], str(other / "checkpoint.safetensors"),
                      *common, "--out", str(tmp_path / "f.json")], capsys, 1)  # fmt: skip
-    assert "scores other impressions than --checkpoint" in err
+    assert "scores other impressions than --checkpoint" in err and "expected " in err
     assert not (tmp_path / "f.json").exists()
+    err = cli_error(["evaluate", "--checkpoint", ckpts[0], ckpts[0], *common], capsys, 2)
+    assert f"--checkpoint {ckpts[0]} is given more than once" in err
+
+
+def test_evaluate_checkpoints_of_different_training_days(log_file, tmp_path, capsys):
+    """Checkpoints trained to different days need --train-end, and none may be scored on a day
+    it trained on."""
+    runs = {}
+    for end in ("2022-04-27", "2022-04-28"):
+        runs[end] = tmp_path / end
+        assert _train_cli(log_file, runs[end], "--train-end", end, "--epochs", "1") == 0
+    ckpts = [str(r / "checkpoint.safetensors") for r in runs.values()]
+    argv = ["evaluate", "--checkpoint", *ckpts, "--data", str(log_file), "--schema", SCHEMA_JSON,
+            "--eval-start", "2022-04-29", "--out", str(tmp_path / "e.json")]  # fmt: skip
+    err = cli_error(argv, capsys, 2)
+    assert "record different last training days [20220427, 20220428]: give --train-end" in err
+    err = cli_error([*argv, "--train-end", "2022-04-27"], capsys, 2)
+    assert f"last training day 20220428 (--checkpoint {ckpts[1]})" in err
+    assert not (tmp_path / "e.json").exists()
+    assert main([*argv, "--train-end", "2022-04-28"]) == 0
+    assert len(json.loads((tmp_path / "e.json").read_text())["checkpoints"]) == 2
 
 
 def test_same_seed_same_metrics(log_file, tmp_path):

@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     out = common.out_file(args.out)
     device = resolve_device(args.device)
     paths = list(args.checkpoint)
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise common.UsageError(f"--checkpoint {repeated[0]} is given more than once (an "
+                                "ensemble would count it twice)")  # fmt: skip
     # (path, model, info) of each checkpoint
     loaded = [(p, *common.load_checkpoint_of(p, "PhoenixRanker", device, "--checkpoint"))
               for p in paths]  # fmt: skip
@@ -60,10 +64,16 @@ def run(args: argparse.Namespace) -> int:
                              f"{raw.actions}")  # fmt: skip
         if model.config.hash.entities[0].scheme == "identity":
             raise ValueError("evaluate full-table checkpoints with the run that trained them")
-    known = [t for t in trained.values() if t is not None]
-    train_end = args.train_end or (max(known) if known else None)
+    known = sorted({t for t in trained.values() if t is not None})
+    if args.train_end is None and len(known) > 1:
+        raise common.UsageError(
+            f"the checkpoints record different last training days {known}: give --train-end "
+            f"(at least {known[-1]}) for the baselines and the evaluation days to follow"
+        )
+    train_end = args.train_end or (known[0] if known else None)
     if train_end is None:
-        raise common.UsageError("give --train-end (the checkpoint does not record it)")
+        which = "the checkpoint does not" if len(paths) == 1 else "none of the checkpoints"
+        raise common.UsageError(f"give --train-end ({which} record it)")
     for p, t in trained.items():
         if t is not None and train_end < t:
             which = f" (--checkpoint {p})" if len(paths) > 1 else ""
@@ -89,9 +99,12 @@ def run(args: argparse.Namespace) -> int:
         if rows is None:
             rows, reqs, log = pred.rows, pred.requests, mlog
         elif not (np.array_equal(rows, pred.rows) and np.array_equal(reqs, pred.requests)):
-            raise ValueError(f"--checkpoint {p} scores other impressions than --checkpoint "
-                             f"{paths[0]} (trained with another --max-candidates?): they cannot "
-                             "be compared or combined")  # fmt: skip
+            raise ValueError(
+                f"--checkpoint {p} scores other impressions than --checkpoint {paths[0]} "
+                f"({len(pred.rows):,} rows in {len(np.unique(pred.requests)):,} requests, "
+                f"expected {len(rows):,} in {len(np.unique(reqs)):,}; trained with another "
+                "--max-candidates?): they cannot be compared or combined"
+            )
         name = extra.get("model", "ranker")
         preds[name if len(paths) == 1 else f"{name}, checkpoint {i + 1}"] = pred.probs
     assert rows is not None and reqs is not None and log is not None
@@ -101,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate_predictions(log, rows, reqs, preds)
     positives = dict(zip(log.actions, log.labels[rows].sum(0).tolist(), strict=True))
     print(format_results(results, log.actions, positives))
-    write_json_atomic(out, {"results": results, "eval_impressions": len(rows),
-                            "checkpoint": paths[0] if len(paths) == 1 else paths})  # fmt: skip
+    record = {"results": results, "eval_impressions": len(rows), "checkpoints": paths}
+    if len(paths) == 1:  # as before several were taken
+        record["checkpoint"] = paths[0]
+    write_json_atomic(out, record)
     print(f"wrote {out}")
     return 0
