@@ -370,3 +370,25 @@ def test_a_ranker_with_side_features_needs_its_side_store_up_front():
         RecommendPipeline(retriever, ranker, corpus)
     with pytest.raises(ValueError, match="needs the side store of the log it was trained on"):
         RequestRanker(ranker)
+
+
+def test_recommend_with_several_rankers_ranks_with_their_ensemble(run, capsys):
+    """``--ranker A B``: every retrieved post gets the mean of the two rankers' logits."""
+    seed1 = str(run["root"] / "ranker" / "seed_1" / "checkpoint.safetensors")
+    base = ["recommend", "--retriever", run["retriever"], *run["data"], "--user", "7",
+            "--retrieve-k", "30", "--k", "30", "--json"]  # fmt: skip
+    probs = []
+    for rankers in ([run["ranker"]], [seed1], [run["ranker"], seed1]):
+        assert main([*base, "--ranker", *rankers]) == 0
+        items = json.loads(capsys.readouterr().out)[0]["items"]
+        probs.append({i["post_id"]: [i["probs"][a] for a in ("click", "like", "hate")]
+                      for i in items})  # fmt: skip
+    a, b, ens = probs
+    assert a.keys() == b.keys() == ens.keys() and len(ens) == 30
+    posts = sorted(ens)
+    pa, pb, pe = (np.array([p[k] for k in posts], dtype=np.float64) for p in (a, b, ens))
+    assert np.abs(pa - pb).max() > 1e-3
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    np.testing.assert_allclose(pe, 1 / (1 + np.exp(-(logit(pa) + logit(pb)) / 2)), rtol=1e-4)
+    err = cli_error([*base, "--ranker", seed1, seed1], capsys, 2)
+    assert f"--ranker {seed1} is given more than once" in err

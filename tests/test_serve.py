@@ -824,3 +824,43 @@ def test_serve_cli_builds_the_corpus_from_data(checkpoint, tmp_path):
             assert [i["post_id"] for i in body["items"]] == [w.post_id for w in want.items]
         r = client.post("/recommend", json={"user_id": user, "k": len(corpus) + 1})
         assert r.status_code == 422 and "less than or equal to" in r.text, r.text
+
+
+def test_serve_several_rankers_as_one_ensemble(checkpoint, tmp_path, capsys):
+    """``hashrec serve --ranker A B``: /rank answers with the mean of the two rankers' logits
+    (and of their continuous outputs in the score); rankers of other configurations or other
+    recorded inputs, and a repeated path, are refused by name."""
+    from hashrec.cli import serve
+    from hashrec.cli.dispatch import build_parser
+    from hashrec.models.ensemble import RankerEnsemble
+
+    torch.manual_seed(1)
+    other = tmp_path / "seed1.safetensors"
+    model_a, info = load_checkpoint(checkpoint)
+    model_b = PhoenixRanker(model_a.config)  # another initialisation, the same configuration
+    save_checkpoint(other, model_b, extra=info.extra)
+    app = serve.build(build_parser().parse_args(["serve", "--ranker", str(checkpoint), str(other)]))
+    req = make_request(5, S=3, C=6)
+    with Server(app) as client:
+        body = client.post("/rank", json=req).json()
+    (pa, _), (pb, _) = reference_scores(model_a, req), reference_scores(model_b, req)
+    assert np.abs(pa - pb).max() > 1e-3  # two different rankers
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    want = 1 / (1 + np.exp(-(logit(pa.astype(np.float64)) + logit(pb)) / 2))
+    got = np.array([[c["probabilities"][a] for a in ACTIONS] for c in body["candidates"]])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    check_response(RankerEnsemble([model_a, model_b]), req, body)  # scores, continuous outputs
+
+    wide = tmp_path / "wide.safetensors"
+    cfg = model_a.config
+    save_checkpoint(wide, PhoenixRanker(RankerConfig(hash=cfg.hash, actions=cfg.actions,
+                    continuous_actions=cfg.continuous_actions, transformer=TransformerConfig(
+                        dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1))), extra=info.extra)  # fmt: skip
+    err = cli_error(["serve", "--ranker", str(checkpoint), str(wide)], capsys, 1)
+    assert f"--ranker {wide}: its model configuration differs from {checkpoint}'s" in err
+    moved = tmp_path / "moved.safetensors"
+    save_checkpoint(moved, model_b, extra={"examples": {"history_len": HISTORY_LEN + 1}})
+    err = cli_error(["serve", "--ranker", str(checkpoint), str(moved)], capsys, 1)
+    assert f"--ranker {moved}: its recorded examples differs from {checkpoint}'s" in err
+    err = cli_error(["serve", "--ranker", str(checkpoint), str(checkpoint)], capsys, 2)
+    assert f"--ranker {checkpoint} is given more than once" in err

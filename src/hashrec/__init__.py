@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "PhoenixRanker": "hashrec.models.ranker",
     "RankerConfig": "hashrec.models.ranker",
     "RankerOutput": "hashrec.models.ranker",
+    "RankerEnsemble": "hashrec.models.ensemble",
     "TwoTowerConfig": "hashrec.models.two_tower",
     "TwoTowerRetriever": "hashrec.models.two_tower",
     "PhoenixRetrieval": "hashrec.models.phoenix_retrieval",
@@ -62,6 +63,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from hashrec.hashing.config import EntityHash, HashConfig  # noqa: F401
+    from hashrec.models.ensemble import RankerEnsemble  # noqa: F401
     from hashrec.models.phoenix_retrieval import PhoenixRetrieval  # noqa: F401
     from hashrec.models.ranker import ACTIONS, PhoenixRanker, RankerConfig, RankerOutput  # noqa: F401
     from hashrec.models.scoring import ScoringConfig, WeightedScorer  # noqa: F401

@@ -425,6 +425,38 @@ def load_checkpoint_of(path: str, expected: str, device: Any = "cpu", option: st
     return model, info
 
 
+# what a checkpoint records about its inputs: rankers served as one ensemble must agree on it
+# (the seeds of one run do; "train" holds each one's seed and may differ)
+_ENSEMBLE_SHARED = ("split", "examples", "data", "side_features", "rate_features", "side_stats")
+
+
+def load_rankers(paths: str | list[str], device: Any = "cpu", option: str = "") -> tuple:
+    """(model, info) of one ranker checkpoint, or of several as one ``RankerEnsemble`` (with the
+    first checkpoint's info): their configurations and recorded inputs must agree."""
+    from hashrec.models.ensemble import RankerEnsemble
+
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise UsageError(f"{option} {repeated[0]} is given more than once (an ensemble would "
+                         "count it twice)")  # fmt: skip
+    loaded = [load_checkpoint_of(p, "PhoenixRanker", device, option) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0]
+    first = loaded[0][1].extra
+    for p, (model, info) in zip(paths[1:], loaded[1:], strict=True):
+        if model.config != loaded[0][0].config:
+            raise ValueError(f"{option} {p}: its model configuration differs from {paths[0]}'s; "
+                             "an ensemble takes rankers of one configuration (the seeds of one "
+                             "run)")  # fmt: skip
+        for key in _ENSEMBLE_SHARED:
+            if info.extra.get(key) != first.get(key):
+                raise ValueError(f"{option} {p}: its recorded {key} differs from {paths[0]}'s "
+                                 f"({info.extra.get(key)!r} against {first.get(key)!r}); an "
+                                 "ensemble takes the seeds of one run")  # fmt: skip
+    return RankerEnsemble([m for m, _ in loaded]), loaded[0][1]
+
+
 def load_log_quietly(args: argparse.Namespace):
     """``load_data`` with its progress on stderr (stdout may carry JSON)."""
     import contextlib

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "Phoenix ranker, apply the weighted scorer and author diversity, and print "
                        "the top --k with each action's probability.")  # fmt: skip
     p.add_argument("--retriever", help="two-tower checkpoint (train-retrieval)")
-    p.add_argument("--ranker", help="ranker checkpoint (train)")
+    p.add_argument("--ranker", nargs="+", metavar="CKPT",
+                   help="ranker checkpoint (train); several (the seeds of one run) rank as one "
+                   "ensemble, the mean of their logits")  # fmt: skip
     common.add_log_options(
         p, "KuaiRand folder, or a CSV/Parquet log with --schema: the corpus and the users' "
         "histories (default: the shipped KuaiRand sample)")  # fmt: skip
@@ -123,12 +125,12 @@ def run(args: argparse.Namespace) -> int:
     users = _users(args, off)
     device = resolve_device(args.device)
     retriever, rinfo = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever", device)
-    ranker, info = common.load_checkpoint_of(args.ranker, "PhoenixRanker", device)
+    ranker, info = common.load_rankers(args.ranker, device, "--ranker")
     # stdout: only the lists
     # the corpus, its activity window and the prior as they stood at --time-ms: nothing later
     log, corpus, corpus_cfg = common.load_corpus(args, retriever.config.actions, rinfo,
                                                  args.time_ms)  # fmt: skip
-    store = common.side_store_for(ranker, info, log, f"--ranker {args.ranker}")
+    store = common.side_store_for(ranker, info, log, f"--ranker {' '.join(args.ranker)}")
     if args.k > len(corpus):
         raise common.UsageError(f"--k {args.k} is larger than the corpus ({len(corpus)} posts)")
     scorer = None

@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "/openapi.json, /docs; with --retriever also POST /recommend over the "
                        "corpus of --data (retrieve -> rank -> score). Only safetensors "
                        "checkpoints load.")  # fmt: skip
-    p.add_argument("--ranker", required=True, help="ranker checkpoint (.safetensors)")
+    p.add_argument("--ranker", required=True, nargs="+", metavar="CKPT",
+                   help="ranker checkpoint (.safetensors); several (the seeds of one run) are "
+                   "served as one ensemble, the mean of their logits")  # fmt: skip
     p.add_argument("--retriever", help="two-tower checkpoint (train-retrieval): enables "
                    "POST /recommend over the corpus of --data")  # fmt: skip
     d = p.add_argument_group(
@@ -90,7 +92,8 @@ def build(args: argparse.Namespace):
         raise UsageError(f"--retrieve-k must be >= 1, got {args.retrieve_k}")
     weights = common.weights_option(args.weights)
     # safetensors only: never unpickles
-    model, info = common.load_checkpoint_of(args.ranker, "PhoenixRanker", option="--ranker")
+    model, info = common.load_rankers(args.ranker, option="--ranker")
+    named = f"--ranker {' '.join(args.ranker)}"
     side = model.config.side.any
     if args.retriever is None and not side:
         for flag in ("data", "schema", "authors", "users"):
@@ -98,7 +101,7 @@ def build(args: argparse.Namespace):
                 raise UsageError(f"--{flag} gives /recommend's corpus (it needs --retriever) and "
                                  "the side features' store (this ranker takes none)")  # fmt: skip
     if side and args.data is None:
-        raise UsageError(f"--ranker {args.ranker} was trained with side features: give --data, "
+        raise UsageError(f"{named} was trained with side features: give --data, "
                          "the log it was trained on with its side tables (the users' and posts' "
                          "features are looked up there)")  # fmt: skip
     acts = tuple(model.config.actions) + tuple(model.config.continuous_actions)
@@ -116,7 +119,7 @@ def build(args: argparse.Namespace):
         log, corpus, corpus_cfg = common.load_corpus(args, retriever.config.actions, rinfo)
     elif side:
         log = common.load_log_quietly(args)
-    store = common.side_store_for(model, info, log, f"--ranker {args.ranker}") if side else None
+    store = common.side_store_for(model, info, log, named) if side else None
     ranker = RequestRanker(model, history_len=history_len, scoring=scoring, side_store=store)
     pipeline = known_users = None
     if retriever is not None:

@@ -28,6 +28,7 @@ import torch
 
 from hashrec.data import InteractionLog
 from hashrec.data.side_store import SideStore, left_padded_history, side_batch
+from hashrec.models.ensemble import RankerEnsemble
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.models.scoring import X_HOME_MIXER_WEIGHTS, ScoringConfig, WeightedScorer
 from hashrec.models.two_tower import TwoTowerRetriever
@@ -96,7 +97,9 @@ SIDE_STORE_MISSING = (
 )
 
 
-def check_side_store(ranker: PhoenixRanker, store: SideStore | None) -> SideStore | None:
+def check_side_store(
+    ranker: PhoenixRanker | RankerEnsemble, store: SideStore | None
+) -> SideStore | None:
     """The store a ranker's side features come from: None for a ranker without side features
     (a store given is not used); a ValueError for a ranker with side features and no store, or
     a store whose fields are not the ranker's (another log, or a ``--rate-features`` ranker
@@ -273,7 +276,7 @@ class RecommendPipeline:
     def __init__(
         self,
         retriever: TwoTowerRetriever,
-        ranker: PhoenixRanker,
+        ranker: PhoenixRanker | RankerEnsemble,
         corpus: Corpus,
         scorer: WeightedScorer | None = None,
         retrieve_k: int = 100,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from hashrec.data.side_store import SideStore, left_padded_history, side_batch
+from hashrec.models.ensemble import RankerEnsemble
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.models.scoring import ScoringConfig, WeightedScorer
 from hashrec.nn.batch import RecsysBatch
@@ -269,13 +270,15 @@ class RequestRanker:
 
     def __init__(
         self,
-        model: PhoenixRanker,
+        model: PhoenixRanker | RankerEnsemble,
         history_len: int = 32,
         scoring: ScoringConfig | None = None,
         side_store: SideStore | None = None,
     ) -> None:
-        if not isinstance(model, PhoenixRanker):
-            raise ValueError(f"model must be a PhoenixRanker, got {type(model).__name__}")
+        if not isinstance(model, PhoenixRanker | RankerEnsemble):
+            raise ValueError(
+                f"model must be a PhoenixRanker or a RankerEnsemble, got {type(model).__name__}"
+            )
         if history_len < 0:
             raise ValueError(f"history_len must be >= 0, got {history_len}")
         self.side_store = check_side_store(model, side_store)

@@ -18,13 +18,14 @@ from typing import Any
 from hashrec.data import InteractionLog, SideColumns
 from hashrec.data.side_store import SideStore
 from hashrec.evaluation.experiment import Split, checkpoint_log, data_fingerprint
+from hashrec.models.ensemble import RankerEnsemble
 from hashrec.models.ranker import PhoenixRanker
 
 __all__ = ["checkpoint_side_store"]
 
 
 def checkpoint_side_store(
-    model: PhoenixRanker,
+    model: PhoenixRanker | RankerEnsemble,
     info: Any,
     log: InteractionLog,
     *,
