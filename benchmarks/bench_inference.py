@@ -4,8 +4,10 @@
     python benchmarks/bench_inference.py --requests 50 --candidates 100
 
 One request = one user's history (S events) and C candidates, the serving shape. Rows: fp32
-weights, bf16 weights (table and dense layers), each with the fast isolated kernel; p50 / p99
-over ``--requests`` timed calls after warm-up, interleaved so drifting load hits every row.
+weights, bf16 weights (table and dense layers), each with the fast isolated kernel, and with
+``--ensemble N`` a ``RankerEnsemble`` of N fp32 rankers (what ``hashrec serve --ranker A B C``
+runs); p50 / p99 over ``--requests`` timed calls after warm-up, interleaved so drifting load
+hits every row.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: see README "
 import numpy as np
 import torch
 
-from hashrec import HashConfig, PhoenixRanker, RankerConfig, RecsysBatch, TransformerConfig
+from hashrec import (
+    HashConfig,
+    PhoenixRanker,
+    RankerConfig,
+    RankerEnsemble,
+    RecsysBatch,
+    TransformerConfig,
+)
 
 
 def request(cfg: RankerConfig, S: int, C: int) -> RecsysBatch:
@@ -45,11 +54,15 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--ensemble", type=int, default=0, metavar="N",
+                   help="also time a RankerEnsemble of N fp32 rankers (0: none)")  # fmt: skip
     p.add_argument("--retain-memory", action="store_true",
                    help="keep freed memory for reuse, as the hashrec command does "
                    "(hashrec.memory.retain_freed_memory); run with and without to "
                    "compare")  # fmt: skip
     args = p.parse_args()
+    if args.ensemble < 0:
+        p.error(f"--ensemble must be >= 0, got {args.ensemble}")
     if args.retain_memory:
         from hashrec.memory import retain_freed_memory
 
@@ -67,6 +80,9 @@ def main() -> None:
     bf16.load_state_dict(fp32.state_dict())
     bf16.to(torch.bfloat16)
     models = {"fp32 weights": fp32, "bf16 weights": bf16}
+    if args.ensemble:
+        members = [fp32, *(PhoenixRanker(cfg).eval() for _ in range(args.ensemble - 1))]
+        models[f"fp32, ensemble of {args.ensemble}"] = RankerEnsemble(members).eval()
     batch = request(cfg, args.history, args.candidates)
     times: dict[str, list[float]] = {n: [] for n in models}
     with torch.inference_mode():
@@ -84,11 +100,13 @@ def main() -> None:
     kept = ", freed memory retained" if args.retain_memory else ""
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}{kept}; one request: "
           f"{shape}\n")  # fmt: skip
-    print("| weights | p50 ms | p99 ms | candidates/s at p50 |")
-    print("|---|---|---|---|")
+    print("| weights | p50 ms | p99 ms | candidates/s at p50 | p50 / fp32's |")
+    print("|---|---|---|---|---|")
+    base = np.percentile(times["fp32 weights"], 50)
     for name, ts in times.items():
         p50, p99 = np.percentile(ts, 50) * 1e3, np.percentile(ts, 99) * 1e3
-        print(f"| {name} | {p50:.1f} | {p99:.1f} | {args.candidates / p50 * 1e3:,.0f} |")
+        print(f"| {name} | {p50:.1f} | {p99:.1f} | {args.candidates / p50 * 1e3:,.0f} | "
+              f"{p50 / 1e3 / base:.2f}x |")  # fmt: skip
     print(f"\nbf16 vs fp32 probabilities: max abs difference {err:.4f}")
 
 
