@@ -858,9 +858,18 @@ def test_serve_several_rankers_as_one_ensemble(checkpoint, tmp_path, capsys):
                         dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1))), extra=info.extra)  # fmt: skip
     err = cli_error(["serve", "--ranker", str(checkpoint), str(wide)], capsys, 1)
     assert f"--ranker {wide}: its model configuration differs from {checkpoint}'s" in err
+    assert "(differing entries transformer)" in err
     moved = tmp_path / "moved.safetensors"
     save_checkpoint(moved, model_b, extra={"examples": {"history_len": HISTORY_LEN + 1}})
     err = cli_error(["serve", "--ranker", str(checkpoint), str(moved)], capsys, 1)
     assert f"--ranker {moved}: its recorded examples differs from {checkpoint}'s" in err
-    err = cli_error(["serve", "--ranker", str(checkpoint), str(checkpoint)], capsys, 2)
-    assert f"--ranker {checkpoint} is given more than once" in err
+    assert "(differing entries history_len)" in err
+    refit = tmp_path / "refit.safetensors"
+    save_checkpoint(refit, model_b, extra={**info.extra, "refit": {"epochs": 1}})
+    err = cli_error(["serve", "--ranker", str(checkpoint), str(refit)], capsys, 1)
+    assert (
+        f"{refit} is a refit model (trained again on every training day), {checkpoint} is " in err
+    )
+    same = os.path.join(os.path.dirname(checkpoint), ".", os.path.basename(checkpoint))
+    err = cli_error(["serve", "--ranker", str(checkpoint), same], capsys, 2)
+    assert f"--ranker {same} is given more than once" in err

@@ -430,31 +430,64 @@ def load_checkpoint_of(path: str, expected: str, device: Any = "cpu", option: st
 _ENSEMBLE_SHARED = ("split", "examples", "data", "side_features", "rate_features", "side_stats")
 
 
+def repeated_path(paths: list[str]) -> str | None:
+    """The first of ``paths`` that names the same file as an earlier one (None if none does)."""
+    seen: set[str] = set()
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            return p
+        seen.add(real)
+    return None
+
+
+def _differing(a: Any, b: Any) -> str:
+    """What differs between two recorded values, briefly: the differing keys of two mappings,
+    else both values (shortened)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted({k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}, key=str)
+        return "differing entries " + ", ".join(map(str, keys[:8])) + (" ..." if keys[8:] else "")
+
+    def short(v: Any) -> str:
+        r = repr(v)
+        return r if len(r) <= 60 else r[:57] + "..."
+
+    return f"{short(a)} against {short(b)}"
+
+
 def load_rankers(paths: str | list[str], device: Any = "cpu", option: str = "") -> tuple:
     """(model, info) of one ranker checkpoint, or of several as one ``RankerEnsemble`` (with the
-    first checkpoint's info): their configurations and recorded inputs must agree."""
+    first checkpoint's info): their configurations and recorded inputs must agree, and all or
+    none must be refit models."""
     from hashrec.models.ensemble import RankerEnsemble
 
     paths = [paths] if isinstance(paths, str) else list(paths)
-    repeated = sorted({p for p in paths if paths.count(p) > 1})
-    if repeated:
-        raise UsageError(f"{option} {repeated[0]} is given more than once (an ensemble would "
-                         "count it twice)")  # fmt: skip
+    twice = repeated_path(paths)
+    if twice is not None:
+        raise UsageError(f"{option} {twice} is given more than once (an ensemble would count it "
+                         "twice)")  # fmt: skip
     loaded = [load_checkpoint_of(p, "PhoenixRanker", device, option) for p in paths]
     if len(loaded) == 1:
         return loaded[0]
-    first = loaded[0][1].extra
+    first_model, first_info = loaded[0]
+    first = first_info.extra
     for p, (model, info) in zip(paths[1:], loaded[1:], strict=True):
-        if model.config != loaded[0][0].config:
-            raise ValueError(f"{option} {p}: its model configuration differs from {paths[0]}'s; "
-                             "an ensemble takes rankers of one configuration (the seeds of one "
+        if model.config != first_model.config:
+            raise ValueError(f"{option} {p}: its model configuration differs from {paths[0]}'s "
+                             f"({_differing(model.config.to_dict(), first_model.config.to_dict())}"
+                             "); an ensemble takes rankers of one configuration (the seeds of one "
                              "run)")  # fmt: skip
         for key in _ENSEMBLE_SHARED:
             if info.extra.get(key) != first.get(key):
                 raise ValueError(f"{option} {p}: its recorded {key} differs from {paths[0]}'s "
-                                 f"({info.extra.get(key)!r} against {first.get(key)!r}); an "
+                                 f"({_differing(info.extra.get(key), first.get(key))}); an "
                                  "ensemble takes the seeds of one run")  # fmt: skip
-    return RankerEnsemble([m for m, _ in loaded]), loaded[0][1]
+        if bool(info.extra.get("refit")) != bool(first.get("refit")):
+            which = (p, paths[0]) if info.extra.get("refit") else (paths[0], p)
+            raise ValueError(f"{option}: {which[0]} is a refit model (trained again on every "
+                             f"training day), {which[1]} is not; an ensemble takes the refit "
+                             "models of a --refit run, or the validated ones")  # fmt: skip
+    return RankerEnsemble([m for m, _ in loaded]), first_info
 
 
 def load_log_quietly(args: argparse.Namespace):

@@ -143,7 +143,7 @@ class RankResult:
 
 def to_batch(
     queries: Sequence[RankQuery],
-    model: PhoenixRanker,
+    model: PhoenixRanker | RankerEnsemble,
     history_len: int,
 ) -> RecsysBatch:
     """Hash raw queries into one ``RecsysBatch`` with the model's ``HashConfig``.
@@ -203,7 +203,10 @@ def to_batch(
 
 
 def to_side_batch(
-    queries: Sequence[RankQuery], model: PhoenixRanker, history_len: int, store: SideStore
+    queries: Sequence[RankQuery],
+    model: PhoenixRanker | RankerEnsemble,
+    history_len: int,
+    store: SideStore,
 ) -> SideBatch:
     """The side features of raw queries, laid out as ``to_batch`` lays out the IDs (history
     left-padded to ``history_len``, candidates right-padded): ``side_batch`` on the store.
