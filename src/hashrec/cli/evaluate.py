@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "scored and also as an ensemble (the mean of their logits)")  # fmt: skip
     common.add_data_options(p)
     p.add_argument("--train-end", type=common.date, default=None,
-                   help="last day baselines learn from (default: the latest the checkpoints "
-                   "record)")  # fmt: skip
+                   help="last day baselines learn from (default: the one the checkpoints "
+                   "record; required when they record different days)")  # fmt: skip
     p.add_argument("--out", default="runs/evaluate/metrics.json", help="metrics JSON")
     common.add_device_option(p)
     p.set_defaults(func=run)
