@@ -328,7 +328,8 @@ def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
     t.add_argument("--seed", type=nonneg, default=0)
     t.add_argument("--seeds", type=pos, default=seeds,
                    help="train this many seeds (seed, seed+1, ...); figures are their mean "
-                   f"and std (default {seeds})")  # fmt: skip
+                   "and std, and with several a row scores them as one ensemble (serve it: "
+                   f"serve --ranker with every seed's checkpoint) (default {seeds})")  # fmt: skip
     add_device_option(p)
 
 
