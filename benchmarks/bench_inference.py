@@ -2,12 +2,14 @@
 
     python benchmarks/bench_inference.py                 # S=128, C=1000, D=128, fp32 and bf16
     python benchmarks/bench_inference.py --requests 50 --candidates 100
+    python benchmarks/bench_inference.py --device cuda   # on a GPU (benchmarks/device_check.sh)
 
 One request = one user's history (S events) and C candidates, the serving shape. Rows: fp32
 weights, bf16 weights (table and dense layers), each with the fast isolated kernel, and with
 ``--ensemble N`` a ``RankerEnsemble`` of N fp32 rankers (what ``hashrec serve --ranker A B C``
 runs); p50 / p99 over ``--requests`` timed calls after warm-up, interleaved so drifting load
-hits every row.
+hits every row. A call's time ends when the probabilities are on the host (on a GPU that
+includes the copy back, as a server returns them).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--ensemble", type=int, default=0, metavar="N",
                    help="also time a RankerEnsemble of N fp32 rankers (0: none)")  # fmt: skip
     p.add_argument("--retain-memory", action="store_true",
@@ -61,6 +64,12 @@ def main() -> None:
                    "(hashrec.memory.retain_freed_memory); run with and without to "
                    "compare")  # fmt: skip
     args = p.parse_args()
+    from hashrec.training.loop import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     if args.ensemble < 0:
         p.error(f"--ensemble must be >= 0, got {args.ensemble}")
     if args.retain_memory:
@@ -75,15 +84,15 @@ def main() -> None:
             dim=args.dim, num_layers=args.layers, num_q_heads=4, num_kv_heads=2
         ),
     )
-    fp32 = PhoenixRanker(cfg).eval()
+    fp32 = PhoenixRanker(cfg).eval().to(device)
     bf16 = PhoenixRanker(cfg).eval()
     bf16.load_state_dict(fp32.state_dict())
-    bf16.to(torch.bfloat16)
+    bf16.to(device=device, dtype=torch.bfloat16)
     models = {"fp32 weights": fp32, "bf16 weights": bf16}
     if args.ensemble:
-        members = [fp32, *(PhoenixRanker(cfg).eval() for _ in range(args.ensemble - 1))]
+        members = [fp32, *(PhoenixRanker(cfg).eval().to(device) for _ in range(args.ensemble - 1))]
         models[f"fp32, ensemble of {args.ensemble}"] = RankerEnsemble(members).eval()
-    batch = request(cfg, args.history, args.candidates)
+    batch = request(cfg, args.history, args.candidates).to(device)
     times: dict[str, list[float]] = {n: [] for n in models}
     with torch.inference_mode():
         for m in models.values():
@@ -92,14 +101,15 @@ def main() -> None:
         for _ in range(args.requests):
             for name, m in models.items():
                 t0 = time.perf_counter()
-                m(batch).probs.float().numpy()
+                m(batch).probs.float().cpu().numpy()
                 times[name].append(time.perf_counter() - t0)
         ref = fp32(batch).probs
         err = float((bf16(batch).probs.float() - ref).abs().max())
     shape = f"S={args.history}, C={args.candidates}, D={args.dim}, {args.layers} layers"
     kept = ", freed memory retained" if args.retain_memory else ""
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}{kept}; one request: "
-          f"{shape}\n")  # fmt: skip
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}{kept}, device {where}; "
+          f"one request: {shape}\n")  # fmt: skip
     print("| weights | p50 ms | p99 ms | candidates/s at p50 | p50 / fp32's |")
     print("|---|---|---|---|---|")
     base = np.percentile(times["fp32 weights"], 50)

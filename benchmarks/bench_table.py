@@ -2,6 +2,7 @@
 
     python benchmarks/bench_table.py            # full size: D=64, two 1M-row hash tables
     python benchmarks/bench_table.py --quick    # smaller, for a smoke run
+    python benchmarks/bench_table.py --device cuda   # hashing, lookup and step on a GPU
 
 Every ratio compares rows measured in this same run (the machine is shared and noisy).
 Optional rows: numba (pip install numba), FBGEMM's table-batched embedding with row-wise Adagrad
@@ -36,15 +37,24 @@ from hashrec.nn.optim import RowWiseAdagrad
 from hashrec.nn.table import FusedEmbeddingTable, MultiHashEmbedding
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU time, less hit by other load)
+DEVICE = torch.device("cpu")  # --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeats`` calls (on a GPU: from an idle device to the work done)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = CLOCK()
         fn()
+        _sync()
         times.append(CLOCK() - t0)
     return float(np.median(times))
 
@@ -85,6 +95,15 @@ def bench_hashing(n: int, repeats: int) -> None:
         ("default numpy", best_time(lambda: default_hash(ids, 2, 1_000_000), repeats)),
         ("default torch", best_time(lambda: default_hash_torch(tids, 2, 1_000_000), repeats)),
     ]
+    if DEVICE.type != "cpu":
+        dids = tids.to(DEVICE)
+        for name, fn, ref in (
+            ("phoenix torch", lambda: phoenix_hash_torch(dids, *args), phoenix_hash(ids, *args)),
+            ("default torch", lambda: default_hash_torch(dids, 2, 1_000_000),
+             default_hash(ids, 2, 1_000_000)),
+        ):  # fmt: skip
+            assert np.array_equal(fn().cpu().numpy(), ref), f"{name} on {DEVICE} disagrees"
+            rows.append((f"{name} on {DEVICE.type}", best_time(fn, repeats)))
     try:
         import numba
 
@@ -141,20 +160,30 @@ def fbgemm_table(vocab: int, dim: int, num_hashes: int, lr: float):
         )
     except ImportError:
         return None
-    return SplitTableBatchedEmbeddingBagsCodegen(
-        [(vocab, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * num_hashes,
-        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-        learning_rate=lr,
-        eps=1e-8,
-        pooling_mode=PoolingMode.SUM,
+    where = (
+        (EmbeddingLocation.DEVICE, ComputeDevice.CUDA)
+        if DEVICE.type == "cuda"
+        else (EmbeddingLocation.HOST, ComputeDevice.CPU)
     )
+    try:
+        return SplitTableBatchedEmbeddingBagsCodegen(
+            [(vocab, dim, *where)] * num_hashes,
+            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+            learning_rate=lr,
+            eps=1e-8,
+            pooling_mode=PoolingMode.SUM,
+        )
+    except (RuntimeError, AssertionError, NotImplementedError):
+        if DEVICE.type == "cuda":
+            return None  # the CPU build of fbgemm-gpu has no CUDA kernels
+        raise
 
 
 def fbgemm_inputs(hashes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bags of length 1, or 0 for padding (FBGEMM's fastest CPU mode), table-major."""
     cols = hashes.T.contiguous()  # [K, n]
     lengths = (cols != 0).to(torch.int64).reshape(-1)
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=hashes.device)
     offsets[1:] = torch.cumsum(lengths, 0)
     return cols.reshape(-1)[lengths.bool()], offsets
 
@@ -163,14 +192,14 @@ def bench_table(n_ids: int, vocab: int, dim: int, repeats: int, skew: bool) -> N
     K = 2
     rng = np.random.default_rng(1)
     ids = make_ids(n_ids, 50 * n_ids, skew, 0.03, rng)
-    hashes = torch.from_numpy(default_hash(ids, K, vocab))  # [n, K] local, 0 = padding
+    hashes = torch.from_numpy(default_hash(ids, K, vocab)).to(DEVICE)  # [n, K] local, 0 = pad
     n_rows = hashes.numel()
     kind = "Zipf-like ids, 3% padding" if skew else "uniform ids, 3% padding"
     torch.manual_seed(0)
 
-    fused = MultiHashEmbedding(vocab, dim, K, sparse=True, init_std=0.05)
-    table = FusedEmbeddingTable(K * vocab, dim)  # global rows, as the Phoenix loader emits them
-    notebook = NotebookEmbedding(vocab, dim, K, sparse=True)
+    fused = MultiHashEmbedding(vocab, dim, K, sparse=True, init_std=0.05).to(DEVICE)
+    table = FusedEmbeddingTable(K * vocab, dim).to(DEVICE)  # global rows, as Phoenix's loader
+    notebook = NotebookEmbedding(vocab, dim, K, sparse=True).to(DEVICE)
     with torch.no_grad():  # same weights everywhere
         for j, t in enumerate(notebook.tables):
             t.weight.copy_(fused.weight[j * vocab : (j + 1) * vocab])
@@ -178,8 +207,8 @@ def bench_table(n_ids: int, vocab: int, dim: int, repeats: int, skew: bool) -> N
         table.weight.copy_(fused.weight)
     fused_rows = torch.where(hashes == 0, hashes, hashes + fused.hash_offsets).reshape(-1)
     bag = nn.EmbeddingBag.from_pretrained(fused.weight.detach().clone(), mode="sum")
-    bag_offsets = torch.arange(n_rows, dtype=torch.int64)
-    buf = torch.empty(n_rows, dim)
+    bag_offsets = torch.arange(n_rows, dtype=torch.int64, device=DEVICE)
+    buf = torch.empty(n_rows, dim, device=DEVICE)
     w = fused.weight.detach()
 
     with torch.inference_mode():
@@ -218,7 +247,7 @@ def bench_table(n_ids: int, vocab: int, dim: int, repeats: int, skew: bool) -> N
 
     # Training step: forward + backward + row-wise Adagrad on the table.
     lr = 0.01
-    grad_seed = torch.randn(n_ids, K, dim)
+    grad_seed = torch.randn(n_ids, K, dim, device=DEVICE)
     opt = RowWiseAdagrad(table.parameters(), lr=lr)
     seed_rows = grad_seed.reshape(n_rows, dim)
 
@@ -253,7 +282,8 @@ def bench_table(n_ids: int, vocab: int, dim: int, repeats: int, skew: bool) -> N
             0, ("FBGEMM TBE, EXACT_ROWWISE_ADAGRAD (anchor)", best_time(step_fbgemm, repeats))
         )
     else:
-        print("(fbgemm-gpu-cpu not installed: no FBGEMM anchor row)")
+        build = "fbgemm-gpu (CUDA build)" if DEVICE.type == "cuda" else "fbgemm-gpu-cpu"
+        print(f"({build} not installed: no FBGEMM anchor row)")
     anchor = steps[0][1]
     out = [
         (name, n_rows / t / 1e6, f"M rows/s  {t * 1e3:8.1f} ms/step  {anchor / t:5.2f}x of anchor")
@@ -410,6 +440,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layouts-only", action="store_true", help="only the table-scheme rows")
     p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda[:N]: hashing, lookup and training step there "
+        "(the table-scheme rows stay on the CPU and are skipped)",
+    )
+    p.add_argument(
         "--weighted-combine",
         action="store_true",
         help="also time the weighted layout's D-wide path (gather + weighted_combine)",
@@ -427,19 +463,29 @@ def main() -> None:
         help="wall time, or process CPU time (less hit by other jobs on a shared machine)",
     )
     args = p.parse_args()
-    global CLOCK
+    global CLOCK, DEVICE
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    from hashrec.training.loop import resolve_device
+
+    try:
+        DEVICE = resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    if DEVICE.type != "cpu" and args.layouts_only:
+        p.error("--layouts-only runs on the CPU: leave out --device")
     torch.set_num_threads(args.threads)
     n_hash = 200_000 if args.quick else 4_000_000
     n_ids, vocab = (50_000, 100_000) if args.quick else (500_000, 1_000_000)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
-        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}"
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, device {DEVICE}"
     )
     if not args.layouts_only:
         bench_hashing(n_hash, args.repeats)
         for skew in (True, False):
             bench_table(n_ids, vocab, 64, args.repeats, skew)
+    if DEVICE.type != "cpu":
+        return  # the table-scheme rows are CPU rows (issue targets are on the 2-core machine)
     bench_layouts(n_ids, vocab // 4, 64, args.repeats, args.weighted_combine)
     bench_layout_ranker(vocab // 4, args.repeats)
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU half of the checks and benchmarks, in one call on a machine with a CUDA device:
+#
+#     bash benchmarks/device_check.sh            # logs in $OUT (default /tmp/device_check)
+#
+# 1. tests/test_devices.py: the model on CUDA against the float64 CPU reference (outputs,
+#    gradients, one step of both optimizers; every table layout; the fast attention kernel and
+#    FlexAttention with gradients).
+# 2. hashrec train --device cuda on the shipped sample, then hashrec evaluate of its checkpoint
+#    on the CPU: the AUCs training recorded must come back.
+# 3. bench_ranker.py, bench_inference.py and bench_table.py with --device cuda.
+#
+# Runs from the repository root with the machine's own torch (no install: PYTHONPATH=src).
+# Each step has its own time limit and the script goes on when one fails; a summary ends it.
+# DEVICE=cpu REPEATS=2 CANDIDATES=64,256 bash benchmarks/device_check.sh: a dry run here.
+set -u
+DEVICE=${DEVICE:-cuda}
+REPEATS=${REPEATS:-10}
+CANDIDATES=${CANDIDATES:-256,1024,4096}
+OUT=${OUT:-/tmp/device_check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+SUMMARY=()
+
+step() {  # step NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "== $name: $*"
+    start=$(date +%s)
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    SUMMARY+=("$name: exit $rc in $(($(date +%s) - start)) s")
+    tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+
+if [ "$DEVICE" != cpu ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+    "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+fi
+
+step tests 90 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_devices.py
+
+RUN=/tmp/device_check_run
+rm -rf "$RUN"
+step train 120 "$PY" -m hashrec train --device "$DEVICE" --seeds 1 --out "$RUN"
+step evaluate 60 "$PY" -m hashrec evaluate --checkpoint "$RUN/checkpoint.safetensors" \
+    --device cpu --out "$RUN/cpu_eval.json"
+step compare 20 "$PY" - "$RUN" <<'EOF'
+import json, sys
+run = sys.argv[1]
+train = json.load(open(f"{run}/metrics.json"))
+cpu = json.load(open(f"{run}/cpu_eval.json"))
+name = next(k for k in train["per_seed"] if k.startswith("hashed"))
+want = train["per_seed"][name][0]["auc"]
+got = next(v for k, v in cpu["results"].items() if k.startswith("hashed"))["auc"]
+worst = 0.0
+for action, a in want.items():
+    b = got[action]
+    if a == a:  # not NaN
+        worst = max(worst, abs(a - b))
+    print(f"{action:>16}: trained on the device {a:.5f}, evaluated on cpu {b:.5f}")
+print(f"largest AUC difference {worst:.2e}")
+sys.exit(0 if worst < 1e-3 else 1)
+EOF
+
+TAIL=40 step ranker 150 "$PY" benchmarks/bench_ranker.py --device "$DEVICE" \
+    --candidates "$CANDIDATES" --repeats "$REPEATS"
+TAIL=12 step inference 45 "$PY" benchmarks/bench_inference.py --device "$DEVICE" --ensemble 3 \
+    --requests $((REPEATS * 20))
+TAIL=30 step table 60 "$PY" benchmarks/bench_table.py --device "$DEVICE" \
+    --repeats "$REPEATS"
+
+echo
+printf '%s\n' "${SUMMARY[@]}"
