@@ -2,18 +2,24 @@
 # The GPU half of the checks and benchmarks, in one call on a machine with a CUDA device:
 #
 #     bash benchmarks/device_check.sh            # logs in $OUT (default /tmp/device_check)
+#                                                # one per step: tests.log, train.log, ...
 #
 # 1. tests/test_devices.py: the model on CUDA against the float64 CPU reference (outputs,
 #    gradients, one step of both optimizers; every table layout; the fast attention kernel and
 #    FlexAttention with gradients).
 # 2. hashrec train --device cuda on the shipped sample, then hashrec evaluate of its checkpoint
 #    on the CPU: the AUCs training recorded must come back.
-# 3. bench_ranker.py, bench_inference.py and bench_table.py with --device cuda.
+# 3. bench_ranker.py (at its CPU shapes, and at batch 64 without FlexAttention),
+#    bench_inference.py, bench_table.py and profile_train.py (the phases of a training step
+#    and the costliest operators) with --device cuda.
 #
 # Runs from the repository root with the machine's own torch (no install: PYTHONPATH=src).
 # Each step has its own time limit and the script goes on when one fails; a summary ends it.
 # DEVICE=cpu REPEATS=2 CANDIDATES=64,256 bash benchmarks/device_check.sh: a dry run here.
+# ONLY="tests ranker" runs those steps alone (names: tests train ranker ranker64 inference
+# table profile).
 set -u
+ONLY=${ONLY:-tests train ranker ranker64 inference table profile}
 DEVICE=${DEVICE:-cuda}
 REPEATS=${REPEATS:-10}
 CANDIDATES=${CANDIDATES:-256,1024,4096}
@@ -23,15 +29,20 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SUMMARY=()
 
+wanted() { [[ " $ONLY " == *" $1 "* ]]; }
+
 step() {  # step NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
     local name=$1 limit=$2 start rc
     shift 2
-    echo "== $name: $*"
+    local log="$OUT/${name%%_*}.log"  # train_evaluate: appended to train.log
+    wanted "${name%%_*}" || return 0
+    [[ $name == *_* ]] || : >"$log"
+    echo "== $name: $*" | tee -a "$log"
     start=$(date +%s)
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" >>"$log" 2>&1
     rc=$?
     SUMMARY+=("$name: exit $rc in $(($(date +%s) - start)) s")
-    tail -n "${TAIL:-25}" "$OUT/$name.log"
+    tail -n "${TAIL:-25}" "$log"
 }
 
 if [ "$DEVICE" != cpu ]; then
@@ -44,9 +55,9 @@ step tests 90 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_devices.py
 RUN=/tmp/device_check_run
 rm -rf "$RUN"
 step train 120 "$PY" -m hashrec train --device "$DEVICE" --seeds 1 --out "$RUN"
-step evaluate 60 "$PY" -m hashrec evaluate --checkpoint "$RUN/checkpoint.safetensors" \
+step train_evaluate 60 "$PY" -m hashrec evaluate --checkpoint "$RUN/checkpoint.safetensors" \
     --device cpu --out "$RUN/cpu_eval.json"
-step compare 20 "$PY" - "$RUN" <<'EOF'
+step train_compare 20 "$PY" - "$RUN" <<'EOF'
 import json, sys
 run = sys.argv[1]
 train = json.load(open(f"{run}/metrics.json"))
@@ -66,10 +77,14 @@ EOF
 
 TAIL=40 step ranker 150 "$PY" benchmarks/bench_ranker.py --device "$DEVICE" \
     --candidates "$CANDIDATES" --repeats "$REPEATS"
+TAIL=14 step ranker64 90 "$PY" benchmarks/bench_ranker.py --device "$DEVICE" --batch 64 \
+    --candidates "$CANDIDATES" --repeats "$REPEATS" --no-flex --max-full-c 1024
 TAIL=12 step inference 45 "$PY" benchmarks/bench_inference.py --device "$DEVICE" --ensemble 3 \
     --requests $((REPEATS * 20))
 TAIL=30 step table 60 "$PY" benchmarks/bench_table.py --device "$DEVICE" \
     --repeats "$REPEATS"
+TAIL=60 step profile 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" \
+    --data src/hashrec/datasets/kuairand_sample --steps 30 --warmup 5 --ops 25
 
 echo
 printf '%s\n' "${SUMMARY[@]}"

@@ -5,6 +5,8 @@ backward, optimizers.
     # on a busy machine: one thread, timed by the process's CPU clock (wall time there
     # measures the neighbours)
     OMP_NUM_THREADS=1 python benchmarks/profile_train.py --threads 1 --clock cpu
+    # on a GPU, with the shipped sample (benchmarks/device_check.sh)
+    python benchmarks/profile_train.py --device cuda --data src/hashrec/datasets/kuairand_sample
 
 Both paths run: the default (packed) and the padded reference, the same steps on the same
 batches. The model, table and examples are the CLI's defaults (the demo config: D = 32, 2
@@ -12,12 +14,15 @@ layers, hybrid table at 25% of the full table's bytes, side features), built by 
 option parser, on the 11 shared days (train 2022-04-25..05-02). The step is the trainer's step,
 phase by phase: the forward's parts are timed by wrapping the ranker's sub-modules, so each
 phase is what the step itself runs. Steps are timed after ``--warmup`` steps; the table prints
-the median time per phase and its share of the step, and examples/s.
+the median time per phase and its share of the step, and examples/s. On a GPU each phase ends
+with a device synchronize, so it holds its own kernels' time (the step loses the overlap of
+host and device work, which the examples/s of `hashrec train` keep).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -31,13 +36,31 @@ from hashrec.evaluation.experiment import ranker_config
 from hashrec.models.losses import loss_terms
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.nn.optim import RowWiseAdagrad
-from hashrec.training.loop import dense_optimizer
+from hashrec.training.loop import dense_optimizer, resolve_device
 
 PHASES = ("data", "lookup", "reducers + side", "transformer + head", "loss", "backward",
           "dense optimizer (AdamW)", "table optimizer (RowWiseAdagrad)")  # fmt: skip
 
 
-clock = time.perf_counter  # or time.process_time (--clock cpu)
+_clock = time.perf_counter  # or time.process_time (--clock cpu)
+_device = torch.device("cpu")
+
+
+def clock() -> float:
+    """The clock, after the device's queued work (a no-op on the CPU)."""
+    if _device.type == "cuda":
+        torch.cuda.synchronize(_device)
+    return _clock()
+
+
+def ops_profiler(rows: int):
+    """torch.profiler over the steps when ``rows`` > 0 (host, and device kernels on a GPU)."""
+    if not rows:
+        return contextlib.nullcontext()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if _device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=acts)
 
 
 def timed(acc: dict[str, list[float]], name: str, fn: Callable) -> Callable:
@@ -68,9 +91,17 @@ def main() -> None:
         action="store_true",
         help="the padded reference path (PhoenixRanker.pack_tokens = False)",
     )
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--ops", type=int, default=0, metavar="N",
+                   help="also print the N costliest operators of the packed steps "
+                   "(torch.profiler)")  # fmt: skip
     a = p.parse_args()
-    global clock
-    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    global _clock, _device
+    _clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    try:
+        _device = resolve_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
     if a.threads:
         torch.set_num_threads(a.threads)
     extra = [] if a.history_len is None else ["--history-len", str(a.history_len)]
@@ -82,11 +113,11 @@ def main() -> None:
     runs = {}
     for mode in ("packed", "padded"):  # the same steps on the same batches, from the same init
         torch.manual_seed(0)
-        model = PhoenixRanker(ranker_config(log, spec))
+        model = PhoenixRanker(ranker_config(log, spec)).to(_device)
         model.train()
         model.pack_tokens = mode == "packed"
         dense = dense_optimizer(model.dense_parameters(), train.lr, train.weight_decay,
-                                torch.device("cpu"))  # fmt: skip
+                                _device)  # fmt: skip
         table = RowWiseAdagrad(model.table.parameters(), lr=train.table_lr)
         acc: dict[str, list[float]] = defaultdict(list)
         # the forward's phases: every call of these runs inside PhoenixRanker.forward
@@ -96,46 +127,55 @@ def main() -> None:
             m.forward = timed(acc, "reducers + side", m.forward)
         model._add_side = timed(acc, "reducers + side", model._add_side)
         n_ex = []
-        for step in range(a.warmup + a.steps):
-            for ph in (*PHASES, "step"):
-                acc[ph].append(0.0)
-            idx = order[(step * B) % (len(order) - B) :][:B]
-            t_step = t0 = clock()
-            lb = next(batches(log, hashes, requests, len(idx), idx,
-                              trim_candidates=mode == "packed"))  # fmt: skip
-            acc["data"][-1] += clock() - t0
-            t0 = clock()
-            out = model(lb.batch, side=lb.side)
-            fwd = clock() - t0
-            t0 = clock()
-            loss = loss_terms(out, lb.labels, lb.label_mask, lb.continuous).loss(
-                train.continuous_weight
-            )
-            acc["loss"][-1] += clock() - t0
-            t0 = clock()
-            loss.backward()
-            acc["backward"][-1] += clock() - t0
-            t0 = clock()
-            dense.step()
-            dense.zero_grad(set_to_none=True)
-            acc["dense optimizer (AdamW)"][-1] += clock() - t0
-            t0 = clock()
-            table.step()
-            table.zero_grad(set_to_none=True)
-            acc["table optimizer (RowWiseAdagrad)"][-1] += clock() - t0
-            # the forward less its timed parts: attention, feed-forward, norms, the head
-            acc["transformer + head"][-1] += fwd - acc["lookup"][-1] - acc["reducers + side"][-1]
-            acc["step"][-1] += clock() - t_step
-            n_ex.append(int(out.candidate_mask.sum()))
+        prof = ops_profiler(a.ops if mode == "packed" else 0)
+        with prof:
+            for step in range(a.warmup + a.steps):
+                for ph in (*PHASES, "step"):
+                    acc[ph].append(0.0)
+                idx = order[(step * B) % (len(order) - B) :][:B]
+                t_step = t0 = clock()
+                lb = next(batches(log, hashes, requests, len(idx), idx,
+                                  trim_candidates=mode == "packed"))  # fmt: skip
+                lb = lb.to(_device)  # the trainer's copy to the device (none on the CPU)
+                acc["data"][-1] += clock() - t0
+                t0 = clock()
+                out = model(lb.batch, side=lb.side)
+                fwd = clock() - t0
+                t0 = clock()
+                loss = loss_terms(out, lb.labels, lb.label_mask, lb.continuous).loss(
+                    train.continuous_weight
+                )
+                acc["loss"][-1] += clock() - t0
+                t0 = clock()
+                loss.backward()
+                acc["backward"][-1] += clock() - t0
+                t0 = clock()
+                dense.step()
+                dense.zero_grad(set_to_none=True)
+                acc["dense optimizer (AdamW)"][-1] += clock() - t0
+                t0 = clock()
+                table.step()
+                table.zero_grad(set_to_none=True)
+                acc["table optimizer (RowWiseAdagrad)"][-1] += clock() - t0
+                # the forward less its timed parts: attention, feed-forward, norms, the head
+                parts = acc["lookup"][-1] + acc["reducers + side"][-1]
+                acc["transformer + head"][-1] += fwd - parts
+                acc["step"][-1] += clock() - t_step
+                n_ex.append(int(out.candidate_mask.sum()))
         med = {k: float(np.median(v[a.warmup :])) for k, v in acc.items()}
         runs[mode] = (med, float(np.mean(n_ex[a.warmup :])))
+        if a.ops and mode == "packed":
+            sort = "self_cuda_time_total" if _device.type == "cuda" else "self_cpu_time_total"
+            print(f"\nTop {a.ops} operators of {a.warmup + a.steps} packed steps (by {sort}):")
+            table = prof.key_averages().table(sort_by=sort, row_limit=a.ops)
+            print(table)
     print(f"\nOne training step of the demo config ({spec.name}, D={spec.transformer.dim}, "
           f"{spec.transformer.num_layers} layers, {B} requests of <= {examples.max_candidates} "
           f"candidates, history {examples.history_len}), torch threads "
-          f"{torch.get_num_threads()}, {a.clock} clock; median of {a.steps} steps after "
-          f"{a.warmup} warm-up. packed: the default (candidate columns trimmed to the batch's "
-          "fullest slate, history reducer and transformer on valid tokens only); padded: the "
-          "reference path\n")  # fmt: skip
+          f"{torch.get_num_threads()}, {a.clock} clock, device {_device}; median of {a.steps} "
+          f"steps after {a.warmup} warm-up. packed: the default (candidate columns trimmed to "
+          "the batch's fullest slate, history reducer and transformer on valid tokens only); "
+          "padded: the reference path\n")  # fmt: skip
     print("| phase | packed ms | share | padded ms | share |")
     print("|---|---:|---:|---:|---:|")
     for ph in (*PHASES, "step"):

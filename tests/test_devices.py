@@ -103,9 +103,14 @@ def test_ranker_step_on_device_matches_the_float64_reference(device, layout, sid
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("causal", "cap"), [(False, 30.0), (True, 30.0), (False, None)])
-def test_fast_attention_on_device_matches_the_full_mask(device, causal, cap):
+@pytest.mark.parametrize("chunks", ["one", "many"])
+def test_fast_attention_on_device_matches_the_full_mask(device, causal, cap, chunks, monkeypatch):
     """``isolated_attention`` (hand-written backward) and the packed varlen kernel against the
-    masked reference on the same device: outputs and q, k, v gradients."""
+    masked reference on the same device: outputs and q, k, v gradients, with the candidate
+    kernel in one chunk (a GPU's default) and in many (a CPU's on long inputs)."""
+    budget = 1 << 30 if chunks == "one" else 64
+    monkeypatch.setattr("hashrec.nn.attention._CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr("hashrec.nn.attention._GPU_CHUNK_ELEMENTS", budget)
     torch.manual_seed(0)
     B, Hq, Hkv, S, C, hd = 3, 4, 2, 12, 7, 8
     T = 1 + S + C
