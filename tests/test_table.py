@@ -96,25 +96,6 @@ def test_segment_sum_on_int32_keys_equals_int64_and_a_plain_index_add(scale):
     torch.testing.assert_close(wide[1], narrow[1])
 
 
-@pytest.mark.parametrize("scale", [False, True])
-@pytest.mark.parametrize("n", [400, 0])
-def test_segment_sum_paths_agree(scale, n):
-    """The GPU path (a sparse tensor's coalesce) and the CPU path (sort + embedding_bag), both
-    run here on CPU tensors: the same rows (padding row 0 included) and sums, ``tail`` zeros."""
-    from hashrec.nn.table import _coalesced_sum, _sorted_bag_sum
-
-    torch.manual_seed(0)
-    idx = torch.randint(0, 50, (n,))
-    grad = torch.randn(n, 6)
-    w = torch.rand(n) if scale else None
-    for num_rows in (50, None):
-        rows_a, acc_a = _coalesced_sum(idx, grad, w, 3, num_rows)
-        rows_b, acc_b = _sorted_bag_sum(idx, grad, w, 3, num_rows)
-        assert torch.equal(rows_a, rows_b) and acc_a.shape == acc_b.shape
-        torch.testing.assert_close(acc_a, acc_b)
-        assert not acc_a[len(rows_a) :].any()
-
-
 def _reference_rowwise_adagrad(w, acc, grad_dense, lr, eps):
     touched = grad_dense.ne(0).any(1)
     touched[0] = False

@@ -69,23 +69,6 @@ def segment_sum(
     for bf16 tables. ``num_rows`` (the table's) below 2^31: the sort runs on int32 keys, about
     twice as fast on CPU as int64 ones (cast included).
     """
-    if idx.device.type != "cpu":
-        uniq, acc = _coalesced_sum(idx, grad, scale, tail, num_rows)
-    else:
-        uniq, acc = _sorted_bag_sum(idx, grad, scale, tail, num_rows)
-    if uniq.numel() and int(uniq[0]) == 0:  # padding row never receives a gradient
-        uniq, acc = uniq[1:], acc[1:]
-    return uniq, acc
-
-
-def _sorted_bag_sum(
-    idx: torch.Tensor,
-    grad: torch.Tensor,
-    scale: torch.Tensor | None,
-    tail: int,
-    num_rows: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``segment_sum`` on the CPU (padding row kept): sort, then ``embedding_bag`` per run."""
     narrow = num_rows is not None and num_rows <= torch.iinfo(torch.int32).max
     sorted_idx, order = torch.sort(idx.int() if narrow else idx)
     uniq, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
@@ -96,27 +79,8 @@ def _sorted_bag_sum(
     g32 = grad.contiguous().float()  # no-op for fp32
     w = None if scale is None else scale.float().index_select(0, order)
     acc = F.embedding_bag(order, g32, starts, mode="sum", per_sample_weights=w)  # [U+tail, D]
-    return uniq, acc
-
-
-def _coalesced_sum(
-    idx: torch.Tensor,
-    grad: torch.Tensor,
-    scale: torch.Tensor | None,
-    tail: int,
-    num_rows: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``segment_sum`` on a GPU (padding row kept): a sparse tensor's ``coalesce`` (one sort
-    and a segmented reduction in torch's kernels; ``embedding_bag`` with many bags took 1.7 ms
-    a call for the demo's backward on an H200, more than all its other kernels together)."""
-    g32 = grad.float()
-    if scale is not None:
-        g32 = g32 * scale.float()[:, None]
-    rows = num_rows if num_rows is not None else int(idx.max()) + 1 if idx.numel() else 1
-    c = torch.sparse_coo_tensor(idx[None], g32, (rows, g32.shape[1])).coalesce()
-    uniq, acc = c.indices()[0], c.values()
-    if tail:
-        acc = torch.cat([acc, acc.new_zeros(tail, acc.shape[1])])
+    if uniq.numel() and int(uniq[0]) == 0:  # padding row never receives a gradient
+        uniq, acc = uniq[1:], acc[1:]
     return uniq, acc
 
 
