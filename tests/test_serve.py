@@ -486,6 +486,11 @@ def test_serve_cli_errors(checkpoint, tmp_path, capsys):
     assert "--retriever" in err and "holds a PhoenixRanker, expected a TwoTowerRetriever" in err
     err = cli_error(["serve", "--ranker", str(checkpoint), "--data", str(tmp_path)], capsys, 2)
     assert "--data gives /recommend's corpus (it needs --retriever)" in err
+    err = cli_error(["serve", "--ranker", str(checkpoint), "--device", "tpu"], capsys, 1)
+    assert "device must be cpu or cuda[:N], got 'tpu'" in err
+    if not torch.cuda.is_available():
+        err = cli_error(["serve", "--ranker", str(checkpoint), "--device", "cuda"], capsys, 1)
+        assert "CUDA is not available" in err
 
 
 def test_batcher_bounds_batches_and_isolates_failures():

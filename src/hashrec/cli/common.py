@@ -182,8 +182,11 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-end", type=date, default=None, help="last evaluation day")
 
 
-def add_device_option(p: argparse.ArgumentParser) -> None:
+def add_device_option(p: argparse.ArgumentParser, threads: bool = True) -> None:
+    """``--device`` and (unless ``threads`` is False: the command has its own) ``--threads``."""
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] when available")
+    if not threads:
+        return
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: one per core). Two runs sharing a "
                    "machine should split the cores (e.g. --threads 1 each on 2 cores): "

@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
     r.add_argument("--max-exclude", type=int, default=10_000,
                    help="exclude_post_ids per request")  # fmt: skip
+    common.add_device_option(p, threads=False)  # (--threads is in the batching group)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--weights", help="scoring weights per action, JSON (file or string), on top "
@@ -91,8 +92,11 @@ def build(args: argparse.Namespace):
     if args.retrieve_k < 1:
         raise UsageError(f"--retrieve-k must be >= 1, got {args.retrieve_k}")
     weights = common.weights_option(args.weights)
+    from hashrec.training.loop import resolve_device
+
+    device = resolve_device(args.device)  # before any loading: a bad --device costs nothing
     # safetensors only: never unpickles
-    model, info = common.load_rankers(args.ranker, option="--ranker")
+    model, info = common.load_rankers(args.ranker, device, "--ranker")
     named = f"--ranker {' '.join(args.ranker)}"
     side = model.config.side.any
     if args.retriever is None and not side:
@@ -114,7 +118,7 @@ def build(args: argparse.Namespace):
     retriever = log = None
     if args.retriever is not None:
         retriever, rinfo = common.load_checkpoint_of(args.retriever, "TwoTowerRetriever",
-                                                     option="--retriever")  # fmt: skip
+                                                     device, "--retriever")  # fmt: skip
         # the corpus window and popularity prior the retriever was trained with
         log, corpus, corpus_cfg = common.load_corpus(args, retriever.config.actions, rinfo)
     elif side:
