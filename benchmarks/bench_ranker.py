@@ -60,7 +60,7 @@ def q_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionL
 def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
     def sync() -> None:
         if device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     fn()
     sync()
@@ -144,7 +144,7 @@ def bench_kernels(args: argparse.Namespace) -> None:
             if name == FLEX and dev.startswith("cuda"):  # the backward's compile, apart too
                 t0 = time.perf_counter()
                 fwd_bwd()
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(dev)
                 bwd_compile_s[C] = time.perf_counter() - t0
         res = interleaved(fns, args.repeats, dev)
         fast = res[FAST]

@@ -17,17 +17,25 @@
 # Each step has its own time limit and the script goes on when one fails; a summary ends it.
 # DEVICE=cpu REPEATS=2 CANDIDATES=64,256 bash benchmarks/device_check.sh: a dry run here.
 # ONLY="tests ranker" runs those steps alone (names: tests train ranker ranker64 inference
-# table profile).
+# table profile); INFERENCE_ARGS="--candidates 20" adds options to bench_inference.py.
+# Exit status: 0 when every step that ran exited 0, else 1.
 set -u
-ONLY=${ONLY:-tests train ranker ranker64 inference table profile}
+STEPS="tests train ranker ranker64 inference table profile"
+ONLY=${ONLY:-$STEPS}
 DEVICE=${DEVICE:-cuda}
 REPEATS=${REPEATS:-10}
 CANDIDATES=${CANDIDATES:-256,1024,4096}
+INFERENCE_ARGS=${INFERENCE_ARGS:-}
 OUT=${OUT:-/tmp/device_check}
+for s in $ONLY; do
+    [[ " $STEPS " == *" $s "* ]] || { echo "ONLY: unknown step '$s' (steps: $STEPS)" >&2; exit 2; }
+done
+[[ $REPEATS =~ ^[1-9][0-9]*$ ]] || { echo "REPEATS must be a positive integer, got '$REPEATS'" >&2; exit 2; }
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SUMMARY=()
+FAILED=0
 
 wanted() { [[ " $ONLY " == *" $1 "* ]]; }
 
@@ -39,10 +47,11 @@ step() {  # step NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
     [[ $name == *_* ]] || : >"$log"
     echo "== $name: $*" | tee -a "$log"
     start=$(date +%s)
-    timeout "$limit" "$@" >>"$log" 2>&1
+    timeout -k 10 "$limit" "$@" >>"$log" 2>&1
     rc=$?
+    [ "$rc" -eq 0 ] || FAILED=1
     SUMMARY+=("$name: exit $rc in $(($(date +%s) - start)) s")
-    tail -n "${TAIL:-25}" "$log"
+    tail -n "${TAIL:-25}" "$log" | grep -v '^== '
 }
 
 if [ "$DEVICE" != cpu ]; then
@@ -52,8 +61,7 @@ fi
 
 step tests 90 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_devices.py
 
-RUN=/tmp/device_check_run
-rm -rf "$RUN"
+RUN=$(mktemp -d "${TMPDIR:-/tmp}/device_check_run.XXXXXX")  # outside $OUT: logs alone come back
 step train 120 "$PY" -m hashrec train --device "$DEVICE" --seeds 1 --out "$RUN"
 step train_evaluate 60 "$PY" -m hashrec evaluate --checkpoint "$RUN/checkpoint.safetensors" \
     --device cpu --out "$RUN/cpu_eval.json"
@@ -80,11 +88,13 @@ TAIL=40 step ranker 150 "$PY" benchmarks/bench_ranker.py --device "$DEVICE" \
 TAIL=14 step ranker64 90 "$PY" benchmarks/bench_ranker.py --device "$DEVICE" --batch 64 \
     --candidates "$CANDIDATES" --repeats "$REPEATS" --no-flex --max-full-c 1024
 TAIL=12 step inference 45 "$PY" benchmarks/bench_inference.py --device "$DEVICE" --ensemble 3 \
-    --requests $((REPEATS * 20))
+    --requests $((REPEATS * 20)) $INFERENCE_ARGS
 TAIL=30 step table 60 "$PY" benchmarks/bench_table.py --device "$DEVICE" \
     --repeats "$REPEATS"
 TAIL=60 step profile 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" \
     --data src/hashrec/datasets/kuairand_sample --steps 30 --warmup 5 --ops 25
+rm -rf "$RUN"
 
 echo
-printf '%s\n' "${SUMMARY[@]}"
+printf '%s\n' ${SUMMARY[@]+"${SUMMARY[@]}"}
+exit "$FAILED"

@@ -167,8 +167,7 @@ def main() -> None:
         if a.ops and mode == "packed":
             sort = "self_cuda_time_total" if _device.type == "cuda" else "self_cpu_time_total"
             print(f"\nTop {a.ops} operators of {a.warmup + a.steps} packed steps (by {sort}):")
-            table = prof.key_averages().table(sort_by=sort, row_limit=a.ops)
-            print(table)
+            print(prof.key_averages().table(sort_by=sort, row_limit=a.ops))
     print(f"\nOne training step of the demo config ({spec.name}, D={spec.transformer.dim}, "
           f"{spec.transformer.num_layers} layers, {B} requests of <= {examples.max_candidates} "
           f"candidates, history {examples.history_len}), torch threads "

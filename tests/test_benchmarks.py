@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses (~20 s together); CI runs them
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "src" / "hashrec" / "datasets" / "kuairand_sample"
 
@@ -74,12 +76,19 @@ def test_benchmarks_refuse_an_unknown_device(script):
 
 
 def test_device_check_script_runs_its_steps_on_the_cpu(tmp_path):
-    """``benchmarks/device_check.sh`` in its dry-run form: one step, its log, the summary."""
-    r = _run("bash", "benchmarks/device_check.sh", env={
-        "DEVICE": "cpu", "REPEATS": "1", "ONLY": "inference", "OUT": str(tmp_path),
-        "PYTHON": sys.executable})  # fmt: skip
+    """``benchmarks/device_check.sh`` in its dry-run form: one step, its log, the summary; a
+    failing step makes the script fail; unknown steps are refused."""
+    env = {"DEVICE": "cpu", "REPEATS": "1", "ONLY": "inference", "OUT": str(tmp_path / "a"),
+           "PYTHON": sys.executable,
+           "INFERENCE_ARGS": "--candidates 20 --history 8 --dim 16 --layers 1"}  # fmt: skip
+    r = _run("bash", "benchmarks/device_check.sh", env=env)
     assert r.returncode == 0, r.stderr
     assert re.search(r"^inference: exit 0 in \d+ s$", r.stdout, re.M), r.stdout[-2000:]
-    log = (tmp_path / "inference.log").read_text()
+    log = (tmp_path / "a" / "inference.log").read_text()
     assert "| fp32 weights |" in log and "| fp32, ensemble of 3 |" in log
-    assert not (tmp_path / "tests.log").exists()  # steps not asked for do not run
+    assert not (tmp_path / "a" / "tests.log").exists()  # steps not asked for do not run
+    r = _run("bash", "benchmarks/device_check.sh",
+             env={**env, "OUT": str(tmp_path / "b"), "PYTHON": "false"})  # fmt: skip
+    assert r.returncode == 1 and re.search(r"^inference: exit 1 in", r.stdout, re.M)
+    r = _run("bash", "benchmarks/device_check.sh", env={**env, "ONLY": "test"})
+    assert r.returncode == 2 and "ONLY: unknown step 'test'" in r.stderr

@@ -116,6 +116,7 @@ def test_fast_attention_on_device_matches_the_full_mask(device, causal, cap, chu
     T = 1 + S + C
     valid = torch.rand(B, T) > 0.2
     valid[:, 0] = True
+    valid[1, : 1 + S] = False  # a request without context: its candidates see themselves only
     valid, w = valid.to(device), torch.randn(B, Hq, T, hd, device=device)
     qkv = [torch.randn(B, h, T, hd, device=device, requires_grad=True) for h in (Hq, Hkv, Hkv)]
     layout = AttentionLayout(valid, C, causal, cap)
@@ -133,6 +134,17 @@ def test_fast_attention_on_device_matches_the_full_mask(device, causal, cap, chu
     out = varlen_isolated_attention(*packed, plan, causal, cap)
     want = ref.transpose(1, 2).reshape(B * T, Hq, hd).index_select(0, index)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_candidate_kernel_chunks_for_the_cpu_cache_and_runs_whole_on_a_gpu():
+    """The chunk policy itself (no GPU needed: only the device's type is read)."""
+    from hashrec.nn.attention import _CHUNK_ELEMENTS, _GPU_CHUNK_ELEMENTS, _chunk_step
+
+    per_slice = 2 * 1024 * 129  # G * C query rows x Tc context keys, C = 1,024
+    assert _chunk_step(torch.device("cpu"), 16, per_slice) == _CHUNK_ELEMENTS // per_slice == 1
+    assert _chunk_step(torch.device("cpu"), 16, 1000) == 16  # never more slices than there are
+    assert _chunk_step(torch.device("cuda"), 16, per_slice) == 16  # one chunk
+    assert _chunk_step(torch.device("cuda"), 16, _GPU_CHUNK_ELEMENTS // 4) == 4  # memory bound
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -234,9 +234,10 @@ class _CandidateAttention(torch.autograd.Function):
     fused softmax as ``max(l) - log(max(softmax(l)))``: the own key gets ``p_self =
     sigmoid(l_self - lse_ctx)`` and the context ``(1 - p_self) * softmax(l)``, with nothing
     concatenated. Forward walks over chunks of (batch, kv-head) slices whose [n, M, Tc] logits stay
-    in cache and keeps the softmax and the sigmoid derivative s(1 - s) for backward (on CPU,
-    exp/sigmoid cost more than reading them back). The composed-autograd reference is
-    ``full_mask_attention``; tests hold the two together on outputs and gradients.
+    in cache (on the CPU; one chunk on a GPU, see ``_chunk_step``) and keeps the softmax and the
+    sigmoid derivative s(1 - s) for backward (on CPU, exp/sigmoid cost more than reading them
+    back). The composed-autograd reference is ``full_mask_attention``; tests hold the two
+    together on outputs and gradients.
     """
 
     @staticmethod
