@@ -434,15 +434,16 @@ def load_checkpoint_of(path: str, expected: str, device: Any = "cpu", option: st
 _ENSEMBLE_SHARED = ("split", "examples", "data", "side_features", "rate_features", "side_stats")
 
 
-def repeated_path(paths: list[str]) -> str | None:
-    """The first of ``paths`` that names the same file as an earlier one (None if none does)."""
+def refuse_repeated_paths(paths: list[str], option: str) -> None:
+    """A UsageError naming the first of ``paths`` that names the same file as an earlier one
+    (an ensemble would count that checkpoint twice)."""
     seen: set[str] = set()
     for p in paths:
         real = os.path.realpath(p)
         if real in seen:
-            return p
+            raise UsageError(f"{option} {p} is given more than once (an ensemble would count "
+                             "it twice)")  # fmt: skip
         seen.add(real)
-    return None
 
 
 def _differing(a: Any, b: Any) -> str:
@@ -466,10 +467,7 @@ def load_rankers(paths: str | list[str], device: Any = "cpu", option: str = "") 
     from hashrec.models.ensemble import RankerEnsemble
 
     paths = [paths] if isinstance(paths, str) else list(paths)
-    twice = repeated_path(paths)
-    if twice is not None:
-        raise UsageError(f"{option} {twice} is given more than once (an ensemble would count it "
-                         "twice)")  # fmt: skip
+    refuse_repeated_paths(paths, option)
     loaded = [load_checkpoint_of(p, "PhoenixRanker", device, option) for p in paths]
     if len(loaded) == 1:
         return loaded[0]

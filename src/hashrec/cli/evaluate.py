@@ -49,10 +49,7 @@ def run(args: argparse.Namespace) -> int:
     out = common.out_file(args.out)
     device = resolve_device(args.device)
     paths = list(args.checkpoint)
-    twice = common.repeated_path(paths)
-    if twice is not None:
-        raise common.UsageError(f"--checkpoint {twice} is given more than once (an ensemble "
-                                "would count it twice)")  # fmt: skip
+    common.refuse_repeated_paths(paths, "--checkpoint")
     # (path, model, info) of each checkpoint
     loaded = [(p, *common.load_checkpoint_of(p, "PhoenixRanker", device, "--checkpoint"))
               for p in paths]  # fmt: skip
