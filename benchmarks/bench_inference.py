@@ -22,6 +22,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: see README "
 
 import numpy as np
 import torch
+from options import add_device_option
 
 from hashrec import (
     HashConfig,
@@ -56,7 +57,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    add_device_option(p)
     p.add_argument("--ensemble", type=int, default=0, metavar="N",
                    help="also time a RankerEnsemble of N fp32 rankers (0: none)")  # fmt: skip
     p.add_argument("--retain-memory", action="store_true",
@@ -64,12 +65,7 @@ def main() -> None:
                    "(hashrec.memory.retain_freed_memory); run with and without to "
                    "compare")  # fmt: skip
     args = p.parse_args()
-    from hashrec.training.loop import resolve_device
-
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    device = args.device
     if args.ensemble < 0:
         p.error(f"--ensemble must be >= 0, got {args.ensemble}")
     if args.retain_memory:

@@ -22,6 +22,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: see README "
 import numpy as np
 import torch
 import torch.nn.functional as F
+from options import add_device_option
 from torch import nn
 
 from hashrec.data.tables import frequency_map
@@ -447,10 +448,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layouts-only", action="store_true", help="only the table-scheme rows")
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="cpu (default) or cuda[:N]: hashing, lookup and training step there "
+    add_device_option(
+        p,
+        "cpu (default) or cuda[:N]: hashing, lookup and training step there "
         "(the table-scheme rows stay on the CPU and are skipped)",
     )
     p.add_argument(
@@ -473,12 +473,7 @@ def main() -> None:
     args = p.parse_args()
     global CLOCK, DEVICE
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    from hashrec.training.loop import resolve_device
-
-    try:
-        DEVICE = resolve_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    DEVICE = args.device
     if DEVICE.type != "cpu" and args.layouts_only:
         p.error("--layouts-only runs on the CPU: leave out --device")
     torch.set_num_threads(args.threads)

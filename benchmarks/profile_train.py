@@ -30,13 +30,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from demo_inputs import demo_inputs
+from options import add_device_option
 
 from hashrec.data.collate import batches
 from hashrec.evaluation.experiment import ranker_config
 from hashrec.models.losses import loss_terms
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.nn.optim import RowWiseAdagrad
-from hashrec.training.loop import dense_optimizer, resolve_device
+from hashrec.training.loop import dense_optimizer
 
 PHASES = ("data", "lookup", "reducers + side", "transformer + head", "loss", "backward",
           "dense optimizer (AdamW)", "table optimizer (RowWiseAdagrad)")  # fmt: skip
@@ -91,17 +92,14 @@ def main() -> None:
         action="store_true",
         help="the padded reference path (PhoenixRanker.pack_tokens = False)",
     )
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    add_device_option(p)
     p.add_argument("--ops", type=int, default=0, metavar="N",
                    help="also print the N costliest operators of the packed steps "
                    "(torch.profiler)")  # fmt: skip
     a = p.parse_args()
     global _clock, _device
     _clock = time.process_time if a.clock == "cpu" else time.perf_counter
-    try:
-        _device = resolve_device(a.device)
-    except ValueError as e:
-        p.error(str(e))
+    _device = a.device
     if a.threads:
         torch.set_num_threads(a.threads)
     extra = [] if a.history_len is None else ["--history-len", str(a.history_len)]
