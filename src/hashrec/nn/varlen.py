@@ -208,9 +208,7 @@ def varlen_isolated_attention(
             # index_select: its backward is index_add_, where t[index]'s (index_put with
             # accumulate) sorts the indices first (every padding slot points at token 0)
             rows = t.index_select(0, index.reshape(-1))
-        elif g.first == 0 and index.numel() == t.shape[0]:
-            rows = t  # the whole batch, in order
-        else:
+        else:  # a view (the whole batch when the group is every token, in order)
             rows = t.narrow(0, g.first, index.numel())
         return rows.view(*index.shape, *t.shape[1:]).transpose(1, 2)
 
