@@ -99,8 +99,8 @@ class _WeightedGather(torch.autograd.Function):
         ks = torch.arange(K, device=comp.device)
         pos = (wrow * D + first).unsqueeze(-1) + ks  # [n, K] flat positions of the weights
         scale = weight.reshape(-1).index_select(0, pos.view(-1)).add_(1.0)  # [n*K]
-        out = F.embedding_bag(
-            comp.view(-1, 1), weight, mode="sum", per_sample_weights=scale[:, None]
+        out = F.embedding_bag(  # detached: the forward-only kernel (see _GatherRows)
+            comp.view(-1, 1), weight.detach(), mode="sum", per_sample_weights=scale[:, None]
         )  # [n*K, D]
         ctx.save_for_backward(weight, comp, wrow, first, scale, out)
         ctx.sparse = sparse
