@@ -57,6 +57,9 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--attention", choices=("auto", "isolated", "full"), default="auto",
+                   help="the attention kernel (TransformerConfig.attention; auto: the model's "
+                   "choice for the device and shape)")  # fmt: skip
     add_device_option(p)
     p.add_argument("--ensemble", type=int, default=0, metavar="N",
                    help="also time a RankerEnsemble of N fp32 rankers (0: none)")  # fmt: skip
@@ -77,7 +80,11 @@ def main() -> None:
     cfg = RankerConfig(
         hash=HashConfig.phoenix(),
         transformer=TransformerConfig(
-            dim=args.dim, num_layers=args.layers, num_q_heads=4, num_kv_heads=2
+            dim=args.dim,
+            num_layers=args.layers,
+            num_q_heads=4,
+            num_kv_heads=2,
+            attention=args.attention,
         ),
     )
     fp32 = PhoenixRanker(cfg).eval().to(device)
@@ -101,7 +108,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         ref = fp32(batch).probs
         err = float((bf16(batch).probs.float() - ref).abs().max())
-    shape = f"S={args.history}, C={args.candidates}, D={args.dim}, {args.layers} layers"
+    shape = (f"S={args.history}, C={args.candidates}, D={args.dim}, {args.layers} layers, "
+             f"attention {args.attention}")  # fmt: skip
     kept = ", freed memory retained" if args.retain_memory else ""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}{kept}, device {where}; "

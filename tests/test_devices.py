@@ -61,15 +61,20 @@ def side_log(tmp_path_factory):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["multihash", "hybrid", "qr", "weighted"])
-def test_ranker_step_on_device_matches_the_float64_reference(device, layout, side_log):
+@pytest.mark.parametrize(
+    ("layout", "attention"),
+    [("multihash", "auto"), ("hybrid", "auto"), ("qr", "auto"), ("weighted", "auto"),
+     ("hybrid", "isolated")],  # auto: the full mask on a GPU at this size
+)  # fmt: skip
+def test_ranker_step_on_device_matches_the_float64_reference(device, layout, attention, side_log):
     """Forward, loss, backward and one step of both optimizers: probabilities, every
     parameter's gradient and every weight after the step, within float32 rounding."""
     from hashrec.evaluation.experiment import ModelSpec, ranker_config
 
     hash_cfg = table_config(side_log, np.ones(len(side_log.user), dtype=bool), layout, 0.5, 2)
     spec = ModelSpec("m", hash_cfg,
-                     TransformerConfig(dim=16, num_layers=2, num_q_heads=4, num_kv_heads=2))  # fmt: skip
+                     TransformerConfig(dim=16, num_layers=2, num_q_heads=4, num_kv_heads=2,
+                                       attention=attention))  # fmt: skip
     torch.manual_seed(0)
     base = PhoenixRanker(ranker_config(side_log, spec))
     req = build_requests(side_log, side_log.days(20220428, None), ExampleConfig(6, 4))

@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from hashrec.nn import transformer as tf_module
 from hashrec.nn.attention import (
     AttentionLayout,
     candidate_isolation_mask,
@@ -11,7 +12,7 @@ from hashrec.nn.attention import (
     isolated_attention,
     masked_attention,
 )
-from hashrec.nn.transformer import Transformer, TransformerConfig
+from hashrec.nn.transformer import Transformer, TransformerConfig, choose_kernel
 from hashrec.nn.varlen import plan_varlen, varlen_isolated_attention
 
 
@@ -277,6 +278,39 @@ def test_a_batch_of_padding_only_gives_zeros(attention, C):
     assert out.shape == (2, 6, 16) and not out.any()
     out.sum().backward()
     assert not x.grad.any()
+
+
+def test_auto_kernel_is_isolated_on_a_cpu_and_the_full_mask_for_small_gpu_batches():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    limit = tf_module.GPU_FULL_MASK_LOGITS
+    assert choose_kernel("auto", cpu, 1, 1, 2) is isolated_attention
+    assert choose_kernel("auto", gpu, 128, 4, 49) is full_mask_attention
+    assert choose_kernel("auto", gpu, limit // 4, 4, 1) is full_mask_attention  # at the limit
+    assert choose_kernel("auto", gpu, limit // 4 + 1, 4, 1) is isolated_attention
+    assert choose_kernel("auto", gpu, 64, 4, 1153) is isolated_attention  # C = 1,024, S = 128
+    for dev in (cpu, gpu):
+        assert choose_kernel("isolated", dev, 1, 1, 2) is isolated_attention
+        assert choose_kernel("full", dev, 10**6, 8, 10**4) is full_mask_attention
+
+
+def test_the_transformer_runs_the_kernel_choose_kernel_picks(monkeypatch):
+    """forward asks choose_kernel (config, the input's device, B, H, T) when no kernel is
+    given, and runs what it returns: here the full mask, as on a GPU."""
+    torch.manual_seed(4)
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return full_mask_attention
+
+    tf = Transformer(TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1))
+    x, valid = torch.randn(3, 9, 16), torch.ones(3, 9, dtype=torch.bool)
+    valid[0, 2:6] = False
+    want = tf(x, valid, 4, kernel=full_mask_attention)
+    monkeypatch.setattr(tf_module, "choose_kernel", spy)
+    got = tf(x, valid, 4)
+    assert calls == [("auto", torch.device("cpu"), 3, 2, 9)]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_context_never_depends_on_candidates():

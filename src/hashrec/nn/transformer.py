@@ -11,8 +11,10 @@ So the context never depends on the candidates, and a candidate's output depends
 context and itself. The attention kernel is pluggable:
 
 * ``full_mask_attention``: every token against every token through the mask, O((S+C)^2);
-* ``isolated_attention`` (default): context against context, then each candidate against the
-  context plus its own key, O(S^2 + C*S). Tests assert both agree (outputs and gradients).
+* ``isolated_attention``: context against context, then each candidate against the context
+  plus its own key, O(S^2 + C*S). Tests assert both agree (outputs and gradients).
+
+``TransformerConfig.attention = "auto"`` (the default) picks per call: ``choose_kernel``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class TransformerConfig:
     rope_base: float = 10_000.0
     causal: bool = False  # user + history attention; candidates are isolated either way
     norm_eps: float = 1e-5
-    attention: Literal["isolated", "full"] = "isolated"
+    attention: Literal["auto", "isolated", "full"] = "auto"  # the kernel: ``choose_kernel``
     # Phoenix-exact options (``RankerConfig.phoenix_mini``); the defaults are hashrec's own.
     attn_scale: float | None = None  # q.k multiplier; None = 1/sqrt(head_dim) (Phoenix: 0.125)
     candidate_positions: Literal["shared", "slots"] = "shared"  # Phoenix: "slots"
@@ -86,8 +88,10 @@ class TransformerConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
-        if self.attention not in ("isolated", "full"):
-            raise ValueError(f"attention must be 'isolated' or 'full', got {self.attention!r}")
+        if self.attention not in ("auto", "isolated", "full"):
+            raise ValueError(
+                f"attention must be 'auto', 'isolated' or 'full', got {self.attention!r}"
+            )
         if self.attn_logit_cap is not None and self.attn_logit_cap <= 0:
             raise ValueError(f"attn_logit_cap must be > 0 or None, got {self.attn_logit_cap}")
         if self.attn_scale is not None and self.attn_scale <= 0:
@@ -237,6 +241,33 @@ def _padded(t: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tenso
 
 KERNELS: dict[str, AttentionKernel] = {"isolated": isolated_attention, "full": full_mask_attention}
 
+# On a GPU the isolated kernel's extra, smaller launches cost more than the full mask's O(T^2)
+# work until the logits are large (H200: whole training steps of the demo config 1.11-1.30x
+# faster with the full mask at S = 32 / 128, B = 128 / 512; one request of S = 128, C = 1,000
+# p50 3.1 against 3.8 ms; forward at B = 8, C = 1,024, S = 128 (43M logits) 1.7x; at B = 64
+# (340M) the isolated kernel 1.8x faster). On a CPU the isolated kernel: README, "Performance".
+GPU_FULL_MASK_LOGITS = 1 << 27  # B * H * T^2: 512 MiB of fp32 logits per layer
+
+
+def choose_kernel(
+    attention: str, device: torch.device, batch: int, heads: int, tokens: int
+) -> AttentionKernel:
+    """The kernel for ``TransformerConfig.attention``: "isolated" and "full" name theirs;
+    "auto" is the isolated kernel on a CPU and, on other devices, the full mask while
+    ``batch * heads * tokens**2 <= GPU_FULL_MASK_LOGITS``. Both give the same outputs.
+
+    >>> choose_kernel("auto", torch.device("cpu"), 128, 4, 49) is isolated_attention
+    True
+    >>> choose_kernel("auto", torch.device("cuda"), 128, 4, 49) is full_mask_attention
+    True
+    """
+    if attention != "auto":
+        return KERNELS[attention]
+    logits = batch * heads * tokens * tokens
+    if device.type != "cpu" and logits <= GPU_FULL_MASK_LOGITS:
+        return full_mask_attention
+    return isolated_attention
+
 
 class Transformer(nn.Module):
     """Stack of ``DecoderLayer`` with a final RMSNorm; candidates share one rotary position.
@@ -290,7 +321,8 @@ class Transformer(nn.Module):
             raise ValueError(f"valid has shape {list(valid.shape)}, expected {[B, T]}")
         if D != self.config.dim:
             raise ValueError(f"x has width {D}, config expects {self.config.dim}")
-        kernel = kernel or KERNELS[self.config.attention]
+        if kernel is None:
+            kernel = choose_kernel(self.config.attention, x.device, B, self.config.num_q_heads, T)
         layout = AttentionLayout(
             valid,
             num_candidates,
