@@ -646,6 +646,8 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
             train = replace(train, dist_timeout_s=args.dist_timeout)
         if getattr(args, "table_sharding", None) is not None:
             train = replace(train, table_sharding=args.table_sharding)
+        if getattr(args, "compile", False):
+            train = replace(train, compile=True)
         weights = args.entity_weights or None
         scheme = args.table_scheme
         train_mask = split.masks(log)[0] if split is not None else np.ones(len(log.user), bool)

@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--full-table", action="store_true",
                    help="also train the collision-free (one row per ID) model")  # fmt: skip
     common.add_model_options(p)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the transformer (torch.compile) and run it on padded tokens, "
+                   "fixed shapes: for long runs on a GPU (H200, demo config: 1.3-1.5x the "
+                   "steps per second once compiled, after ~30 s of compiling per run, so the "
+                   "shipped sample's short run is slower with it); refused on a CPU, where "
+                   "the default packed path is faster")  # fmt: skip
     common.add_distributed_options(p)
     p.set_defaults(func=run)
 
@@ -124,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dist_timeout is not None and args.dist_timeout <= 0:
         raise common.UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     from hashrec.training.distributed import TABLE_SHARDING, teardown
+    from hashrec.training.loop import resolve_device
 
     if args.table_sharding is not None and args.table_sharding not in TABLE_SHARDING:
         raise common.UsageError(
@@ -131,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
             f"got {args.table_sharding!r}"
         )
     torchrun = os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+    if args.compile and (args.nproc > 1 or torchrun):
+        raise common.UsageError("--compile runs in one process only for now: drop --nproc "
+                                "(or torchrun) or --compile")  # fmt: skip
+    if args.compile and resolve_device(args.device).type == "cpu":
+        raise common.UsageError("--compile is for GPUs (--device cuda): on a CPU the default "
+                                "packed path it replaces is faster")  # fmt: skip
     if args.nproc > 1 and torchrun:
         raise common.UsageError("--nproc under torchrun: give one or the other")
     if (args.nproc > 1 or torchrun) and args.refit:

@@ -11,6 +11,7 @@ difference is refused except these, which do not change the steps already taken:
   (seed, epoch)); fewer than the checkpoint has started are refused, and so is any change under
   a decaying ``lr_schedule`` (it is planned over the epochs);
 * ``train.max_steps``, ``train.checkpoint_every``: when to stop and save;
+* ``train.compile``: how the transformer runs (the same function, as on another device);
 * ``train.dist_timeout_s``, ``train.table_sharding``: how processes wait for each other and
   where the table lives; a checkpoint holds the whole table whatever the process count, and the
   position counts global batches, so a run may resume under another process count or layout;
@@ -34,8 +35,8 @@ __all__ = ["ADDED_DEFAULTS", "MAY_CHANGE", "check_resumable", "resume_conflicts"
 
 MAY_CHANGE = frozenset(
     {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.dist_timeout_s",
-     "train.refit", "train.table_sharding", "split.eval_start", "split.eval_end", "model",
-     "targets", "corpus", "refit"}
+     "train.compile", "train.refit", "train.table_sharding", "split.eval_start",
+     "split.eval_end", "model", "targets", "corpus", "refit"}
 )  # fmt: skip
 
 
@@ -46,6 +47,7 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "train.lr_schedule": "constant",
     "train.order": "shuffled",
     "train.ema_decay": 0.0,
+    "train.compile": False,
 }
 
 

@@ -91,6 +91,12 @@ class TrainConfig:
     # it and a finished run ends with it (``hashrec.training.average``; a run stopped by
     # ``max_steps`` is not finished and keeps the weights it reached). 0: off
     ema_decay: float = 0.0
+    # compile the transformer (``torch.compile``, in place: the checkpoint's names do not change)
+    # and run it on padded tokens with every candidate column, so a step's shapes are fixed. For
+    # long GPU runs: H200, demo config, 1.3-1.5x the steps per second once compiled, ~30 s of
+    # compiling per run (the first step, an epoch's smaller last batch, evaluation); on a CPU
+    # slower than the default packed path. One process only for now
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -200,6 +206,8 @@ class Trainer(EpochTrainer):
                 "a validation split (early stopping) runs in one process only for now; under "
                 "torchrun or --nproc pass --val-days 0 (TrainConfig(val_days=0, val_fraction=0))"
             )
+        if self.config.compile:
+            self._compile()
         self.parallel.begin(self.table)  # shard the table, when it is sharded
         validate = None
         if validation is not None:
@@ -210,6 +218,15 @@ class Trainer(EpochTrainer):
         state = self.run_epochs(len(requests), step_loss, validate)
         self.parallel.end(self.table)
         return state
+
+    def _compile(self) -> None:
+        """``TrainConfig.compile``: the padded path (fixed shapes) and a compiled transformer."""
+        if self.ctx.world > 1:
+            raise ValueError("compile (--compile) runs in one process only for now: train "
+                             "without --nproc or torchrun, or without compile")  # fmt: skip
+        self.model.pack_tokens = False
+        if getattr(self.model.transformer, "_compiled_call_impl", None) is None:
+            self.model.transformer.compile()
 
     def validation_score(self, log: InteractionLog, hashes: RowHashes,
                          validation: Requests) -> float:  # fmt: skip
@@ -229,7 +246,9 @@ class Trainer(EpochTrainer):
         w = self.config.pairwise_weight
         request_users = log.user[requests.user_row[indices]] if w > 0 else None  # kept whole
         mine, weight = self.parallel.local_requests(indices, request_users)
-        lb = next(batches(log, hashes, requests, len(mine), mine)).to(self.device)
+        trim = not self.config.compile  # compiled: every candidate column, fixed shapes
+        lb = next(batches(log, hashes, requests, len(mine), mine, trim_candidates=trim))
+        lb = lb.to(self.device)
         out = self.parallel(lb.batch, side=lb.side)
         terms = loss_terms(out, lb.labels, lb.label_mask, lb.continuous, self._action_weights)
         examples = int(out.candidate_mask.sum())
