@@ -68,7 +68,14 @@ def test_profile_train_prints_every_phase_on_the_shipped_sample():
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_inference.py", "bench_table.py", "bench_ranker.py", "profile_train.py"]
+    "script",
+    [
+        "bench_inference.py",
+        "bench_table.py",
+        "bench_ranker.py",
+        "profile_train.py",
+        "bench_train_step.py",
+    ],
 )
 def test_benchmarks_refuse_an_unknown_device(script):
     r = _run(sys.executable, f"benchmarks/{script}", "--device", "tpu")
@@ -92,3 +99,16 @@ def test_device_check_script_runs_its_steps_on_the_cpu(tmp_path):
     assert r.returncode == 1 and re.search(r"^inference: exit 1 in", r.stdout, re.M)
     r = _run("bash", "benchmarks/device_check.sh", env={**env, "ONLY": "test"})
     assert r.returncode == 2 and "ONLY: unknown step 'test'" in r.stderr
+
+
+def test_bench_train_step_times_each_mode_on_the_shipped_sample():
+    r = _run(sys.executable, "benchmarks/bench_train_step.py", "--steps", "2", "--warmup", "1",
+             "--batch", "8", "--history", "8", "--modes", "packed,padded_full")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith("| 8 |")]
+    assert [row[3].strip() for row in rows] == ["packed", "padded_full"]
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[5].replace(",", "")) > 0  # ms/step, examples/s
+    assert rows[0][6].strip() == "1.00x"
+    bad = _run(sys.executable, "benchmarks/bench_train_step.py", "--modes", "packed,fast")
+    assert bad.returncode == 2 and "unknown mode(s) ['fast']" in bad.stderr

@@ -23,7 +23,7 @@ def _fit(tmp_path, compile: bool):
     cfg = RankerConfig(hash=HashConfig.uniform(num_buckets=1000), actions=log.actions,
                        continuous_actions=log.continuous_actions,
                        transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=2,
-                                                     num_kv_heads=1))  # fmt: skip
+                                                     num_kv_heads=1, attention="full"))  # fmt: skip
     requests = build_requests(log, log.days(20220425, 20220425), ExampleConfig(6, 5))
     torch.manual_seed(0)
     model = PhoenixRanker(cfg)
@@ -34,8 +34,13 @@ def _fit(tmp_path, compile: bool):
 
 
 def test_compiled_training_matches_eager_and_saves_the_same_names(tmp_path):
+    """The full mask, the kernel a GPU compiles (no graph break: the whole transformer)."""
+    from torch._dynamo.utils import counters
+
     eager, _, s_eager = _fit(tmp_path, compile=False)
+    counters.clear()
     compiled, trainer, s_comp = _fit(tmp_path, compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured it (not eager fallback)
     assert eager.pack_tokens and not compiled.pack_tokens
     assert compiled.transformer._compiled_call_impl is not None
     assert s_comp.global_step == s_eager.global_step == 4
@@ -73,3 +78,28 @@ def test_the_trainer_refuses_compile_over_processes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="compile .* runs in one process only"):
         trainer._compile()
     assert trainer.model.pack_tokens  # nothing changed
+
+
+def test_resume_and_ensembles_accept_a_run_that_names_the_isolated_kernel():
+    """Runs written before "auto" became the default name "isolated": the kernels agree, so
+    neither resuming nor ensembling refuses them."""
+    import dataclasses as dc
+
+    from hashrec.models.ensemble import same_configuration
+    from hashrec.training.resume import resume_conflicts
+
+    saved = {"model_config": {"transformer": {"attention": "isolated", "dim": 8}}}
+    now = {"model_config": {"transformer": {"attention": "auto", "dim": 8}}}
+    assert resume_conflicts(saved, now) == []
+    wider = {"model_config": {"transformer": {"attention": "auto", "dim": 16}}}
+    assert resume_conflicts(saved, wider) == [
+        "model_config.transformer.dim: 8 in the checkpoint, 16 now"
+    ]
+    a = RankerConfig(hash=HashConfig.uniform(num_buckets=100),
+                     transformer=TransformerConfig(dim=8, num_q_heads=2, num_kv_heads=1,
+                                                   attention="isolated"))  # fmt: skip
+    auto = dc.replace(a, transformer=dc.replace(a.transformer, attention="auto"))
+    assert same_configuration(a, auto)
+    assert not same_configuration(
+        a, dc.replace(auto, transformer=dc.replace(a.transformer, num_layers=3))
+    )

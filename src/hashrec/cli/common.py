@@ -464,7 +464,7 @@ def load_rankers(paths: str | list[str], device: Any = "cpu", option: str = "") 
     """(model, info) of one ranker checkpoint, or of several as one ``RankerEnsemble`` (with the
     first checkpoint's info): their configurations and recorded inputs must agree, and all or
     none must be refit models."""
-    from hashrec.models.ensemble import RankerEnsemble
+    from hashrec.models.ensemble import RankerEnsemble, same_configuration
 
     paths = [paths] if isinstance(paths, str) else list(paths)
     refuse_repeated_paths(paths, option)
@@ -474,7 +474,7 @@ def load_rankers(paths: str | list[str], device: Any = "cpu", option: str = "") 
     first_model, first_info = loaded[0]
     first = first_info.extra
     for p, (model, info) in zip(paths[1:], loaded[1:], strict=True):
-        if model.config != first_model.config:
+        if not same_configuration(model.config, first_model.config):
             raise ValueError(f"{option} {p}: its model configuration differs from {paths[0]}'s "
                              f"({_differing(model.config.to_dict(), first_model.config.to_dict())}"
                              "); an ensemble takes rankers of one configuration (the seeds of one "

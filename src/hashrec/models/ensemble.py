@@ -12,6 +12,7 @@ evaluation rows of a run are this average, computed on the predictions
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -21,7 +22,25 @@ from hashrec.nn.batch import RecsysBatch
 from hashrec.nn.side import SideBatch
 from hashrec.nn.transformer import AttentionKernel
 
-__all__ = ["RankerEnsemble"]
+__all__ = ["RankerEnsemble", "same_configuration"]
+
+
+def same_configuration(a: RankerConfig, b: RankerConfig) -> bool:
+    """Whether two rankers share one configuration, up to the attention kernel they run (a
+    speed choice: the kernels agree; seeds trained before ``"auto"`` name ``"isolated"``).
+
+    >>> from hashrec.hashing.config import HashConfig
+    >>> from hashrec.nn.transformer import TransformerConfig
+    >>> a = RankerConfig(hash=HashConfig.uniform(100), transformer=TransformerConfig(dim=8,
+    ...                  num_q_heads=2, num_kv_heads=1, attention="isolated"))
+    >>> same_configuration(a, replace(a, transformer=replace(a.transformer, attention="auto")))
+    True
+    """
+
+    def kernel_free(c: RankerConfig) -> RankerConfig:
+        return replace(c, transformer=replace(c.transformer, attention="auto"))
+
+    return kernel_free(a) == kernel_free(b)
 
 
 class RankerEnsemble(nn.Module):
@@ -43,7 +62,7 @@ class RankerEnsemble(nn.Module):
         for i, m in enumerate(members):
             if not isinstance(m, PhoenixRanker):
                 raise ValueError(f"member {i} is a {type(m).__name__}, expected a PhoenixRanker")
-            if m.config != members[0].config:
+            if not same_configuration(m.config, members[0].config):
                 raise ValueError(
                     f"member {i}'s configuration differs from member 0's: an ensemble averages "
                     "rankers of one configuration (the seeds of one run)"

@@ -36,10 +36,12 @@ from hashrec.nn.attention import (
 from hashrec.nn.varlen import VarlenPlan, plan_varlen, varlen_isolated_attention
 
 __all__ = [
+    "GPU_FULL_MASK_LOGITS",
     "DecoderLayer",
     "RMSNorm",
     "Transformer",
     "TransformerConfig",
+    "choose_kernel",
 ]
 
 
@@ -262,6 +264,8 @@ def choose_kernel(
     True
     """
     if attention != "auto":
+        if attention not in KERNELS:
+            raise ValueError(f"attention must be 'auto', 'isolated' or 'full', got {attention!r}")
         return KERNELS[attention]
     logits = batch * heads * tokens * tokens
     if device.type != "cpu" and logits <= GPU_FULL_MASK_LOGITS:
@@ -338,7 +342,7 @@ class Transformer(nn.Module):
             slot = index % T
             rope_p = rope[0].index_select(0, slot), rope[1].index_select(0, slot)
             xp = drop(x.reshape(B * T, D).index_select(0, index))
-            # the default kernel runs on the packed tokens, requests grouped by length
+            # the isolated kernel runs on the packed tokens, requests grouped by length
             plan = plan_varlen(valid, num_candidates) if kernel is isolated_attention else None
             for layer in self.layers:
                 xp = layer.forward_packed(xp, index, (B, T), rope_p, layout, kernel, plan)

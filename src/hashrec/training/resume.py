@@ -11,7 +11,10 @@ difference is refused except these, which do not change the steps already taken:
   (seed, epoch)); fewer than the checkpoint has started are refused, and so is any change under
   a decaying ``lr_schedule`` (it is planned over the epochs);
 * ``train.max_steps``, ``train.checkpoint_every``: when to stop and save;
-* ``train.compile``: how the transformer runs (the same function, as on another device);
+* ``train.compile``: how the transformer runs (the same function; with dropout the padded path
+  it takes draws other masks, as a resumed run on another device may);
+* ``model_config.transformer.attention``: which attention kernel computes it (they agree; runs
+  written before ``"auto"`` became the default name ``"isolated"``);
 * ``train.dist_timeout_s``, ``train.table_sharding``: how processes wait for each other and
   where the table lives; a checkpoint holds the whole table whatever the process count, and the
   position counts global batches, so a run may resume under another process count or layout;
@@ -35,7 +38,8 @@ __all__ = ["ADDED_DEFAULTS", "MAY_CHANGE", "check_resumable", "resume_conflicts"
 
 MAY_CHANGE = frozenset(
     {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.dist_timeout_s",
-     "train.compile", "train.refit", "train.table_sharding", "split.eval_start",
+     "train.compile", "model_config.transformer.attention", "train.refit",
+     "train.table_sharding", "split.eval_start",
      "split.eval_end", "model", "targets", "corpus", "refit"}
 )  # fmt: skip
 

@@ -138,6 +138,9 @@ class RetrievalTrainer(EpochTrainer):
                 f"WORLD_SIZE={world}: the two-tower loop runs in one process (multi-process "
                 "training covers the ranker); run it without torchrun"
             )
+        if config.compile:
+            raise ValueError("compile is the ranker's (TrainConfig.compile); the two-tower loop "
+                             "does not compile: leave it False")  # fmt: skip
         super().__init__(model, config, run_dir, progress=progress, device=device)
 
     def fit(
