@@ -481,3 +481,21 @@ def test_a_resumed_run_steps_with_the_fused_kernel(log_file, tmp_path):
     assert second.dense.param_groups[0]["fused"] is (_fused_adamw(second.device) or None)
     second.fit(log, hashes, req)
     assert second.state.done
+
+
+def test_the_cli_attention_option_reaches_the_model_and_resumes_under_another(
+    log_file, tmp_path, capsys
+):
+    """``--attention full`` trains with the full mask (its checkpoint says so); the run resumes
+    under ``auto`` (a speed choice: the kernels agree); an unknown kernel is refused."""
+    split = ["--train-end", "2022-04-28", "--eval-start", "2022-04-29"]
+    base = ["train", "--data", str(log_file), "--schema", SCHEMA_JSON, *TINY, *split,
+            "--out", str(tmp_path / "r")]  # fmt: skip
+    main([*base, "--attention", "full"])
+    model, _ = load_checkpoint(tmp_path / "r" / "checkpoint.safetensors")
+    assert model.config.transformer.attention == "full"
+    capsys.readouterr()
+    main([*base, "--resume", "--epochs", "2"])  # default --attention auto: no refusal
+    assert "cannot resume" not in capsys.readouterr().err
+    err = cli_error([*base, "--attention", "flash"], capsys, 2)
+    assert "--attention" in err and "isolated" in err

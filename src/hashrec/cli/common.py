@@ -241,6 +241,11 @@ def add_model_options(p: argparse.ArgumentParser, seeds: int = 3) -> None:
     g.add_argument("--layers", type=pos, default=2)
     g.add_argument("--heads", type=pos, default=2, help="query heads")
     g.add_argument("--kv-heads", type=pos, default=1, help="key/value heads (GQA)")
+    g.add_argument("--attention", choices=("auto", "isolated", "full"), default="auto",
+                   help="the attention kernel, a speed choice (they agree): auto picks the "
+                   "isolated kernel on a CPU and, on a GPU, the full mask while a layer's "
+                   "logits fit in 2^27 (~1 GiB a layer kept for the backward at that size: "
+                   "isolated needs less memory)")  # fmt: skip
     g.add_argument("--num-hashes", type=pos, default=2, help="hashes k per entity")
     g.add_argument("--table-fraction", type=number(0, 1e6), default=0.25,
                    help="the table's bytes as a fraction of the collision-free (one row per "
@@ -625,7 +630,8 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
                          f"{args.head_share}")  # fmt: skip
     try:
         tf = TransformerConfig(dim=args.dim, num_layers=args.layers, num_q_heads=args.heads,
-                               num_kv_heads=args.kv_heads, widening_factor=2.0)  # fmt: skip
+                               num_kv_heads=args.kv_heads, widening_factor=2.0,
+                               attention=args.attention)  # fmt: skip
         examples = ExampleConfig(args.history_len, args.max_candidates, args.slate_window,
                                  args.negatives)  # fmt: skip
         if args.seeds < 1:
