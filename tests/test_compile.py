@@ -103,3 +103,17 @@ def test_resume_and_ensembles_accept_a_run_that_names_the_isolated_kernel():
     assert not same_configuration(
         a, dc.replace(auto, transformer=dc.replace(a.transformer, num_layers=3))
     )
+
+
+def test_the_trainer_refuses_compile_on_torch_before_2_5(tmp_path, monkeypatch):
+    log = load_kuairand(kuairand_sample_dir())
+    cfg = RankerConfig(hash=HashConfig.uniform(num_buckets=100), actions=log.actions,
+                       continuous_actions=log.continuous_actions,
+                       transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=1,
+                                                     num_kv_heads=1))  # fmt: skip
+    trainer = Trainer(PhoenixRanker(cfg), TrainConfig(max_steps=1, compile=True), tmp_path,
+                      progress=False)  # fmt: skip
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
+    with pytest.raises(ValueError, match=r"needs torch >= 2.5, this is 2.4.1\+cpu"):
+        trainer._compile()
+    assert trainer.model.pack_tokens

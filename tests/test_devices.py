@@ -69,6 +69,8 @@ def side_log(tmp_path_factory):
 def test_ranker_step_on_device_matches_the_float64_reference(device, layout, attention, side_log):
     """Forward, loss, backward and one step of both optimizers: probabilities, every
     parameter's gradient and every weight after the step, within float32 rounding."""
+    if attention == "isolated" and device == "cpu":
+        pytest.skip("on a CPU auto is the isolated kernel: the hybrid/auto case runs it")
     from hashrec.evaluation.experiment import ModelSpec, ranker_config
 
     hash_cfg = table_config(side_log, np.ones(len(side_log.user), dtype=bool), layout, 0.5, 2)

@@ -5,7 +5,8 @@ import torch
 
 from hashrec import ACTIONS, HashConfig, PhoenixRanker, RankerConfig, RecsysBatch, TransformerConfig
 from hashrec.models.losses import ranking_loss
-from hashrec.nn.attention import full_mask_attention
+from hashrec.nn.attention import full_mask_attention, isolated_attention
+from hashrec.nn.transformer import choose_kernel
 
 from conftest import make_batch
 
@@ -61,7 +62,8 @@ def test_dataset_action_list_drives_the_heads():
 
 
 def test_fast_path_is_default_and_matches_full_mask(model, batch):
-    assert model.config.transformer.attention == "auto"  # the isolated kernel on a CPU
+    assert model.config.transformer.attention == "auto"
+    assert choose_kernel("auto", torch.device("cpu"), 2, 4, 30) is isolated_attention
     labels = torch.randint(0, 2, (2, 6, 18)).float()
     outs, grads = [], []
     for kernel in (None, full_mask_attention):

@@ -224,6 +224,11 @@ class Trainer(EpochTrainer):
         if self.ctx.world > 1:
             raise ValueError("compile (--compile) runs in one process only for now: train "
                              "without --nproc or torchrun, or without compile")  # fmt: skip
+        # before 2.5 dynamo guarded on each module object, so every seed's model compiled anew
+        # until its cache limit, then ran eager (and padded): slower than not compiling
+        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+            raise ValueError(f"compile (--compile) needs torch >= 2.5, this is "
+                             f"{torch.__version__}")  # fmt: skip
         self.model.pack_tokens = False
         if getattr(self.model.transformer, "_compiled_call_impl", None) is None:
             self.model.transformer.compile()
