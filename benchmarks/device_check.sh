@@ -10,22 +10,24 @@
 # 2. hashrec train --device cuda on the shipped sample, then hashrec evaluate of its checkpoint
 #    on the CPU: the AUCs training recorded must come back.
 # 3. bench_ranker.py (at its CPU shapes, and at batch 64 without FlexAttention),
-#    bench_inference.py, bench_table.py and profile_train.py (the phases of a training step
-#    and the costliest operators) with --device cuda.
+#    bench_inference.py, bench_table.py, profile_train.py (the phases of a training step
+#    and the costliest operators) and bench_train_step.py (whole steps by path, kernel and
+#    compiling) with --device cuda.
 #
 # Runs from the repository root with the machine's own torch (no install: PYTHONPATH=src).
 # Each step has its own time limit and the script goes on when one fails; a summary ends it.
 # DEVICE=cpu REPEATS=2 CANDIDATES=64,256 bash benchmarks/device_check.sh: a dry run here.
 # ONLY="tests ranker" runs those steps alone (names: tests train ranker ranker64 inference
-# table profile); INFERENCE_ARGS="--candidates 20" adds options to bench_inference.py.
+# table profile steps); STEP_ARGS="--batch 32" adds options to bench_train_step.py; INFERENCE_ARGS="--candidates 20" adds options to bench_inference.py.
 # Exit status: 0 when every step that ran exited 0, else 1.
 set -u
-STEPS="tests train ranker ranker64 inference table profile"
+STEPS="tests train ranker ranker64 inference table profile steps"
 ONLY=${ONLY:-$STEPS}
 DEVICE=${DEVICE:-cuda}
 REPEATS=${REPEATS:-10}
 CANDIDATES=${CANDIDATES:-256,1024,4096}
 INFERENCE_ARGS=${INFERENCE_ARGS:-}
+STEP_ARGS=${STEP_ARGS:---history 32,128 --batch 128,512 --compile default}
 OUT=${OUT:-/tmp/device_check}
 for s in $ONLY; do
     [[ " $STEPS " == *" $s "* ]] || { echo "ONLY: unknown step '$s' (steps: $STEPS)" >&2; exit 2; }
@@ -93,6 +95,8 @@ TAIL=30 step table 60 "$PY" benchmarks/bench_table.py --device "$DEVICE" \
     --repeats "$REPEATS"
 TAIL=60 step profile 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" \
     --data src/hashrec/datasets/kuairand_sample --steps 30 --warmup 5 --ops 25
+TAIL=20 step steps 240 "$PY" benchmarks/bench_train_step.py --device "$DEVICE" \
+    --modes packed,packed_isolated,padded,padded_isolated $STEP_ARGS
 rm -rf "$RUN"
 
 echo
