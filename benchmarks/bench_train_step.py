@@ -48,6 +48,19 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_modes(text: str) -> list[str]:
+    modes = [m for m in text.split(",") if m]
+    bad = [m for m in modes if m not in COMPILE_MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown torch.compile mode(s) {bad}; modes: {', '.join(COMPILE_MODES)}"
+        )
+    return modes
+
+
 def _modes(text: str) -> list[str]:
     modes = text.split(",")
     bad = [m for m in modes if m not in MODES]
@@ -112,14 +125,15 @@ def main() -> None:
     p.add_argument("--batch", type=_ints, default=[128], help="requests per step, e.g. 128,512")
     p.add_argument("--modes", type=_modes, default=["packed", "packed_isolated", "padded"],
                    help=f"comma-separated, of: {', '.join(MODES)}")  # fmt: skip
-    p.add_argument("--compile", default="", help="torch.compile modes to add, e.g. default,"
+    p.add_argument("--compile", type=_compile_modes, default=[],
+                   help="torch.compile modes to add, e.g. default,"
                    "reduce-overhead (the padded path, as `hashrec train --compile`)")  # fmt: skip
     a = p.parse_args()
     if a.steps < 1 or a.warmup < 0:
         p.error(f"need --steps >= 1 and --warmup >= 0, got {a.steps} and {a.warmup}")
     dev = a.device
     data = a.data or kuairand_sample_dir()
-    compiled = [f"compiled ({m})" for m in a.compile.split(",") if m]
+    compiled = [f"compiled ({m})" for m in a.compile]
 
     print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads; "
           f"{a.steps} steps timed after {a.warmup}\n")  # fmt: skip

@@ -112,3 +112,5 @@ def test_bench_train_step_times_each_mode_on_the_shipped_sample():
     assert rows[0][6].strip() == "1.00x"
     bad = _run(sys.executable, "benchmarks/bench_train_step.py", "--modes", "packed,fast")
     assert bad.returncode == 2 and "unknown mode(s) ['fast']" in bad.stderr
+    bad = _run(sys.executable, "benchmarks/bench_train_step.py", "--compile", "fast")
+    assert bad.returncode == 2 and "unknown torch.compile mode(s) ['fast']" in bad.stderr
