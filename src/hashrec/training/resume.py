@@ -39,8 +39,8 @@ __all__ = ["ADDED_DEFAULTS", "MAY_CHANGE", "check_resumable", "resume_conflicts"
 MAY_CHANGE = frozenset(
     {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.dist_timeout_s",
      "train.compile", "model_config.transformer.attention", "train.refit",
-     "train.table_sharding", "split.eval_start",
-     "split.eval_end", "model", "targets", "corpus", "refit"}
+     "train.table_sharding", "split.eval_start", "split.eval_end", "model", "targets",
+     "corpus", "refit"}
 )  # fmt: skip
 
 

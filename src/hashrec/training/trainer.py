@@ -224,8 +224,9 @@ class Trainer(EpochTrainer):
         if self.ctx.world > 1:
             raise ValueError("compile (--compile) runs in one process only for now: train "
                              "without --nproc or torchrun, or without compile")  # fmt: skip
-        # before 2.5 dynamo guarded on each module object, so every seed's model compiled anew
-        # until its cache limit, then ran eager (and padded): slower than not compiling
+        # not tried before 2.5, whose dynamo guarded modules by identity (inlining built-in
+        # modules became its default in 2.5): every seed's model could compile anew until the
+        # cache limit, then run eager and padded, slower than not compiling
         if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
             raise ValueError(f"compile (--compile) needs torch >= 2.5, this is "
                              f"{torch.__version__}")  # fmt: skip
