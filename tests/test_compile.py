@@ -66,14 +66,19 @@ def test_cli_refuses_compile_on_a_cpu_and_over_processes(tmp_path, capsys, monke
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
-def test_the_trainer_refuses_compile_over_processes(tmp_path, monkeypatch):
+def _compiling_trainer(tmp_path) -> Trainer:
+    """A tiny ranker's trainer with ``compile=True``, not yet fitted (nothing compiled)."""
     log = load_kuairand(kuairand_sample_dir())
     cfg = RankerConfig(hash=HashConfig.uniform(num_buckets=100), actions=log.actions,
                        continuous_actions=log.continuous_actions,
                        transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=1,
                                                      num_kv_heads=1))  # fmt: skip
-    trainer = Trainer(PhoenixRanker(cfg), TrainConfig(max_steps=1, compile=True), tmp_path,
-                      progress=False)  # fmt: skip
+    return Trainer(PhoenixRanker(cfg), TrainConfig(max_steps=1, compile=True), tmp_path,
+                   progress=False)  # fmt: skip
+
+
+def test_the_trainer_refuses_compile_over_processes(tmp_path, monkeypatch):
+    trainer = _compiling_trainer(tmp_path)
     monkeypatch.setattr(trainer, "ctx", dataclasses.replace(trainer.ctx, world=2))
     with pytest.raises(ValueError, match="compile .* runs in one process only"):
         trainer._compile()
@@ -106,13 +111,7 @@ def test_resume_and_ensembles_accept_a_run_that_names_the_isolated_kernel():
 
 
 def test_the_trainer_refuses_compile_on_torch_before_2_5(tmp_path, monkeypatch):
-    log = load_kuairand(kuairand_sample_dir())
-    cfg = RankerConfig(hash=HashConfig.uniform(num_buckets=100), actions=log.actions,
-                       continuous_actions=log.continuous_actions,
-                       transformer=TransformerConfig(dim=8, num_layers=1, num_q_heads=1,
-                                                     num_kv_heads=1))  # fmt: skip
-    trainer = Trainer(PhoenixRanker(cfg), TrainConfig(max_steps=1, compile=True), tmp_path,
-                      progress=False)  # fmt: skip
+    trainer = _compiling_trainer(tmp_path)
     monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
     with pytest.raises(ValueError, match=r"needs torch >= 2.5, this is 2.4.1\+cpu"):
         trainer._compile()
