@@ -30,14 +30,9 @@ from types import ModuleType
 
 import numpy as np
 import torch
-from demo_inputs import demo_inputs
+from demo_inputs import demo_inputs, demo_step
 
 from hashrec.data.collate import batches
-from hashrec.evaluation.experiment import ranker_config
-from hashrec.models.losses import loss_terms
-from hashrec.models.ranker import PhoenixRanker
-from hashrec.nn.optim import RowWiseAdagrad
-from hashrec.training.loop import dense_optimizer
 
 
 def old_module(name: str, rev: str) -> ModuleType:
@@ -105,22 +100,11 @@ def main() -> None:
     B = train.batch_size
     lbs = [next(batches(d.log, d.hashes, d.requests, B, order[i * B : (i + 1) * B],
                         trim_candidates=True)) for i in range(a.batches)]  # fmt: skip
-    torch.manual_seed(0)
-    model = PhoenixRanker(ranker_config(d.log, spec))
-    model.train()
-    dense = dense_optimizer(model.dense_parameters(), train.lr, train.weight_decay,
-                            torch.device("cpu"))  # fmt: skip
-    table = RowWiseAdagrad(model.table.parameters(), lr=train.table_lr)
+    train_step = demo_step(d)
 
     def step(lb) -> float:
         t0 = time.process_time()
-        out = model(lb.batch, side=lb.side)
-        loss = loss_terms(out, lb.labels, lb.label_mask, lb.continuous)
-        loss.loss(train.continuous_weight).backward()
-        dense.step()
-        dense.zero_grad(set_to_none=True)
-        table.step()
-        table.zero_grad(set_to_none=True)
+        train_step(lb)
         return time.process_time() - t0
 
     new_t, old_t = [], []

@@ -20,17 +20,12 @@ import time
 
 import numpy as np
 import torch
-from demo_inputs import DemoInputs, demo_inputs
+from demo_inputs import DemoInputs, demo_inputs, demo_step
 from options import add_device_option
 
 from hashrec.data.collate import batches
 from hashrec.datasets import kuairand_sample_dir
-from hashrec.evaluation.experiment import ranker_config
-from hashrec.models.losses import loss_terms
-from hashrec.models.ranker import PhoenixRanker
 from hashrec.nn.attention import full_mask_attention, isolated_attention
-from hashrec.nn.optim import RowWiseAdagrad
-from hashrec.training.loop import dense_optimizer
 
 KERNELS = {"auto": None, "isolated": isolated_attention, "full": full_mask_attention}
 MODES = [f"{p}{'' if k == 'auto' else '_' + k}" for p in ("packed", "padded") for k in KERNELS]
@@ -72,10 +67,8 @@ def _modes(text: str) -> list[str]:
 def time_mode(d: DemoInputs, order: np.ndarray, batch: int, mode: str, steps: int, warmup: int,
               dev: torch.device) -> tuple[float, float, float]:  # fmt: skip
     """Seconds per timed step, examples per timed step and warm-up seconds of one mode."""
-    torch.manual_seed(0)
-    model = PhoenixRanker(ranker_config(d.log, d.spec)).to(dev)
-    model.train()
-    kernel = None
+    train_step = demo_step(d, dev)
+    model, kernel = train_step.model, None
     if mode.startswith("compiled"):
         model.pack_tokens = False
         model.transformer.compile(mode=mode[len("compiled (") : -1])
@@ -83,21 +76,12 @@ def time_mode(d: DemoInputs, order: np.ndarray, batch: int, mode: str, steps: in
         path, _, k = mode.partition("_")
         model.pack_tokens = path == "packed"
         kernel = KERNELS[k or "auto"]
-    dense = dense_optimizer(model.dense_parameters(), d.train.lr, d.train.weight_decay, dev)
-    table = RowWiseAdagrad(model.table.parameters(), lr=d.train.table_lr)
 
     def step(s: int) -> int:
         idx = order[(s * batch) % (len(order) - batch) :][:batch]
         lb = next(batches(d.log, d.hashes, d.requests, len(idx), idx,
                           trim_candidates=model.pack_tokens)).to(dev)  # fmt: skip
-        out = model(lb.batch, side=lb.side, kernel=kernel)
-        terms = loss_terms(out, lb.labels, lb.label_mask, lb.continuous)
-        terms.loss(d.train.continuous_weight).backward()
-        dense.step()
-        dense.zero_grad(set_to_none=True)
-        table.step()
-        table.zero_grad(set_to_none=True)
-        return int(out.candidate_mask.sum())
+        return int(train_step(lb, kernel).candidate_mask.sum())
 
     def sync() -> None:
         if dev.type == "cuda":

@@ -29,15 +29,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from demo_inputs import demo_inputs
+from demo_inputs import demo_inputs, demo_step
 from options import add_device_option
 
 from hashrec.data.collate import batches
-from hashrec.evaluation.experiment import ranker_config
 from hashrec.models.losses import loss_terms
-from hashrec.models.ranker import PhoenixRanker
-from hashrec.nn.optim import RowWiseAdagrad
-from hashrec.training.loop import dense_optimizer
 
 PHASES = ("data", "lookup", "reducers + side", "transformer + head", "loss", "backward",
           "dense optimizer (AdamW)", "table optimizer (RowWiseAdagrad)")  # fmt: skip
@@ -110,13 +106,9 @@ def main() -> None:
     B = train.batch_size
     runs = {}
     for mode in ("packed", "padded"):  # the same steps on the same batches, from the same init
-        torch.manual_seed(0)
-        model = PhoenixRanker(ranker_config(log, spec)).to(_device)
-        model.train()
+        fresh = demo_step(d, _device)  # its step is timed phase by phase below
+        model, dense, table = fresh.model, fresh.dense, fresh.table
         model.pack_tokens = mode == "packed"
-        dense = dense_optimizer(model.dense_parameters(), train.lr, train.weight_decay,
-                                _device)  # fmt: skip
-        table = RowWiseAdagrad(model.table.parameters(), lr=train.table_lr)
         acc: dict[str, list[float]] = defaultdict(list)
         # the forward's phases: every call of these runs inside PhoenixRanker.forward
         model.table.lookup = timed(acc, "lookup", model.table.lookup)
