@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from options import add_device_option
+from options import add_device_option, synchronize
 
 from hashrec import HashConfig, PhoenixRanker, RankerConfig, RowWiseAdagrad, TransformerConfig
 from hashrec.models.losses import ranking_loss
@@ -59,17 +59,13 @@ def q_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionL
 
 
 def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-
     fn()
-    sync()
+    synchronize(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return float(np.min(times))  # least-disturbed run: the machine is shared
 
@@ -145,7 +141,7 @@ def bench_kernels(args: argparse.Namespace) -> None:
             if name == FLEX and dev.startswith("cuda"):  # the backward's compile, apart too
                 t0 = time.perf_counter()
                 fwd_bwd()
-                torch.cuda.synchronize(dev)
+                synchronize(dev)
                 bwd_compile_s[C] = time.perf_counter() - t0
         res = interleaved(fns, args.repeats, dev)
         fast = res[FAST]

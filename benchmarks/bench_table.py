@@ -22,7 +22,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: see README "
 import numpy as np
 import torch
 import torch.nn.functional as F
-from options import add_device_option
+from options import add_device_option, synchronize
 from torch import nn
 
 from hashrec.data.tables import frequency_map
@@ -42,21 +42,16 @@ CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU time, less hit 
 DEVICE = torch.device("cpu")  # --device
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median seconds of ``repeats`` calls (on a GPU: from an idle device to the work done)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        _sync()
+        synchronize(DEVICE)
         t0 = CLOCK()
         fn()
-        _sync()
+        synchronize(DEVICE)
         times.append(CLOCK() - t0)
     return float(np.median(times))
 

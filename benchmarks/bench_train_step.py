@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 from demo_inputs import DemoInputs, demo_inputs, demo_step
-from options import add_device_option
+from options import add_device_option, synchronize
 
 from hashrec.data.collate import batches
 from hashrec.datasets import kuairand_sample_dir
@@ -83,19 +83,15 @@ def time_mode(d: DemoInputs, order: np.ndarray, batch: int, mode: str, steps: in
                           trim_candidates=model.pack_tokens)).to(dev)  # fmt: skip
         return int(train_step(lb, kernel).candidate_mask.sum())
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     t0 = time.perf_counter()
     for s in range(warmup):
         step(s)
-    sync()
+    synchronize(dev)
     warm = time.perf_counter() - t0
     t0, examples = time.perf_counter(), 0
     for s in range(warmup, warmup + steps):
         examples += step(s)
-    sync()
+    synchronize(dev)
     return (time.perf_counter() - t0) / steps, examples / steps, warm
 
 

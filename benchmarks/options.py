@@ -17,6 +17,13 @@ def device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (nothing to wait for on the CPU): timings of a GPU
+    start and end with it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def add_device_option(p: argparse.ArgumentParser, help: str = "cpu (default) or cuda[:N]") -> None:
     """``--device``, parsed to a ``torch.device`` (CUDA only where it is available)."""
     p.add_argument("--device", type=device, default="cpu", help=help)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from demo_inputs import demo_inputs, demo_step
-from options import add_device_option
+from options import add_device_option, synchronize
 
 from hashrec.data.collate import batches
 from hashrec.models.losses import loss_terms
@@ -45,8 +45,7 @@ _device = torch.device("cpu")
 
 def clock() -> float:
     """The clock, after the device's queued work (a no-op on the CPU)."""
-    if _device.type == "cuda":
-        torch.cuda.synchronize(_device)
+    synchronize(_device)
     return _clock()
 
 
