@@ -10,7 +10,7 @@ from hashrec.files import write_json_atomic, write_text_atomic
 
 
 def _names(text: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    names = common.names(text)
     if not names:
         raise argparse.ArgumentTypeError("expected comma-separated action names")
     return names

@@ -129,6 +129,8 @@ class ModelSpec:
     dropout: float = 0.0
     side_features: bool = True  # use the log's side features (when it has any)
     rate_features: bool = False  # add time-respecting smoothed rates (``with_rate_features``)
+    user_bias_rows: int = 0  # a per-user logit offset (``RankerConfig.user_bias_rows``)
+    user_bias_actions: tuple[str, ...] = ()  # ... for these actions (empty: every action)
 
 
 def hashed_config(
@@ -179,6 +181,8 @@ def ranker_config(log: InteractionLog, spec: ModelSpec) -> RankerConfig:
         continuous_actions=log.continuous_actions,
         side=side_config(log, spec.hash_config),
         dropout=spec.dropout,
+        user_bias_rows=spec.user_bias_rows,
+        user_bias_actions=spec.user_bias_actions,
     )
     if len(log) and int(log.surface.max()) >= cfg.num_surfaces:
         row = int(np.argmax(log.surface))

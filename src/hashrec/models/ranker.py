@@ -29,6 +29,7 @@ from hashrec.nn.layouts import lookup_layouts
 from hashrec.nn.side import SideBatch, SideConfig, SideReduce
 from hashrec.nn.table import FusedEmbeddingTable
 from hashrec.nn.transformer import AttentionKernel, Transformer, TransformerConfig
+from hashrec.nn.user_bias import UserBias
 
 __all__ = [
     "ACTIONS",
@@ -116,6 +117,8 @@ class RankerConfig(HashedModelConfig):
     ``RankerConfig.phoenix_mini()`` is X's released mini Phoenix, op for op. ``side``: how
     many side features the model takes (categorical fields hash into the ``feature`` entity of
     ``hash``). ``dropout``: on the input tokens and on the candidate outputs.
+    ``user_bias_rows`` > 0 adds a per-user logit offset for ``user_bias_actions`` (every
+    action when empty), ``gain`` and ``shrink`` as in ``hashrec.nn.user_bias.UserBias``.
 
     >>> cfg = RankerConfig(actions=("click", "like"), continuous_actions=())
     >>> cfg.num_actions, cfg.dim
@@ -136,6 +139,10 @@ class RankerConfig(HashedModelConfig):
     continuous_head: Literal["mlp", "linear"] = "mlp"
     side: SideConfig = field(default_factory=SideConfig)
     dropout: float = 0.0
+    user_bias_rows: int = 0
+    user_bias_actions: tuple[str, ...] = ()
+    user_bias_gain: float = 5.0
+    user_bias_shrink: float = 0.5
 
     KIND: ClassVar[str] = "ranker"  # to_dict, from_dict, dim, num_actions: HashedModelConfig
     NESTED: ClassVar[dict[str, Callable[[dict], Any]]] = {"side": lambda d: SideConfig(**d)}
@@ -171,6 +178,16 @@ class RankerConfig(HashedModelConfig):
             )
         if self.dwell_norm_scale <= 0:
             raise ValueError(f"dwell_norm_scale must be > 0, got {self.dwell_norm_scale}")
+        self.user_bias_actions = tuple(self.user_bias_actions)
+        if self.user_bias_rows < 0:
+            raise ValueError(f"user_bias_rows must be >= 0, got {self.user_bias_rows}")
+        unknown = [a for a in self.user_bias_actions if a not in self.actions]
+        if unknown or len(set(self.user_bias_actions)) != len(self.user_bias_actions):
+            raise ValueError(f"user_bias_actions must be distinct actions of {list(self.actions)}"
+                             f", got {list(self.user_bias_actions)}")  # fmt: skip
+        if not self.user_bias_gain > 0 or not self.user_bias_shrink >= 0:
+            raise ValueError(f"user_bias_gain must be > 0 and user_bias_shrink >= 0, got "
+                             f"{self.user_bias_gain} and {self.user_bias_shrink}")  # fmt: skip
 
     @classmethod
     def phoenix_mini(
@@ -340,6 +357,13 @@ class PhoenixRanker(nn.Module):
             else None
         )
         self.dropout = nn.Dropout(config.dropout)
+        self.user_bias: UserBias | None = None
+        if config.user_bias_rows:
+            named = config.user_bias_actions or config.actions
+            self.user_bias = UserBias(config.user_bias_rows,
+                                      [config.actions.index(a) for a in named],
+                                      config.num_actions, config.user_bias_gain,
+                                      config.user_bias_shrink)  # fmt: skip
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every parameter but the hash table (AdamW takes these; RowWiseAdagrad the table)."""
@@ -401,6 +425,8 @@ class PhoenixRanker(nn.Module):
                                input_dropout=self.dropout)[:, x.shape[1] - C :]  # fmt: skip
         out = self.dropout(out)
         logits = out @ self.unembeddings  # [B, C, A]
+        if self.user_bias is not None:
+            logits = logits + self.user_bias(batch.user_hashes)[:, None, :]
         if self.continuous_head is not None:
             continuous = self.continuous_head(out)
         elif c.continuous_actions and c.continuous_head == "linear":

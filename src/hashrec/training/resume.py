@@ -52,6 +52,7 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "train.order": "shuffled",
     "train.ema_decay": 0.0,
     "train.compile": False,
+    "model_config.user_bias_rows": 0,
 }
 
 
