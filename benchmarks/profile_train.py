@@ -82,11 +82,6 @@ def main() -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: the process's CPU time (with --threads 1: the work, whatever else "
                    "runs on the machine)")  # fmt: skip
-    p.add_argument(
-        "--padded",
-        action="store_true",
-        help="the padded reference path (PhoenixRanker.pack_tokens = False)",
-    )
     add_device_option(p)
     p.add_argument("--ops", type=int, default=0, metavar="N",
                    help="also print the N costliest operators of the packed steps "

@@ -188,6 +188,23 @@ CONFIGS: dict[str, dict] = {
         "user_bias": 65_536,
         "user_bias_actions": ("click", "long_view"),
     },
+    # ... 32,768 rows (4.6%) beside a table at 20%; long_view's offset alone at 65,536 rows
+    # (4.6%) beside 20%; every action's at 32,768 rows (18.5%) beside 6.5%
+    "userbias32k": {
+        **HYBRID,
+        "fraction": 0.20,
+        "ema": 0.998,
+        "user_bias": 32_768,
+        "user_bias_actions": ("click", "long_view"),
+    },
+    "userbiaslv": {
+        **HYBRID,
+        "fraction": 0.20,
+        "ema": 0.998,
+        "user_bias": 65_536,
+        "user_bias_actions": ("long_view",),
+    },
+    "userbiasall": {**HYBRID, "fraction": 0.065, "ema": 0.998, "user_bias": 32_768},
     # loss weight 5 on the six rarer actions
     "hybridrare5": {**HYBRID, "action_weights": {a: 5.0 for a in RARE_WEIGHTS}},
     # ... and with rows moved from users (whose history speaks for them) to posts

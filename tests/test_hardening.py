@@ -326,3 +326,20 @@ def test_train_config_refuses_bad_values(field, value, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("command", ["train", "train-retrieval"])
+@pytest.mark.parametrize("device", ["foo", "cuda"])
+def test_a_device_the_machine_lacks_fails_before_the_run_folder_is_made(
+    log_file, tmp_path, capsys, command, device
+):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    argv = [command, "--data", str(log_file), "--schema", SCHEMA_JSON, "--train-end",
+            "2022-04-28", "--eval-start", "2022-04-29", "--out", str(out), "--device", device]  # fmt: skip
+    err = cli_error(argv, capsys, 1)
+    assert ("cpu or cuda[:N], got 'foo'" if device == "foo" else "CUDA is not available") in err
+    assert not out.exists()

@@ -131,6 +131,8 @@ def test_cli_trains_saves_and_scores_the_offset(log_file, tmp_path, capsys):
     cfg = model.config
     assert (cfg.user_bias_rows, cfg.user_bias_actions) == (64, ("click", "like"))
     assert model.user_bias.weight.abs().sum() > 0  # it trained
+    resolved = json.loads((out / "config.json").read_text())
+    assert (resolved["user_bias_rows"], resolved["user_bias_actions"]) == (64, ["click", "like"])
     metrics = json.loads((out / "metrics.json").read_text())["results"]
     hashed = next(k for k in metrics if k.startswith("hashed"))
     capsys.readouterr()

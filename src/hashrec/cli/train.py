@@ -47,6 +47,7 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
     the table shows both."""
     from hashrec.evaluation import experiment
     from hashrec.training.distributed import env_world
+    from hashrec.training.loop import resolve_device
     from hashrec.training.runlock import RunLock
 
     split = common.split(args, train_end)
@@ -54,6 +55,7 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
     spec, examples, train_cfg = common.experiment_specs(args, log, split)
     experiment.ranker_config(log, spec)  # a log the model cannot take fails before any write
     experiment.validation_split(log, train_rows, train_cfg)  # so does --val-days
+    resolve_device(args.device)  # and a device this machine does not have
     also = []
     if with_phoenix and args.table_scheme != "multihash":
         phoenix = argparse.Namespace(**{**vars(args), "table_scheme": "multihash"})
@@ -74,7 +76,9 @@ def run_experiment(args: argparse.Namespace, log, train_end: int, with_full_tabl
                     "train": asdict(train_cfg), "hash": spec.hash_config.to_dict(),
                     "transformer": asdict(spec.transformer), "device": args.device,
                     "dropout": spec.dropout, "side_features": spec.side_features,
-                    "rate_features": spec.rate_features, "seeds": args.seeds}  # fmt: skip
+                    "rate_features": spec.rate_features, "seeds": args.seeds,
+                    "user_bias_rows": spec.user_bias_rows,
+                    "user_bias_actions": list(spec.user_bias_actions)}  # fmt: skip
         if main_rank:
             write_json_atomic(out / "config.json", resolved)
         seeds = tuple(range(args.seed, args.seed + args.seeds))

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from hashrec.nn.transformer import TransformerConfig
     from hashrec.retrieval.corpus import CorpusConfig
     from hashrec.retrieval.evaluate import evaluate_retriever
+    from hashrec.training.loop import resolve_device
     from hashrec.training.retrieval import (
         PostLogQ,
         RetrievalTrainConfig,
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         corpus_cfg = CorpusConfig(args.active_days, args.prior_weight, args.prior_days)
     except ValueError as e:  # an option that makes no valid model: a usage error
         raise common.UsageError(str(e)) from e
+    resolve_device(args.device)  # a device this machine lacks fails before the folder is made
     out = common.out_folder(args.out)
     set_seed(args.seed)
     pos = positive_rows(log, train, positives)
