@@ -127,6 +127,7 @@ def test_cli_trains_saves_and_scores_the_offset(log_file, tmp_path, capsys):
             "2022-04-28", "--eval-start", "2022-04-29", "--out", str(out), *TINY,
             "--user-bias-rows", "64", "--user-bias-actions", "click,like"]  # fmt: skip
     assert main(argv) == 0
+    assert "per-user offset 0.0 MiB" in capsys.readouterr().out  # 64 x 2 floats
     model, _ = ckpt.load_checkpoint(out / "checkpoint.safetensors")
     cfg = model.config
     assert (cfg.user_bias_rows, cfg.user_bias_actions) == (64, ("click", "like"))

@@ -713,7 +713,13 @@ def print_experiment(res) -> None:
         print(
             f"{name}: {i['examples_per_s']:,.0f} training examples/s, "
             f"table {i['table_rows']:,} rows ({i['table_bytes'] / 2**20:.1f} MiB, "
-            f"{i['table_share_of_full']:.0%} of the collision-free table), best epochs "
+            f"{i['table_share_of_full']:.0%} of the collision-free table"
+            + (
+                f"; per-user offset {i['user_bias_bytes'] / 2**20:.1f} MiB"
+                if i.get("user_bias_bytes")
+                else ""
+            )
+            + "), best epochs "
             f"{[e + 1 for e in i['best_epochs']]}"
         )
     seeds = ", ".join(map(str, res.seeds))

@@ -623,6 +623,8 @@ def run(
                                  "table_bytes": r.memory.table_bytes,
                                  "table_rows": r.memory.rows,
                                  "table_share_of_full": r.memory.rows / full_rows,
+                                 "user_bias_bytes": (r.model.user_bias.num_bytes
+                                                     if r.model.user_bias else 0),
                                  "best_epochs": []}  # fmt: skip
             info[sp.name]["best_epochs"].append(r.state.best_epoch)
     if not main_rank:
