@@ -57,11 +57,18 @@ def test_bad_user_bias_module(kwargs, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"user_bias_rows": -1}, "user_bias_rows must be >= 0, got -1"),
-        ({"user_bias_actions": ("bogus",)}, r"user_bias_actions must be distinct actions of"),
-        ({"user_bias_actions": ("click", "click")}, "user_bias_actions must be distinct"),
-        ({"user_bias_gain": 0.0}, "user_bias_gain must be > 0"),
-        ({"user_bias_shrink": -0.5}, "user_bias_shrink >= 0"),
+        ({"user_bias_rows": -1}, r"user_bias_rows must be an integer in \[0, 2\^31\), got -1"),
+        ({"user_bias_rows": 8, "user_bias_actions": ("bogus",)}, "must be distinct actions of"),
+        ({"user_bias_rows": 8, "user_bias_actions": ("click", "click")}, "must be distinct"),
+        ({"user_bias_gain": 0.0}, "user_bias_gain must be a finite number > 0, got 0.0"),
+        ({"user_bias_shrink": -0.5}, "user_bias_shrink must be a finite number >= 0"),
+        ({"user_bias_rows": True}, r"user_bias_rows must be an integer in \[0, 2\^31\), got True"),
+        ({"user_bias_rows": 64.0}, "user_bias_rows must be an integer"),
+        ({"user_bias_rows": 2**31}, "user_bias_rows must be an integer"),
+        ({"user_bias_rows": 8, "user_bias_actions": "click"}, "must be a list of action names"),
+        ({"user_bias_actions": ("click",)}, r"user_bias_actions \['click'\] needs user_bias_rows"),
+        ({"user_bias_shrink": float("inf")}, "user_bias_shrink must be a finite number"),
+        ({"user_bias_gain": "5"}, "user_bias_gain must be a finite number > 0, got '5'"),
     ],
 )
 def test_bad_ranker_config(kwargs, message):
@@ -114,24 +121,36 @@ def test_gradient_reaches_only_the_batch_users_rows():
 
 
 def test_an_older_checkpoint_resumes_only_without_the_offset():
-    saved = {"model_config": {"dim": 8}}  # written before user_bias_rows existed
-    assert resume_conflicts(saved, {"model_config": {"dim": 8, "user_bias_rows": 0}}) == []
-    assert resume_conflicts(saved, {"model_config": {"dim": 8, "user_bias_rows": 64}}) == [
+    now = tiny_config().to_dict()
+    old = {k: v for k, v in now.items() if not k.startswith("user_bias")}  # written before
+    assert resume_conflicts({"model_config": old}, {"model_config": now}) == []
+    with_offset = tiny_config(user_bias_rows=64).to_dict()
+    assert resume_conflicts({"model_config": old}, {"model_config": with_offset}) == [
         "model_config.user_bias_rows: 0 in the checkpoint, 64 now"
     ]
+
+
+def test_a_padding_user_gets_no_offset():
+    b = UserBias(8, columns=[0, 1], num_actions=2)
+    with torch.no_grad():
+        b.weight.fill_(1.0)
+    got = b(torch.tensor([[0, 0], [3, 4]]))  # a request without a user ID, then a user
+    assert got[0].tolist() == [0.0, 0.0] and got[1].tolist() == [1.0, 1.0]
 
 
 def test_cli_trains_saves_and_scores_the_offset(log_file, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--data", str(log_file), "--schema", SCHEMA_JSON, "--train-end",
             "2022-04-28", "--eval-start", "2022-04-29", "--out", str(out), *TINY,
-            "--user-bias-rows", "64", "--user-bias-actions", "click,like"]  # fmt: skip
+            "--user-bias-rows", "64", "--user-bias-actions", "click,like", "--full-table"]  # fmt: skip
     assert main(argv) == 0
     assert "per-user offset 0.0 MiB" in capsys.readouterr().out  # 64 x 2 floats
     model, _ = ckpt.load_checkpoint(out / "checkpoint.safetensors")
     cfg = model.config
     assert (cfg.user_bias_rows, cfg.user_bias_actions) == (64, ("click", "like"))
     assert model.user_bias.weight.abs().sum() > 0  # it trained
+    full, _ = ckpt.load_checkpoint(out / "full_table" / "checkpoint.safetensors")
+    assert full.config.user_bias_rows == 64  # the collision-free reference: the same model
     resolved = json.loads((out / "config.json").read_text())
     assert (resolved["user_bias_rows"], resolved["user_bias_actions"]) == (64, ["click", "like"])
     metrics = json.loads((out / "metrics.json").read_text())["results"]
@@ -150,7 +169,9 @@ def test_cli_trains_saves_and_scores_the_offset(log_file, tmp_path, capsys):
         (["--user-bias-rows", "64", "--user-bias-actions", "share"],
          "--user-bias-actions names ['share']"),
         (["--user-bias-actions", "click"], "--user-bias-actions needs --user-bias-rows > 0"),
-        (["--user-bias-rows", "-3"], "--user-bias-rows"),
+        (["--user-bias-rows", "-3"], "--user-bias-rows: expected an integer >= 0, got -3"),
+        (["--user-bias-rows", "8", "--user-bias-actions", "click,click"], "names an action twice"),
+        (["--user-bias-rows", str(2**40)], "--user-bias-rows must be < 2^31"),
     ],
 )  # fmt: skip
 def test_cli_refuses_bad_offsets(log_file, tmp_path, capsys, extra, message):

@@ -673,7 +673,10 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
                            dim=args.dim, hash_scheme=args.scheme, weights=weights,
                            head_share=args.head_share,
                            side_features=not args.no_side_features)  # fmt: skip
-        spec = ModelSpec(spec_name(scheme, cfg["post"].num_hashes, args.table_fraction), cfg, tf,
+        name = spec_name(scheme, cfg["post"].num_hashes, args.table_fraction)
+        if args.user_bias_rows:  # its bytes are on top of the table's
+            name += f" + user offset ({args.user_bias_rows:,} rows)"
+        spec = ModelSpec(name, cfg, tf,
                          dropout=args.dropout,
                          side_features=not args.no_side_features,
                          rate_features=args.rate_features,
@@ -683,6 +686,11 @@ def experiment_specs(args: argparse.Namespace, log, split=None) -> tuple[Any, An
         if unknown:
             raise ValueError(f"--user-bias-actions names {sorted(unknown)}; the log's actions "
                              f"are {list(log.actions)}")  # fmt: skip
+        if len(set(args.user_bias_actions)) != len(args.user_bias_actions):
+            raise ValueError(f"--user-bias-actions names an action twice: "
+                             f"{','.join(args.user_bias_actions)}")  # fmt: skip
+        if args.user_bias_rows >= 2**31:
+            raise ValueError(f"--user-bias-rows must be < 2^31, got {args.user_bias_rows}")
         if args.user_bias_actions and not args.user_bias_rows:
             raise ValueError("--user-bias-actions needs --user-bias-rows > 0")
     except ValueError as e:  # an option that makes no valid model: a usage error

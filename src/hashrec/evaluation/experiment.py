@@ -594,6 +594,7 @@ def run(
     full = collision_free_spec(log, spec.transformer, spec.dropout)
     full.side_features = spec.side_features
     full.rate_features = spec.rate_features
+    full.user_bias_rows, full.user_bias_actions = spec.user_bias_rows, spec.user_bias_actions
     specs = [spec, *also] + ([full] if with_full_table else [])
     runs: dict[str, list[dict]] = {}
     probs: dict[str, list[np.ndarray]] = {}  # each seed's predictions, for the ensembles

@@ -7,6 +7,7 @@ own (KuaiRand's click, long_view, like, ...) and the heads follow it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -178,16 +179,25 @@ class RankerConfig(HashedModelConfig):
             )
         if self.dwell_norm_scale <= 0:
             raise ValueError(f"dwell_norm_scale must be > 0, got {self.dwell_norm_scale}")
-        self.user_bias_actions = tuple(self.user_bias_actions)
-        if self.user_bias_rows < 0:
-            raise ValueError(f"user_bias_rows must be >= 0, got {self.user_bias_rows}")
-        unknown = [a for a in self.user_bias_actions if a not in self.actions]
-        if unknown or len(set(self.user_bias_actions)) != len(self.user_bias_actions):
+        self._check_user_bias()
+
+    def _check_user_bias(self) -> None:
+        rows, acts = self.user_bias_rows, self.user_bias_actions
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows < 2**31:
+            raise ValueError(f"user_bias_rows must be an integer in [0, 2^31), got {rows!r}")
+        if isinstance(acts, str) or not all(isinstance(a, str) for a in acts):
+            raise ValueError(f"user_bias_actions must be a list of action names, got {acts!r}")
+        self.user_bias_actions = acts = tuple(acts)
+        if [a for a in acts if a not in self.actions] or len(set(acts)) != len(acts):
             raise ValueError(f"user_bias_actions must be distinct actions of {list(self.actions)}"
-                             f", got {list(self.user_bias_actions)}")  # fmt: skip
-        if not self.user_bias_gain > 0 or not self.user_bias_shrink >= 0:
-            raise ValueError(f"user_bias_gain must be > 0 and user_bias_shrink >= 0, got "
-                             f"{self.user_bias_gain} and {self.user_bias_shrink}")  # fmt: skip
+                             f", got {list(acts)}")  # fmt: skip
+        if acts and not rows:
+            raise ValueError(f"user_bias_actions {list(acts)} needs user_bias_rows > 0")
+        for name, low in (("user_bias_gain", "> 0"), ("user_bias_shrink", ">= 0")):
+            v = getattr(self, name)
+            number = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            if not number or not (v > 0 if low == "> 0" else v >= 0):
+                raise ValueError(f"{name} must be a finite number {low}, got {v!r}")
 
     @classmethod
     def phoenix_mini(

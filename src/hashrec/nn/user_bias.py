@@ -9,7 +9,8 @@ down along a better line than the pairwise loss; one offset per action is needed
 scalar, or two columns mixed into every action, did not move GAUC).
 
 The rows are found by hashing the user's own table rows (``user_hashes``), so the model needs
-no extra input and a user first seen at serving time shares a row like any hashed ID.
+no extra input and a user first seen at serving time gets the row its IDs hash to, as in the
+table (a padding user, one without an ID, gets no offset).
 """
 
 from __future__ import annotations
@@ -84,10 +85,12 @@ class UserBias(nn.Module):
         return self.weight.numel() * self.weight.element_size()
 
     def forward(self, user_hashes: torch.Tensor) -> torch.Tensor:
-        """[B, K] user table rows -> [B, num_actions] logit offsets."""
+        """[B, K] user table rows -> [B, num_actions] logit offsets (0 for a padding user:
+        first row 0, e.g. a request without a user ID)."""
         rows = user_bias_rows(user_hashes, self.num_rows)
         scale = self.gain * (1.0 if self.training else self.shrink)
-        b = self.weight.index_select(0, rows) * scale
+        present = (user_hashes[:, :1] != 0).to(self.weight.dtype)
+        b = self.weight.index_select(0, rows) * (scale * present)
         if self.all_columns:
             return b
         return b.new_zeros(b.shape[0], self.num_actions).index_copy(1, self.columns, b)

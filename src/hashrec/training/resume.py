@@ -53,6 +53,9 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "train.ema_decay": 0.0,
     "train.compile": False,
     "model_config.user_bias_rows": 0,
+    "model_config.user_bias_actions": [],
+    "model_config.user_bias_gain": 5.0,
+    "model_config.user_bias_shrink": 0.5,
 }
 
 
