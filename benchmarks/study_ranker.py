@@ -204,6 +204,14 @@ CONFIGS: dict[str, dict] = {
         "user_bias": 65_536,
         "user_bias_actions": ("long_view",),
     },
+    # ... with the action weights, the smoothed rates and --refit (`raterareema`'s settings)
+    "userbiasrr": {
+        **RATERARE,
+        "fraction": 0.15,
+        "ema": 0.998,
+        "user_bias": 65_536,
+        "user_bias_actions": ("click", "long_view"),
+    },
     "userbiasall": {**HYBRID, "fraction": 0.065, "ema": 0.998, "user_bias": 32_768},
     # loss weight 5 on the six rarer actions
     "hybridrare5": {**HYBRID, "action_weights": {a: 5.0 for a in RARE_WEIGHTS}},
