@@ -3,6 +3,7 @@
 safetensors checkpoints load. Servers bind 127.0.0.1 on a free port."""
 
 import asyncio
+import dataclasses
 import json
 import os
 import pickle
@@ -53,8 +54,13 @@ def tiny_ranker() -> PhoenixRanker:
         transformer=TransformerConfig(dim=16, num_layers=1, num_q_heads=2, num_kv_heads=1),
         actions=ACTIONS,
         continuous_actions=("dwell_time",),
+        user_bias_rows=53,  # served requests take the per-user offset too
+        user_bias_actions=("click", "hate"),
     )
-    return PhoenixRanker(cfg)
+    model = PhoenixRanker(cfg)
+    with torch.no_grad():
+        model.user_bias.weight.normal_()  # a fresh offset is 0: give it something to add
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -857,9 +863,9 @@ def test_serve_several_rankers_as_one_ensemble(checkpoint, tmp_path, capsys):
 
     wide = tmp_path / "wide.safetensors"
     cfg = model_a.config
-    save_checkpoint(wide, PhoenixRanker(RankerConfig(hash=cfg.hash, actions=cfg.actions,
-                    continuous_actions=cfg.continuous_actions, transformer=TransformerConfig(
-                        dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1))), extra=info.extra)  # fmt: skip
+    narrow = TransformerConfig(dim=8, num_layers=1, num_q_heads=2, num_kv_heads=1)
+    save_checkpoint(wide, PhoenixRanker(dataclasses.replace(cfg, transformer=narrow)),
+                    extra=info.extra)  # fmt: skip
     err = cli_error(["serve", "--ranker", str(checkpoint), str(wide)], capsys, 1)
     assert f"--ranker {wide}: its model configuration differs from {checkpoint}'s" in err
     assert "(differing entries transformer)" in err
