@@ -92,12 +92,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def torch_version() -> tuple[int, int]:
+    """torch's (major, minor) version, e.g. (2, 13) for "2.13.0+cpu"."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return major, minor
+
+
 def _fused_adamw(device: torch.device) -> bool:
     """Whether torch has a fused AdamW kernel for ``device`` (CPU: torch 2.4 and later)."""
     if device.type == "cuda":
         return True
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return device.type == "cpu" and (major, minor) >= (2, 4)
+    return device.type == "cpu" and torch_version() >= (2, 4)
 
 
 def dense_optimizer(

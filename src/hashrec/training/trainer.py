@@ -22,7 +22,13 @@ from hashrec.models.losses import loss_terms, pairwise_terms
 from hashrec.models.ranker import PhoenixRanker
 from hashrec.training import distributed
 from hashrec.training.checkpoint import TrainState
-from hashrec.training.loop import LR_SCHEDULES, EpochTrainer, NonFiniteError, resolve_device
+from hashrec.training.loop import (
+    LR_SCHEDULES,
+    EpochTrainer,
+    NonFiniteError,
+    resolve_device,
+    torch_version,
+)
 
 __all__ = [
     "NonFiniteError",
@@ -227,7 +233,7 @@ class Trainer(EpochTrainer):
         # not tried before 2.5, whose dynamo guarded modules by identity (inlining built-in
         # modules became its default in 2.5): every seed's model could compile anew until the
         # cache limit, then run eager and padded, slower than not compiling
-        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+        if torch_version() < (2, 5):
             raise ValueError(f"compile (--compile) needs torch >= 2.5, this is "
                              f"{torch.__version__}")  # fmt: skip
         self.model.pack_tokens = False
