@@ -88,8 +88,6 @@ def test_the_trainer_refuses_compile_over_processes(tmp_path, monkeypatch):
 def test_resume_and_ensembles_accept_a_run_that_names_the_isolated_kernel():
     """Runs written before "auto" became the default name "isolated": the kernels agree, so
     neither resuming nor ensembling refuses them."""
-    import dataclasses as dc
-
     from hashrec.models.ensemble import same_configuration
     from hashrec.training.resume import resume_conflicts
 
@@ -103,10 +101,10 @@ def test_resume_and_ensembles_accept_a_run_that_names_the_isolated_kernel():
     a = RankerConfig(hash=HashConfig.uniform(num_buckets=100),
                      transformer=TransformerConfig(dim=8, num_q_heads=2, num_kv_heads=1,
                                                    attention="isolated"))  # fmt: skip
-    auto = dc.replace(a, transformer=dc.replace(a.transformer, attention="auto"))
+    auto = dataclasses.replace(a, transformer=dataclasses.replace(a.transformer, attention="auto"))
     assert same_configuration(a, auto)
     assert not same_configuration(
-        a, dc.replace(auto, transformer=dc.replace(a.transformer, num_layers=3))
+        a, dataclasses.replace(auto, transformer=dataclasses.replace(a.transformer, num_layers=3))
     )
 
 
